@@ -1,0 +1,46 @@
+# One virtual environment (.venv) for everything; each target creates it on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,modelopt,dashboard,postgres
+PYTEST_ARGS ?=
+export YOLO_OFFLINE := 1
+
+.PHONY: install demo test test-all lint bench train-demo clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# The main job on the bundled offline demo (synthetic shapes + a YOLOv10n trained on them).
+demo: install
+	$(BIN)/search inspect
+	$(BIN)/search eval
+	$(BIN)/search run --budget 50
+	$(BIN)/search report runs/demo
+
+# The default test suite (no slow, no GPU tests).
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m pytest -m slow -s $(PYTEST_ARGS)
+
+# Rebuild the demo model from scratch (about 45 minutes on a 2-core CPU).
+train-demo: install
+	$(BIN)/python -m search.demo.train
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

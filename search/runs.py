@@ -1,0 +1,114 @@
+"""Run directories and atomic file writes.
+
+Layout (see DESIGN.md)::
+
+    runs/<study-name>/
+      spec.yaml  env.json  study.db  sensitivity.json
+      trials/<digest>/  assignment.json, model.onnx, metrics.json
+      report/
+
+Every file is written to a temporary name in the same folder, then renamed, so an
+interrupted run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide results (only those already installed)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("yolo-mpq", "torch", "ultralytics", "brevitas", "nvidia-modelopt", "onnx", "onnxruntime",
+                 "onnxruntime-gpu", "optuna", "pycocotools", "numpy", "tensorrt"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Versions, machine and accelerators, for ``env.json``."""
+    env: dict[str, Any] = {"versions": versions(), "machine": platform.machine(),
+                           "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import onnxruntime as ort
+
+        env["ort_providers"] = ort.get_available_providers()
+    except Exception:  # noqa: BLE001
+        env["ort_providers"] = []
+    try:
+        import torch
+
+        env["cuda"] = torch.cuda.is_available()
+        if env["cuda"]:
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        env["cuda"] = False
+    return env
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine "
+                           "(use device: auto or cpu)")
+    return device
