@@ -118,9 +118,9 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
         try:
             with np.load(cache, allow_pickle=False) as data:
                 if str(data["key"]) == key:
-                    metas = [LetterboxMeta((int(m[0]), int(m[1])), float(m[2]), int(m[3]), int(m[4]),
-                                           (imgsz, imgsz)) for m in data["metas"]]
-                    return data["images"], metas
+                    cached = [LetterboxMeta((int(m[0]), int(m[1])), float(m[2]), int(m[3]), int(m[4]),
+                                            (imgsz, imgsz)) for m in data["metas"]]
+                    return data["images"], cached
         except (OSError, KeyError, ValueError):
             pass
     arr = np.empty((len(paths), 3, imgsz, imgsz), dtype=np.float32)

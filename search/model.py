@@ -42,7 +42,6 @@ def _detector_class():  # noqa: ANN202 - returns a torch.nn.Module subclass
     global _DETECTOR_CLS
     if _DETECTOR_CLS is not None:
         return _DETECTOR_CLS
-    import torch
     from torch import nn
 
     class YoloDetector(nn.Module):
@@ -58,11 +57,12 @@ def _detector_class():  # noqa: ANN202 - returns a torch.nn.Module subclass
             self.model = layers
             self.save = sorted(set(save))
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: Any) -> Any:
             y: list[Any] = []
             for m in self.model:
-                if m.f != -1:
-                    x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+                f: Any = m.f
+                if f != -1:
+                    x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
                 x = m(x)
                 y.append(x if m.i in self.save else None)
             if isinstance(x, (tuple, list)):
@@ -203,20 +203,14 @@ def _read_model(path: Path) -> Any:
     if suffix in (".yaml", ".yml"):
         from ultralytics.nn.tasks import DetectionModel
 
-        if not path.exists():
-            # Ultralytics' bundled architectures (yolov10m.yaml, ...) by bare name
-            from ultralytics.utils.checks import check_yaml
-
-            try:
-                resolved = check_yaml(str(path.name), hard=False)
-            except Exception:  # noqa: BLE001
-                resolved = None
-            if not resolved or not Path(resolved).exists():
-                raise ModelLoadError(f"{path}: architecture file not found (and not one of Ultralytics' bundled "
-                                     "configs such as yolov10m.yaml)")
-            path = Path(resolved)
+        source = str(path) if path.exists() else path.name  # bare names: Ultralytics' bundled configs
+        if not path.exists() and path.parent != Path("."):
+            raise ModelLoadError(f"{path}: architecture file not found")
         try:
-            return DetectionModel(str(path), verbose=False)
+            return DetectionModel(source, verbose=False)
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: architecture file not found (and not one of Ultralytics' bundled "
+                                 "configs such as yolov10m.yaml)") from None
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"{path}: not a valid Ultralytics detection architecture: {exc}") from exc
     if suffix != ".pt":
@@ -259,7 +253,7 @@ def load_model(path: str | os.PathLike[str], imgsz: int = 640, *, max_det: int =
     for p in det.parameters():
         p.requires_grad_(False)
     head.export = True
-    head.format = "onnx"
+    head.format = "onnx"  # type: ignore[assignment]
     head.dynamic = False
     head.max_det = max_det
     layout = LAYOUT_END2END if getattr(head, "end2end", False) else LAYOUT_RAW
@@ -290,7 +284,10 @@ def export_onnx(module: nn.Module, path: str | os.PathLike[str], imgsz: int, *, 
     path = Path(path)
     dummy = torch.zeros(1, 3, imgsz, imgsz)
     dyn = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic_batch else None
-    with atomic_path(path) as tmp, torch.no_grad():
+    import warnings
+
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(module, (dummy,), str(tmp), opset_version=opset, input_names=["images"],
                           output_names=["output0"], dynamic_axes=dyn, dynamo=False, do_constant_folding=True)
     return path

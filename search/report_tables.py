@@ -38,7 +38,10 @@ def layer_table_view(model: LoadedModel, granularity: str = "layer") -> Table:
         if granularity == "layer":
             lay = by_name[g.layers[0]]
             k = "x".join(map(str, lay.kernel))
-            dw = " dw" if lay.groups > 1 and lay.groups == lay.in_channels else (f" g{lay.groups}" if lay.groups > 1 else "")
+            if lay.groups > 1:
+                dw = " dw" if lay.groups == lay.in_channels else f" g{lay.groups}"
+            else:
+                dw = ""
             shape = f"{lay.out_channels}, {lay.in_channels // lay.groups}, {k}{dw}"
         else:
             shape = str(g.size)

@@ -196,12 +196,15 @@ class SensitivitySpec(_Base):
     images: int = Field(default=32, gt=0, description="Images used per probe.")
 
 
+Objective = Literal["map", "latency", "size", "bops"]
+DEFAULT_OBJECTIVES: tuple[Objective, ...] = ("map", "latency")
+
+
 class SearchSpec(_Base):
     """The Optuna multi-objective study."""
 
     budget: int = Field(default=50, gt=0, description="Number of trials.")
-    objectives: list[Literal["map", "latency", "size", "bops"]] = Field(
-        default_factory=lambda: ["map", "latency"], min_length=1)
+    objectives: list[Objective] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES), min_length=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
     space: Literal["ranked", "full"] = Field(
@@ -241,7 +244,8 @@ class StudySpec(_Base):
     @classmethod
     def _imgsz_multiple(cls, v: int) -> int:
         if v % 32:
-            raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {max(32, round(v / 32) * 32)}")
+            near = max(32, round(v / 32) * 32)
+            raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {near}")
         return v
 
     @field_validator("candidates")

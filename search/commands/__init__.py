@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search.spec import StudySpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STUDY = REPO_ROOT / "studies" / "demo.yaml"
@@ -30,7 +34,7 @@ def study_path(value: Path | None) -> Path:
     return path
 
 
-def load_study(value: Path | None, **overrides: object):  # noqa: ANN201 - StudySpec
+def load_study(value: Path | None, **overrides: Any) -> StudySpec:
     """Load the study spec (default: the demo), with dotted-key overrides."""
     from search.spec import load_spec
 

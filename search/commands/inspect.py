@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
         highlight=False)
     console.print(
         f"{model.total_convs} Conv2d in the model as built; {model.dropped_convs} dropped by fusion "
-        f"(YOLOv10's one-to-many training branch); {len(model.layers)} remain, {len(quant)} quantizable"
-        + (f"; not quantized: " + ", ".join(f"{lay.name} ({lay.reason})" for lay in skipped) if skipped else ""),
+        "(the one-to-many training head of YOLOv10, merged re-parameterized branches); "
+        f"{len(model.layers)} remain, {len(quant)} quantizable"
+        + ("; not quantized: " + ", ".join(f"{lay.name} ({lay.reason})" for lay in skipped) if skipped else ""),
         highlight=False)
     if args.json:
         import dataclasses

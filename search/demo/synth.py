@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +188,9 @@ def generate(root: str | os.PathLike[str], splits: tuple[SplitSpec, ...] = DEFAU
         img_dir.mkdir(parents=True, exist_ok=True)
         if split.labelled:
             lab_dir.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        iterator = range(split.num_images)
+        images: list[dict] = []
+        annotations: list[dict] = []
+        iterator: Iterable[int] = range(split.num_images)
         if progress:
             from rich.progress import track
 

@@ -1,0 +1,152 @@
+"""The quantizer backend contract.
+
+A backend turns the fused float model and an :class:`~search.assignment.Assignment` into a
+:class:`QuantizedModel` (``materialize``) and writes it as a Q/DQ ONNX file with the same
+input/output layout as the float ONNX (``export``). Each backend declares its
+:class:`Capabilities` (which precisions per op type) so the search never asks for what it
+cannot build; asking anyway raises :class:`UnsupportedPrecisionError` naming the layer and
+the precision.
+
+Backends are looked up by name through :data:`quantizers.BACKENDS` (name -> import path),
+so a backend's framework is imported only when it is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from search.assignment import Assignment, LayerInfo, Precision
+from search.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from search.model import LoadedModel
+
+
+class UnsupportedPrecisionError(UserError):
+    """An assignment asks a backend for a precision it cannot build."""
+
+    def __init__(self, backend: str, layer: str, precision: Precision, allowed: Iterable[Precision], kind: str = ""):
+        allowed_s = ", ".join(str(p) for p in sorted(set(allowed)))
+        what = f" ({kind})" if kind else ""
+        super().__init__(f"backend '{backend}' cannot build layer '{layer}'{what} at {precision}; "
+                         f"it supports {allowed_s} (W16A16 = float) for this layer")
+        self.backend = backend
+        self.layer = layer
+        self.precision = precision
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can build: per op kind (``Conv2d``, ``Linear``), the allowed precisions.
+
+    Float (W16A16) is always allowed.
+    """
+
+    backend: str
+    precisions: Mapping[str, frozenset[Precision]]
+    notes: str = ""
+
+    def allowed(self, kind: str) -> frozenset[Precision]:
+        from search.assignment import FLOAT
+
+        return frozenset(self.precisions.get(kind, frozenset())) | {FLOAT}
+
+    def supports(self, layer: LayerInfo, precision: Precision) -> bool:
+        return precision.is_float or (layer.quantizable and precision in self.allowed(layer.kind))
+
+    def check(self, layers: Iterable[LayerInfo], assignment: Assignment) -> None:
+        """Raise :class:`UnsupportedPrecisionError` for the first layer that cannot be built,
+        or :class:`UserError` for a layer name that is not in the model."""
+        by_name = {lay.name: lay for lay in layers}
+        for name, precision in assignment.items():
+            layer = by_name.get(name)
+            if layer is None:
+                import difflib
+
+                near = difflib.get_close_matches(name, list(by_name), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                raise UserError(f"assignment names layer '{name}', which is not a Conv2d/Linear of this model{hint}")
+            if not layer.quantizable:
+                raise UnsupportedPrecisionError(self.backend, name, precision, [], f"{layer.kind}, {layer.reason}")
+            if not self.supports(layer, precision):
+                raise UnsupportedPrecisionError(self.backend, name, precision, self.allowed(layer.kind), layer.kind)
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images, preprocessed exactly as the evaluator does: ``(N, 3, S, S)`` float32 RGB in [0, 1]."""
+
+    images: np.ndarray
+    paths: list[Path]
+    batch_size: int = 16
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int | None = None) -> Iterable[np.ndarray]:
+        bs = batch_size or self.batch_size
+        for i in range(0, len(self), bs):
+            yield self.images[i:i + bs]
+
+
+@dataclass
+class QuantizedModel:
+    """The result of ``materialize``.
+
+    ``module`` is a runnable torch fake-quant model (same input and output as the float
+    :class:`search.model.YoloDetector`), or ``None`` for backends that work on ONNX only
+    (those set ``onnx_path`` to the built artifact instead).
+    """
+
+    backend: str
+    assignment: Assignment
+    base: LoadedModel
+    module: nn.Module | None = None
+    onnx_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A written Q/DQ ONNX file and what is in it."""
+
+    path: Path
+    seconds: float
+    node_counts: Mapping[str, int]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class QuantizerBackend(Protocol):
+    """What every backend implements (see ``tests/integration/test_backend_contract.py``)."""
+
+    name: str
+    capabilities: Capabilities
+
+    def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
+        """Build ``assignment`` on a copy of ``model`` (never modifying it), calibrated on ``calib``."""
+        ...
+
+    def export(self, qmodel: QuantizedModel, path: Path) -> ExportResult:
+        """Write the quantized model as Q/DQ (QCDQ) ONNX at ``path``, atomically."""
+        ...
+
+
+def count_qdq_nodes(onnx_path: Path | str) -> dict[str, int]:
+    """Count QuantizeLinear / DequantizeLinear / Clip (and other quantization ops) in an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip", "QLinearConv", "ConvInteger",
+                            "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
