@@ -1,0 +1,191 @@
+"""Gradient-based sensitivity: a diagonal-Fisher (second-order Taylor) score.
+
+The loss is the YOLO detection loss of the one-to-one (deployed) head, computed by
+Ultralytics' own ``v8DetectionLoss`` (``tal_topk=7, tal_topk2=1`` as its end-to-end loss
+does), against the float model's confident detections as pseudo-labels, so no labels are
+needed. For each layer and candidate precision, the expected loss increase is estimated
+as in ModelOpt's AutoQuantize and HAWQ-style methods::
+
+    score = 1/2 * E_x[ sum_i (g_i * d_i)^2 ]
+
+over the weight elements (``g`` the per-sample gradient of the loss w.r.t. the weight,
+``d`` the weight's quantization error at that bit width, per-channel symmetric scales
+chosen by MSE search) plus, when the layer's input goes to INT8, the same over the input
+activation elements (per-tensor scale from the 99.99th percentile of ``|x|`` on the
+calibration images). Per-sample gradients use batches of one image.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING, Any
+
+from search.assignment import LayerGroup, Precision
+
+if TYPE_CHECKING:
+    import torch
+
+    from search.context import RunContext
+
+
+def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.Tensor:
+    """Per-output-channel symmetric fake quantization (narrow range), scale by MSE search."""
+    import torch
+
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.reshape(w.shape[0], -1)
+    amax = flat.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    if bits >= 8:
+        scale = amax / qmax
+        return (torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale).reshape_as(w)
+    best = None
+    best_err = None
+    for frac in torch.linspace(0.3, 1.0, mse_grid, dtype=w.dtype, device=w.device):
+        scale = amax * frac / qmax
+        q = torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale
+        err = (q - flat).pow(2).sum(1, keepdim=True)
+        if best is None:
+            best, best_err = q, err
+        else:
+            better = err < best_err
+            best = torch.where(better, q, best)
+            best_err = torch.where(better, err, best_err)
+    assert best is not None
+    return best.reshape_as(w)
+
+
+def quantize_activation(x: torch.Tensor, amax: float, bits: int = 8) -> torch.Tensor:
+    import torch
+
+    qmax = 2 ** (bits - 1) - 1
+    scale = max(amax, 1e-12) / qmax
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+
+
+def _pseudo_labels(out: torch.Tensor, imgsz: int, conf: float = 0.25) -> dict[str, torch.Tensor]:
+    """End-to-end detections (N, K, 6) -> an Ultralytics training batch (normalized xywh)."""
+    import torch
+
+    idx, cls, boxes = [], [], []
+    for i, det in enumerate(out):
+        det = det[det[:, 4] > conf]
+        if not len(det):
+            continue
+        xyxy = det[:, :4].clamp(0, imgsz)
+        xywh = torch.stack(((xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                            xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]), 1) / imgsz
+        idx.append(torch.full((len(det),), float(i)))
+        cls.append(det[:, 5])
+        boxes.append(xywh)
+    if not idx:
+        return {"batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4)}
+    return {"batch_idx": torch.cat(idx), "cls": torch.cat(cls).view(-1, 1), "bboxes": torch.cat(boxes)}
+
+
+def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress: bool = True,
+                       ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+    """Fisher scores per (group, candidate) for the study's groups (see the module doc)."""
+    import numpy as np
+    import torch
+    from rich.progress import track
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from search.errors import UserError
+
+    if ctx.model.layout != "end2end":
+        raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
+    model = ctx.model.fresh().module
+    device = torch.device(ctx.device)
+    model.to(device)
+    images = ctx.calibration.images[: ctx.spec.sensitivity.images]
+    names = [name for g in ctx.groups for name in g.layers]
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n in names}
+
+    # pass 1: pseudo-labels and input ranges, float model, no grad
+    model.eval()  # stays in eval mode: BatchNorm is folded, the head is rerouted below
+    amax: dict[str, list[float]] = {n: [] for n in names}
+    hooks = [m.register_forward_hook(
+        lambda mod, inp, out, n=n: amax[n].append(float(torch.quantile(
+            inp[0].detach().abs().flatten().float()[:2_000_000], 0.9999))))
+        for n, m in layers.items()]
+    with torch.no_grad():
+        outs = [model(torch.from_numpy(images[i:i + 1]).to(device)) for i in range(len(images))]
+    for h in hooks:
+        h.remove()
+    act_range = {n: float(np.max(v)) for n, v in amax.items()}
+
+    # the detection loss of the one-to-one head
+    hyp = get_cfg()
+    shim = types.SimpleNamespace(args=hyp, model=model.model, parameters=model.parameters)
+    crit = v8DetectionLoss(shim, tal_topk=7, tal_topk2=1)  # type: ignore[arg-type]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+    weight_sq = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    act_score = {n: 0.0 for n in names}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(mod: Any, inp: tuple[torch.Tensor, ...], n: str) -> None:
+        x = inp[0]
+        if x.requires_grad:
+            x.retain_grad()
+            captured[n] = x
+
+    # the deployed (one-to-one) head's raw outputs, without the detach that training mode applies
+    head = model.model[-1]
+    head.forward = lambda feats: head.forward_head(feats, **head.one2one)  # type: ignore[method-assign]
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: capture(mod, inp, n)) for n, m in layers.items()]
+    used = 0
+    iterator = range(len(images))
+    if progress:
+        iterator = track(iterator, description="fisher: gradients", transient=True)  # type: ignore[assignment]
+    try:
+        for i in iterator:
+            batch = _pseudo_labels(outs[i].detach().cpu(), ctx.spec.imgsz)
+            if not len(batch["cls"]):
+                continue
+            x = torch.from_numpy(images[i:i + 1]).to(device).requires_grad_(True)
+            captured.clear()
+            preds = model(x)
+            loss, _ = crit.loss(preds, {k: v.to(device) for k, v in batch.items()})
+            model.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            for n, m in layers.items():
+                if m.weight.grad is not None:
+                    weight_sq[n] += m.weight.grad.detach() ** 2
+                xin = captured.get(n)
+                if xin is not None and xin.grad is not None:
+                    dx = quantize_activation(xin.detach(), act_range[n]) - xin.detach()
+                    act_score[n] += 0.5 * float(((xin.grad.detach() * dx) ** 2).sum())
+            used += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if used == 0:
+        raise UserError("fisher sensitivity: the float model detects nothing on the calibration images "
+                        "(no pseudo-labels); use metric: fidelity")
+
+    weight_term: dict[tuple[str, int], float] = {}
+    with torch.no_grad():
+        for n, m in layers.items():
+            fisher = weight_sq[n] / used
+            for bits in sorted({p.w_bits for p in candidates if p.w_bits < 16}):
+                dw = quantize_weight(m.weight.detach(), bits) - m.weight.detach()
+                weight_term[(n, bits)] = 0.5 * float((fisher * dw ** 2).sum())
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    group: LayerGroup
+    for group in ctx.groups:
+        allowed = ctx.candidates_for(group)
+        per: dict[str, dict[str, float]] = {}
+        for p in candidates:
+            if p not in allowed:
+                continue
+            w = sum(weight_term.get((n, p.w_bits), 0.0) for n in group.layers) if p.w_bits < 16 else 0.0
+            a = sum(act_score[n] / used for n in group.layers) if p.a_bits < 16 else 0.0
+            per[str(p)] = {"damage": w + a, "weight_term": w, "act_term": a}
+        scores[group.name] = per
+    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels"}

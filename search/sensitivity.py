@@ -1,0 +1,230 @@
+"""The per-layer sensitivity sweep.
+
+For each layer group and each low candidate precision, the group alone is quantized
+through the study's backend and the damage is measured:
+
+- ``fidelity`` (default, label-free): 1 - mAP50-95 of the probe's detections scored
+  against the float model's detections on calibration images (plus output SQNR);
+- ``map``: mAP50-95 drop on the first ``sensitivity.images`` labelled evaluation images;
+- ``fisher``: a gradient score, 1/2 * sum(F * dW^2) (+ the same for the layer's input
+  when activations go to INT8), with the empirical Fisher F of the YOLO detection loss
+  against the float model's detections (see :mod:`search.gradients`).
+
+The table is cached in ``sensitivity.json`` in the run directory, keyed by model, data,
+backend and candidates, and reused unless one of them changes.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.assignment import Assignment, LayerGroup, Precision
+from search.runs import read_json, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from search.context import RunContext
+
+METRICS = ("fidelity", "map", "fisher")
+
+
+@dataclass
+class SensitivityTable:
+    """Damage per (group, candidate); higher is more sensitive."""
+
+    metric: str
+    key: dict[str, Any]
+    groups: list[str]
+    scores: dict[str, dict[str, dict[str, float]]]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def damage(self, group: str, precision: Precision | str) -> float:
+        """The damage of ``group`` at ``precision`` (0 for float or an unprobed precision)."""
+        p = Precision.parse(precision)
+        if p.is_float:
+            return 0.0
+        entry = self.scores.get(group, {}).get(str(p))
+        if entry is None:
+            # a precision that was not probed: bound it by the probed ones it dominates
+            probed = {Precision.parse(k): v["damage"] for k, v in self.scores.get(group, {}).items()}
+            worse = [d for q, d in probed.items() if q.w_bits <= p.w_bits and q.a_bits <= p.a_bits]
+            return min(worse) if worse else 0.0
+        return float(entry["damage"])
+
+    def candidates(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for per in self.scores.values():
+            for k in per:
+                seen.setdefault(k, None)
+        return sorted(seen, key=lambda s: Precision.parse(s))
+
+    def group_score(self, group: str) -> float:
+        """One number per group for ranking: its largest damage over the probed candidates."""
+        per = self.scores.get(group, {})
+        return max((float(v["damage"]) for v in per.values()), default=0.0)
+
+    def ranking(self, precision: Precision | str | None = None) -> list[str]:
+        """Group names, most sensitive first (by ``precision``'s damage, or the largest)."""
+        if precision is None:
+            return sorted(self.groups, key=lambda g: (-self.group_score(g), g))
+        return sorted(self.groups, key=lambda g: (-self.damage(g, precision), g))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "metric": self.metric, "key": self.key, "groups": self.groups,
+                "scores": self.scores, "seconds": self.seconds, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SensitivityTable:
+        return cls(data["metric"], data["key"], list(data["groups"]), data["scores"],
+                   float(data.get("seconds", 0.0)), dict(data.get("extra", {})))
+
+
+def sweep_key(ctx: RunContext, metric: str, candidates: Iterable[Precision]) -> dict[str, Any]:
+    return {"model": ctx.model_digest, "data": ctx.data_digest, "imgsz": ctx.spec.imgsz,
+            "granularity": ctx.spec.granularity, "groups": [g.name for g in ctx.groups],
+            "backend": ctx.spec.backend.model_dump(mode="json"), "metric": metric,
+            "candidates": [str(p) for p in candidates], "images": ctx.spec.sensitivity.images}
+
+
+def sweep_candidates(ctx: RunContext) -> list[Precision]:
+    return list(ctx.spec.sweep_candidates)
+
+
+def load_cached(ctx: RunContext, metric: str | None = None) -> SensitivityTable | None:
+    metric = metric or ctx.spec.sensitivity.metric
+    path = table_path(ctx, metric)
+    if not path.is_file():
+        return None
+    try:
+        table = SensitivityTable.from_json(read_json(path))
+    except (KeyError, ValueError):
+        return None
+    return table if table.key == sweep_key(ctx, metric, sweep_candidates(ctx)) else None
+
+
+def table_path(ctx: RunContext, metric: str) -> Path:
+    name = "sensitivity.json" if metric == ctx.spec.sensitivity.metric else f"sensitivity-{metric}.json"
+    return ctx.run_dir / name
+
+
+def run_sweep(ctx: RunContext, *, metric: str | None = None, fresh: bool = False,
+              progress: bool = True) -> SensitivityTable:
+    """Load the cached table or compute it (and cache it)."""
+    metric = metric or ctx.spec.sensitivity.metric
+    if metric not in METRICS:
+        from search.errors import UserError
+
+        raise UserError(f"unknown sensitivity metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if not fresh:
+        cached = load_cached(ctx, metric)
+        if cached is not None:
+            return cached
+    candidates = sweep_candidates(ctx)
+    start = time.perf_counter()
+    if metric == "fisher":
+        from search.gradients import fisher_sensitivity
+
+        scores, extra = fisher_sensitivity(ctx, candidates, progress=progress)
+    else:
+        scores, extra = _probe_sweep(ctx, metric, candidates, progress=progress)
+    table = SensitivityTable(metric, sweep_key(ctx, metric, candidates), [g.name for g in ctx.groups], scores,
+                             time.perf_counter() - start, extra)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(table_path(ctx, metric), table.to_json())
+    return table
+
+
+def torch_callable(module: Any, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a torch module as ``np.ndarray (N,3,S,S) -> np.ndarray`` for the fidelity evaluator."""
+    import numpy as np
+    import torch
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+
+    def run(images: np.ndarray) -> np.ndarray:
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+                outs.append(module(x).float().cpu().numpy())
+        return np.concatenate(outs, 0)
+
+    return run
+
+
+def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision],
+                 progress: bool = True) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+    """Quantize each group alone at each candidate and measure the damage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from search.console import console_err
+
+    n_img = ctx.spec.sensitivity.images
+    probes: list[tuple[LayerGroup, Precision]] = []
+    for g in ctx.groups:
+        allowed = ctx.candidates_for(g)
+        probes.extend((g, p) for p in candidates if p in allowed)
+    scores: dict[str, dict[str, dict[str, float]]] = {g.name: {} for g in ctx.groups}
+    extra: dict[str, Any] = {"images": n_img, "probes": len(probes)}
+
+    if metric == "fidelity":
+        from evaluators.fidelity import FidelityEvaluator
+
+        images = ctx.calibration.images[:n_img]
+        reference = torch_callable(ctx.model.module)
+        fid = FidelityEvaluator(reference=reference, images=images, names=ctx.model.names)
+
+        def measure(qm: Any, tmp: Path) -> dict[str, float]:
+            target = torch_callable(qm.module) if qm.module is not None else _export_tmp(ctx, qm, tmp)
+            r = fid.evaluate(target)
+            return {"damage": max(0.0, 1.0 - r.det_map), "det_map": r.det_map, "sqnr_db": r.sqnr_db}
+    else:  # map on a small labelled subset
+        from evaluators.coco import CocoEvaluator
+
+        small = CocoEvaluator(subset=ctx.subset.head(n_img), names=ctx.model.names, imgsz=ctx.spec.imgsz,
+                              settings=ctx.spec.evaluation, cache_dir=ctx.cache_dir / f"sweep-map-{n_img}")
+        base = small.evaluate(ctx.float_onnx()).map50_95
+        extra["float_map"] = base
+
+        def measure(qm: Any, tmp: Path) -> dict[str, float]:
+            path = _export_tmp(ctx, qm, tmp)
+            m = small.evaluate(path).map50_95
+            return {"damage": max(0.0, base - m), "map50_95": m, "drop": base - m}
+
+    columns = (TextColumn("[bold]sweep[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmpdir, \
+            Progress(*columns, console=console_err, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{metric} ({len(probes)} probes)", total=len(probes))
+        for g, p in probes:
+            bar.update(task, description=f"{metric}: {g.name} {p}")
+            qm = ctx.materialize(Assignment.from_groups([g], {g.name: p}))
+            entry = measure(qm, Path(tmpdir))
+            entry["damage"] = float(entry["damage"]) if math.isfinite(entry["damage"]) else 1.0
+            scores[g.name][str(p)] = entry
+            bar.advance(task)
+    return scores, extra
+
+
+def _export_tmp(ctx: RunContext, qm: Any, tmp: Path) -> Path:
+    path = tmp / "probe.onnx"
+    ctx.backend.export(qm, path)
+    return path
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3:
+        return float("nan")
+    rho = spearmanr(xs, ys).statistic
+    return float(rho)
