@@ -94,13 +94,20 @@ def preprocess(path: str | os.PathLike[str], imgsz: int) -> tuple[np.ndarray, Le
 
 
 def unletterbox_boxes(boxes_xyxy: np.ndarray, meta: LetterboxMeta, clip: bool = True) -> np.ndarray:
-    """Map xyxy boxes from the letterboxed input back to original image pixels."""
+    """Map xyxy boxes from the letterboxed input back to original image pixels.
+
+    Each axis is divided by its own gain (resized size / original size: the letterbox
+    rounds each side), as Ultralytics' ``scale_boxes`` does.
+    """
     out = np.array(boxes_xyxy, dtype=np.float32, copy=True)
+    h, w = meta.orig_shape
+    gain_x = max(round(w * meta.ratio), 1) / w
+    gain_y = max(round(h * meta.ratio), 1) / h
     out[..., [0, 2]] -= meta.pad_left
     out[..., [1, 3]] -= meta.pad_top
-    out[..., :4] /= meta.ratio
+    out[..., [0, 2]] /= gain_x
+    out[..., [1, 3]] /= gain_y
     if clip:
-        h, w = meta.orig_shape
         out[..., [0, 2]] = out[..., [0, 2]].clip(0, w)
         out[..., [1, 3]] = out[..., [1, 3]].clip(0, h)
     return out

@@ -51,6 +51,12 @@ def test_unletterbox_inverts_the_mapping(ultralytics_assets: Path):
 
     theirs = scale_boxes((640, 640), torch.tensor(boxes), img.shape[:2]).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    # odd sizes: each side is rounded by the letterbox, so each axis has its own gain
+    for shape in ((179, 256), (266, 230), (164, 313)):
+        _, meta = letterbox(np.zeros((*shape, 3), np.uint8), 192)
+        boxes = np.array([[20.0, 30.0, 150.0, 160.0], [0.0, 40.0, 191.0, 150.0]], np.float32)
+        theirs = scale_boxes((192, 192), torch.tensor(boxes), shape).numpy()
+        np.testing.assert_allclose(unletterbox_boxes(boxes, meta), theirs, atol=1e-3)
 
 
 def _coco(tmp_path: Path, n: int = 5) -> tuple[Path, Path]:
