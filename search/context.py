@@ -265,7 +265,8 @@ class RunContext:
         summary = assignment.summary(self.model.layers)
         export_info = {"node_counts": dict(export.node_counts), "metadata": dict(export.metadata)}
         outcome = TrialOutcome(digest, assignment, metrics, summary, timings, onnx_path, export_info)
-        write_json(metrics_path, {**outcome.to_json(), "context": self.context_key(), "backend": self.spec.backend.name})
+        write_json(metrics_path, {**outcome.to_json(), "context": self.context_key(),
+                                  "backend": self.spec.backend.name})
         return outcome
 
     def context_key(self) -> dict[str, Any]:

@@ -38,19 +38,15 @@ def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.
     if bits >= 8:
         scale = amax / qmax
         return (torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale).reshape_as(w)
-    best = None
-    best_err = None
+    best = flat
+    best_err = torch.full_like(amax, float("inf"))
     for frac in torch.linspace(0.3, 1.0, mse_grid, dtype=w.dtype, device=w.device):
         scale = amax * frac / qmax
         q = torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale
         err = (q - flat).pow(2).sum(1, keepdim=True)
-        if best is None:
-            best, best_err = q, err
-        else:
-            better = err < best_err
-            best = torch.where(better, q, best)
-            best_err = torch.where(better, err, best_err)
-    assert best is not None
+        better = err < best_err
+        best = torch.where(better, q, best)
+        best_err = torch.where(better, err, best_err)
     return best.reshape_as(w)
 
 
@@ -95,13 +91,13 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
 
     if ctx.model.layout != "end2end":
         raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
-    model = ctx.model.fresh().module
+    model: Any = ctx.model.fresh().module
     device = torch.device(ctx.device)
     model.to(device)
     images = ctx.calibration.images[: ctx.spec.sensitivity.images]
     names = [name for g in ctx.groups for name in g.layers]
     modules = dict(model.named_modules())
-    layers = {n: modules[n] for n in names}
+    layers: dict[str, Any] = {n: modules[n] for n in names}
 
     # pass 1: pseudo-labels and input ranges, float model, no grad
     model.eval()  # stays in eval mode: BatchNorm is folded, the head is rerouted below
@@ -137,7 +133,7 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
 
     # the deployed (one-to-one) head's raw outputs, without the detach that training mode applies
     head = model.model[-1]
-    head.forward = lambda feats: head.forward_head(feats, **head.one2one)  # type: ignore[method-assign]
+    head.forward = lambda feats: head.forward_head(feats, **head.one2one)
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: capture(mod, inp, n)) for n, m in layers.items()]
     used = 0
     iterator = range(len(images))
@@ -171,21 +167,21 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
 
     weight_term: dict[tuple[str, int], float] = {}
     with torch.no_grad():
-        for n, m in layers.items():
+        for n, mod in layers.items():
             fisher = weight_sq[n] / used
             for bits in sorted({p.w_bits for p in candidates if p.w_bits < 16}):
-                dw = quantize_weight(m.weight.detach(), bits) - m.weight.detach()
+                dw = quantize_weight(mod.weight.detach(), bits) - mod.weight.detach()
                 weight_term[(n, bits)] = 0.5 * float((fisher * dw ** 2).sum())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     group: LayerGroup
     for group in ctx.groups:
         allowed = ctx.candidates_for(group)
         per: dict[str, dict[str, float]] = {}
-        for p in candidates:
-            if p not in allowed:
+        for prec in candidates:
+            if prec not in allowed:
                 continue
-            w = sum(weight_term.get((n, p.w_bits), 0.0) for n in group.layers) if p.w_bits < 16 else 0.0
-            a = sum(act_score[n] / used for n in group.layers) if p.a_bits < 16 else 0.0
-            per[str(p)] = {"damage": w + a, "weight_term": w, "act_term": a}
+            w = sum(weight_term.get((n, prec.w_bits), 0.0) for n in group.layers) if prec.w_bits < 16 else 0.0
+            a = sum(act_score[n] / used for n in group.layers) if prec.a_bits < 16 else 0.0
+            per[str(prec)] = {"damage": w + a, "weight_term": w, "act_term": a}
         scores[group.name] = per
     return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels"}

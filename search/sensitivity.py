@@ -163,7 +163,14 @@ def torch_callable(module: Any, batch_size: int = 16) -> Callable[[np.ndarray], 
 def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision],
                  progress: bool = True) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Quantize each group alone at each candidate and measure the damage."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from search.console import console_err
 
@@ -228,3 +235,41 @@ def spearman(xs: list[float], ys: list[float]) -> float:
         return float("nan")
     rho = spearmanr(xs, ys).statistic
     return float(rho)
+
+
+def correlation_report(ctx: RunContext, *, fresh: bool = False) -> Any:
+    """How well each cheap score predicts the measured per-probe mAP drop (Spearman).
+
+    Computes (or loads) the ``map`` sweep and the ``fidelity`` and ``fisher`` sweeps of the
+    same probes, then ranks them against the mAP drop, per candidate and over all probes.
+    """
+    from rich.table import Table
+
+    tables = {m: run_sweep(ctx, metric=m, fresh=fresh) for m in ("map", "fidelity", "fisher")}
+    truth = tables["map"]
+    out = Table(title=f"Spearman rank correlation with the measured mAP drop ({len(truth.groups)} groups)")
+    out.add_column("score")
+    cands = truth.candidates()
+    for c in [*cands, "all probes"]:
+        out.add_column(c, justify="right")
+    out.add_column("seconds", justify="right")
+    result: dict[str, dict[str, float]] = {}
+    for name in ("fidelity", "fisher", "map"):
+        t = tables[name]
+        row = []
+        result[name] = {}
+        all_x: list[float] = []
+        all_y: list[float] = []
+        for c in cands:
+            xs = [t.damage(g, c) for g in truth.groups if c in truth.scores.get(g, {})]
+            ys = [truth.damage(g, c) for g in truth.groups if c in truth.scores.get(g, {})]
+            all_x += xs
+            all_y += ys
+            rho = spearman(xs, ys)
+            result[name][c] = rho
+            row.append(f"{rho:.3f}")
+        rho_all = spearman(all_x, all_y)
+        result[name]["all"] = rho_all
+        out.add_row(name if name != "map" else "map (itself)", *row, f"{rho_all:.3f}", f"{t.seconds:.0f}")
+    write_json(ctx.run_dir / "sensitivity-correlation.json", result)
+    return out

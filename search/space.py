@@ -101,9 +101,13 @@ class SearchSpace:
         for g in self.groups:
             if g.name in keep:
                 continue
-            choice[g.name] = min(self.options[g.name],
-                                 key=lambda p, n=g.name: (self.damage(n, p) + lam * self.cost(n, p, mix),
-                                                          self.cost(n, p, mix)))
+            best: tuple[float, float] | None = None
+            for p in self.options[g.name]:
+                c = self.cost(g.name, p, mix)
+                score = (self.damage(g.name, p) + lam * c, c)
+                if best is None or score < best:
+                    best = score
+                    choice[g.name] = p
         return Assignment.from_groups(self.groups, choice)
 
     def topk(self, k: int, mix: float = 0.0) -> Assignment:

@@ -1,0 +1,87 @@
+"""``search export RUN_DIR --trial N | --front``: chosen configurations as QCDQ ONNX + JSON sidecar.
+
+Each configuration is re-materialized, re-exported and re-evaluated, so the numbers in
+the sidecar are verified, not copied from the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export chosen trials (or the whole Pareto front) as QCDQ ONNX, re-verified",
+                       description=__doc__)
+    p.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, action="append", help="trial number (repeatable)")
+    which.add_argument("--front", action="store_true", help="every configuration of the Pareto front")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--storage", default=None, help="study storage URL (default: the run dir's own)")
+    p.add_argument("--device", default=None, help="torch device for calibration")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import optuna
+    from rich.table import Table
+
+    from search.console import console, console_err
+    from search.context import RunContext
+    from search.errors import UserError
+    from search.report import collect, load_run, pareto_front
+    from search.runs import versions, write_json
+    from search.study import assignment_of
+
+    spec, study = load_run(args.run_dir, args.storage)
+    rows = collect(study, spec.search.max_map_drop)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if args.front:
+        objectives = list(study.user_attrs.get("objectives") or spec.search.objectives)
+        numbers = [r.number for r in pareto_front(rows, objectives)]
+    else:
+        numbers = list(dict.fromkeys(args.trial))
+        for n in numbers:
+            t = by_number.get(n)
+            if t is None:
+                raise UserError(f"{args.run_dir}: no trial {n} (trials 0..{len(by_number) - 1})")
+            if t.state != optuna.trial.TrialState.COMPLETE or "assignment" not in t.user_attrs:
+                raise UserError(f"{args.run_dir}: trial {n} is {t.state.name}, not a completed trial with an "
+                                "assignment; `search report` lists the completed ones")
+    out = args.out or Path(args.run_dir) / "export"
+    ctx = RunContext(spec, run_dir=Path(args.run_dir), device=args.device)
+    base = ctx.float_metrics()
+    table = Table(title=f"exported from {args.run_dir}")
+    for col in ("trial", "label", "mAP50-95 (study)", "mAP50-95 (verified)", "drop", "latency ms", "W4 share", "ONNX"):
+        table.add_column(col, justify="left" if col in ("label", "ONNX") else "right")
+    for n in numbers:
+        t = by_number[n]
+        assignment = assignment_of(t)
+        stem = f"{spec.name}-trial{n}"
+        console_err.print(f"trial {n}: re-materializing {assignment.label()} ...", highlight=False)
+        work = out / f".{stem}"
+        outcome = ctx.build_and_evaluate(assignment, out_dir=work, use_cache=False)
+        onnx_path = out / f"{stem}.onnx"
+        outcome.artifact.replace(onnx_path)
+        recorded = t.user_attrs.get("metrics", {})
+        verified = outcome.metrics
+        sidecar = {
+            "study": spec.name, "trial": n, "digest": assignment.digest(), "onnx": onnx_path.name,
+            "backend": spec.backend.model_dump(mode="json"), "model": str(spec.model), "imgsz": spec.imgsz,
+            "assignment": assignment.to_dict(), "summary": outcome.summary,
+            "metrics": verified, "float_metrics": {k: base[k] for k in ("map50_95", "map50", "latency_ms",
+                                                                        "weight_bytes")},
+            "study_metrics": {k: recorded.get(k) for k in ("map50_95", "map50", "latency_ms", "weight_bytes")},
+            "map_difference_vs_study": verified["map50_95"] - float(recorded.get("map50_95", float("nan"))),
+            "export": outcome.export_info, "timings": outcome.timings, "versions": versions(),
+        }
+        write_json(out / f"{stem}.json", sidecar)
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+        table.add_row(str(n), outcome.summary["label"], f"{recorded.get('map50_95', float('nan')):.4f}",
+                      f"{verified['map50_95']:.4f}", f"{100 * (verified['map50_95'] - base['map50_95']):+.2f} pt",
+                      f"{verified['latency_ms']:.3g}", f"{100 * verified['w4_weight_share']:.0f}%", str(onnx_path))
+    console.print(table)
+    return 0

@@ -1,0 +1,509 @@
+"""The Pareto report of a run: HTML page with plots, markdown summary, CSV, terminal table.
+
+``search report RUN_DIR`` reads the study (from the run directory's storage, or the URL
+recorded in its ``spec.yaml``), takes the completed trials (one per assignment), finds the
+Pareto front over the study's objectives (feasible trials only when a mAP-drop constraint
+is set) and writes ``report/index.html``, ``summary.md``, ``pareto.csv``, ``trials.csv``
+and the plots: mAP vs latency, mAP vs size, the sensitivity chart and a layer x
+configuration bit map of the front.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.errors import UserError
+from search.runs import read_json, write_text
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.spec import StudySpec
+
+MAXIMIZE = {"map"}
+METRIC_OF = {"map": "map50_95", "latency": "latency_ms", "size": "weight_bytes", "bops": "bops"}
+
+
+@dataclass
+class TrialRow:
+    number: int
+    digest: str
+    label: str
+    policy: str
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+    assignment: dict[str, str]
+    artifact: str
+    timings: dict[str, float]
+    params: dict[str, Any] = field(default_factory=dict)
+    feasible: bool = True
+
+    def value(self, objective: str) -> float:
+        return float(self.metrics[METRIC_OF[objective]])
+
+
+def load_run(run_dir: Path, storage: str | None = None) -> tuple[StudySpec, optuna.Study]:
+    """The spec (as run) and the study of a run directory."""
+    import optuna
+    import yaml
+
+    from search.spec import StudySpec
+    from search.study import make_storage
+
+    run_dir = Path(run_dir)
+    spec_file = run_dir / "spec.yaml"
+    if not spec_file.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no spec.yaml); run `search run` first")
+    spec = StudySpec.model_validate(yaml.safe_load(spec_file.read_text()))
+    url = storage or spec.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"{run_dir}: no study.db; run `search run` first (or pass --storage URL)")
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=make_storage(url))
+    except KeyError:
+        raise UserError(f"no study named '{spec.name}' in {url}") from None
+    return spec, study
+
+
+def collect(study: optuna.Study, max_map_drop: float | None = None) -> list[TrialRow]:
+    """Completed trials, one per assignment digest (the first that evaluated it)."""
+    import optuna
+
+    rows: dict[str, TrialRow] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        ua = t.user_attrs
+        if "metrics" not in ua or "duplicate_of" in ua:
+            continue
+        digest = ua.get("digest", str(t.number))
+        if digest in rows:
+            continue
+        metrics = dict(ua["metrics"])
+        feasible = max_map_drop is None or float(metrics.get("map_drop", 0.0)) <= max_map_drop + 1e-12
+        rows[digest] = TrialRow(t.number, digest, ua.get("label", ""), ua.get("policy", ""), metrics,
+                                dict(ua.get("summary", {})), dict(ua.get("assignment", {})), ua.get("artifact", ""),
+                                dict(ua.get("timings", {})), dict(t.params), feasible)
+    return sorted(rows.values(), key=lambda r: r.number)
+
+
+def pareto_front(rows: Sequence[TrialRow], objectives: Sequence[str]) -> list[TrialRow]:
+    """Non-dominated feasible rows, sorted by the first cost objective."""
+    feas = [r for r in rows if r.feasible]
+
+    def key(r: TrialRow) -> list[float]:  # all minimized
+        return [-r.value(o) if o in MAXIMIZE else r.value(o) for o in objectives]
+
+    front = []
+    for r in feas:
+        kr = key(r)
+        dominated = False
+        for s in feas:
+            if s is r:
+                continue
+            ks = key(s)
+            if all(a <= b for a, b in zip(ks, kr, strict=True)) and any(a < b for a, b in zip(ks, kr, strict=True)):
+                dominated = True
+                break
+        if not dominated:
+            front.append(r)
+    cost = next((o for o in objectives if o not in MAXIMIZE), objectives[0])
+    return sorted(front, key=lambda r: (r.value(cost), -r.value("map")))
+
+
+def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by (cost, accuracy) points, cost minimized and accuracy maximized, up to ``ref``
+    = (worst cost, worst accuracy)."""
+    pts = sorted((c, a) for c, a in points if c < ref[0] and a > ref[1])
+    front: list[tuple[float, float]] = []
+    for c, a in pts:  # cheapest first: keep the points that improve accuracy
+        if not front or a > front[-1][1]:
+            front.append((c, a))
+    area = 0.0
+    lower = ref[1]
+    for c, a in front:  # the slab between the previous and this accuracy is covered from cost c on
+        area += (ref[0] - c) * (a - lower)
+        lower = a
+    return area
+
+
+def best_at_budget(rows: Sequence[TrialRow], size_ratio: float) -> TrialRow | None:
+    """The most accurate feasible trial whose weights take at most ``size_ratio`` of float."""
+    ok = [r for r in rows if r.feasible and float(r.metrics.get("size_ratio", 1.0)) <= size_ratio + 1e-9]
+    return max(ok, key=lambda r: r.value("map"), default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+def _fig_to_png(fig: Any, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    data = buf.getvalue()
+    path.write_bytes(data)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(data).decode()
+
+
+def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[str, Any], x_key: str,
+                x_label: str, path: Path, x_scale: float = 1.0) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    xs = [float(r.metrics[x_key]) * x_scale for r in rows]
+    ys = [float(r.metrics["map50_95"]) for r in rows]
+    w4 = [float(r.metrics.get("w4_weight_share", 0.0)) for r in rows]
+    sc = ax.scatter(xs, ys, c=w4, cmap="viridis", vmin=0, vmax=1, s=28, alpha=0.8, label="trials")
+    fig.colorbar(sc, ax=ax, label="share of weights at 4 bits")
+    infeasible = [r for r in rows if not r.feasible]
+    if infeasible:
+        ax.scatter([float(r.metrics[x_key]) * x_scale for r in infeasible],
+                   [float(r.metrics["map50_95"]) for r in infeasible], marker="x", c="grey", s=30,
+                   label="violates mAP constraint")
+    fx = [float(r.metrics[x_key]) * x_scale for r in sorted(front, key=lambda r: float(r.metrics[x_key]))]
+    fy = [float(r.metrics["map50_95"]) for r in sorted(front, key=lambda r: float(r.metrics[x_key]))]
+    ax.plot(fx, fy, "-o", color="crimson", mfc="none", ms=9, lw=1.2, label="Pareto front")
+    if x_key in base:
+        ax.scatter([float(base[x_key]) * x_scale], [float(base["map50_95"])], marker="*", s=220, c="orange",
+                   edgecolors="k", label="float", zorder=5)
+        ax.axhline(float(base["map50_95"]) - 0.01, ls="--", lw=0.8, c="orange", label="float - 1 point")
+    for r in front:
+        ax.annotate(f"#{r.number}", (float(r.metrics[x_key]) * x_scale, float(r.metrics["map50_95"])),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("mAP50-95 (COCO, pycocotools)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _fig_to_png(fig, path)
+
+
+def plot_sensitivity(table: dict[str, Any], path: Path, top: int = 40) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scores = table["scores"]
+    cands = sorted({c for per in scores.values() for c in per})
+    groups = sorted(scores, key=lambda g: -max((v["damage"] for v in scores[g].values()), default=0.0))
+    shown = groups[:top]
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.22 * len(shown) + 1.2)))
+    y = np.arange(len(shown))
+    h = 0.8 / max(len(cands), 1)
+    for i, c in enumerate(cands):
+        ax.barh(y + i * h, [scores[g].get(c, {}).get("damage", 0.0) for g in shown], height=h, label=c)
+    ax.set_yticks(y + 0.4 - h / 2)
+    ax.set_yticklabels(shown, fontsize=7)
+    ax.invert_yaxis()
+    metric = table.get("metric", "")
+    ax.set_xlabel({"fidelity": "damage = 1 - fidelity mAP vs float detections",
+                   "map": "mAP50-95 drop", "fisher": "Fisher score (expected loss increase)"}.get(metric, "damage"))
+    ax.set_xscale("symlog", linthresh=1e-3 if metric != "fisher" else 1e-6)
+    ax.set_title(f"Per-layer sensitivity ({metric}), {len(shown)} most sensitive of {len(groups)} groups")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return _fig_to_png(fig, path)
+
+
+PREC_ORDER = ["W4A8", "W4A16", "W8A8", "W8A16", "W16A16"]
+
+
+def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    cols = list(front)
+    grid = np.full((len(layer_names), max(len(cols), 1)), len(PREC_ORDER) - 1, dtype=float)
+    for j, r in enumerate(cols):
+        for i, name in enumerate(layer_names):
+            p = r.assignment.get(name, "W16A16")
+            grid[i, j] = PREC_ORDER.index(p) if p in PREC_ORDER else len(PREC_ORDER) - 1
+    cmap = ListedColormap(["#440154", "#3b528b", "#21918c", "#5ec962", "#f0f0f0"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(cols) + 3), max(4.0, 0.12 * len(layer_names) + 1)))
+    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(PREC_ORDER) - 0.5, interpolation="nearest")
+    ax.set_yticks(range(len(layer_names)))
+    ax.set_yticklabels(layer_names, fontsize=5)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([f"#{r.number}\n{100 * float(r.metrics.get('w4_weight_share', 0)):.0f}% W4" for r in cols],
+                       fontsize=7)
+    cbar = fig.colorbar(im, ax=ax, ticks=range(len(PREC_ORDER)))
+    cbar.ax.set_yticklabels([p if p != "W16A16" else "float" for p in PREC_ORDER])
+    ax.set_title("Layer x configuration bit map of the Pareto front")
+    return _fig_to_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+COLUMNS = [("trial", "number"), ("label", "label"), ("policy", "policy"), ("mAP50-95", "map50_95"),
+           ("drop", "map_drop"), ("mAP50", "map50"), ("latency ms", "latency_ms"), ("weights MB", "weight_mb"),
+           ("size vs float", "size_ratio"), ("W4 share", "w4_weight_share"), ("A8 layers", "a8_layers"),
+           ("GBOPs", "gbops"), ("ONNX", "artifact")]
+
+
+def row_values(r: TrialRow) -> dict[str, Any]:
+    m = r.metrics
+    return {"number": r.number, "label": r.label, "policy": r.policy, "map50_95": m.get("map50_95"),
+            "map_drop": m.get("map_drop"), "map50": m.get("map50"), "latency_ms": m.get("latency_ms"),
+            "weight_mb": float(m.get("weight_bytes", 0)) / 1e6, "size_ratio": m.get("size_ratio"),
+            "w4_weight_share": m.get("w4_weight_share"), "a8_layers": r.summary.get("a8_layers"),
+            "gbops": float(m.get("bops", 0)) / 1e9, "artifact": r.artifact, "digest": r.digest,
+            "feasible": r.feasible}
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return ""
+    if key in ("map50_95", "map50"):
+        return f"{v:.4f}"
+    if key == "map_drop":
+        return f"{100 * v:+.2f} pt" if v >= 0 else f"{100 * v:.2f} pt"
+    if key in ("size_ratio", "w4_weight_share"):
+        return f"{100 * v:.0f}%"
+    if key in ("latency_ms", "weight_mb", "gbops"):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+@dataclass
+class Report:
+    spec: Any
+    rows: list[TrialRow]
+    front: list[TrialRow]
+    base: dict[str, Any]
+    table: dict[str, Any] | None
+    objectives: list[str]
+    out_dir: Path
+    counts: dict[str, int]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None = None) -> Report:
+    """Write the report files of a run directory and return what they contain."""
+    import optuna
+
+    spec, study = load_run(run_dir, storage)
+    run_dir = Path(run_dir)
+    objectives = list(study.user_attrs.get("objectives") or spec.search.objectives)
+    rows = collect(study, spec.search.max_map_drop)
+    if not rows:
+        raise UserError(f"{run_dir}: the study has no completed trials yet")
+    front = pareto_front(rows, objectives)
+    base_file = run_dir / "float" / "baseline.json"
+    base = read_json(base_file)["metrics"] if base_file.is_file() else {}
+    table = None
+    sens = run_dir / "sensitivity.json"
+    if sens.is_file():
+        table = read_json(sens)
+    elif "sensitivity" in study.user_attrs:
+        table = json.loads(study.user_attrs["sensitivity"])
+    S = optuna.trial.TrialState
+    all_trials = study.get_trials(deepcopy=False)
+    counts = {"complete": sum(t.state == S.COMPLETE for t in all_trials),
+              "failed": sum(t.state == S.FAIL for t in all_trials),
+              "running": sum(t.state == S.RUNNING for t in all_trials),
+              "duplicates": sum(t.state == S.COMPLETE and "duplicate_of" in t.user_attrs for t in all_trials),
+              "unique": len(rows)}
+    out = out_dir or run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(spec, rows, front, base, table, objectives, out, counts)
+    _write_csv(out / "pareto.csv", front)
+    _write_csv(out / "trials.csv", rows)
+    rep.files["pareto.csv"] = out / "pareto.csv"
+    rep.files["trials.csv"] = out / "trials.csv"
+    images: dict[str, str] = {}
+    images["map_vs_latency"] = plot_pareto(rows, pareto_front(rows, ["map", "latency"]), base, "latency_ms",
+                                           "latency (ms, median, " + str(base.get("latency_provider", "")) + ")",
+                                           out / "pareto_map_latency.png")
+    images["map_vs_size"] = plot_pareto(rows, pareto_front(rows, ["map", "size"]), base, "weight_bytes",
+                                        "weight size (MB)", out / "pareto_map_size.png", x_scale=1e-6)
+    if table is not None:
+        images["sensitivity"] = plot_sensitivity(table, out / "sensitivity.png")
+    layer_names = sorted({n for r in rows for n in r.assignment}, key=_layer_sort_key)
+    images["bitmap"] = plot_bitmap(front, layer_names, out / "bitmap.png")
+    for k in images:
+        rep.files[k] = out / {"map_vs_latency": "pareto_map_latency.png", "map_vs_size": "pareto_map_size.png",
+                              "sensitivity": "sensitivity.png", "bitmap": "bitmap.png"}[k]
+    write_text(out / "summary.md", summary_markdown(rep))
+    rep.files["summary.md"] = out / "summary.md"
+    write_text(out / "index.html", html_page(rep, images))
+    rep.files["index.html"] = out / "index.html"
+    return rep
+
+
+def _layer_sort_key(name: str) -> tuple[Any, ...]:
+    """Network order from module names: numeric parts compare as numbers."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def _write_csv(path: Path, rows: Sequence[TrialRow]) -> None:
+    from search.runs import atomic_path
+
+    keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "weight_mb", "size_ratio",
+            "w4_weight_share", "a8_layers", "gbops", "feasible", "digest", "artifact"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(row_values(r))
+
+
+def _timing_means(rows: Sequence[TrialRow]) -> dict[str, float]:
+    built = [r for r in rows if r.timings]
+    keys = ("materialize", "export", "evaluate", "latency", "total")
+    return {k: sum(float(r.timings.get(k, 0.0)) for r in built) / len(built) for k in keys} if built else {}
+
+
+def summary_markdown(rep: Report) -> str:
+    spec, base = rep.spec, rep.base
+    lines = [f"# Mixed-precision search: {spec.name}", ""]
+    lines.append(f"Model `{Path(str(spec.model)).name}` at {spec.imgsz}x{spec.imgsz}, backend `{spec.backend.name}`, "
+                 f"objectives {', '.join(rep.objectives)}, {rep.counts['unique']} assignments evaluated "
+                 f"({rep.counts['complete']} trials, {rep.counts['duplicates']} duplicates, "
+                 f"{rep.counts['failed']} failed).")
+    if base:
+        lines.append(f"Float baseline: mAP50-95 **{base['map50_95']:.4f}**, mAP50 {base['map50']:.4f}, latency "
+                     f"{base['latency_ms']:.3g} ms ({base.get('latency_provider', '')}), weights "
+                     f"{base['weight_bytes'] / 1e6:.2f} MB.")
+    lines += ["", "## Pareto front", ""]
+    cols = [c for c in COLUMNS if c[1] != "artifact"]
+    lines.append("| " + " | ".join(c[0] for c in cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in rep.front:
+        v = row_values(r)
+        lines.append("| " + " | ".join(_fmt(k, v[k]) for _, k in cols) + " |")
+    lines += ["", "Artifacts:", ""]
+    lines += [f"- trial {r.number}: `{r.artifact}`" for r in rep.front]
+    budgets = []
+    for ratio in (0.3, 0.35, 0.4, 0.5):
+        b = best_at_budget(rep.rows, ratio)
+        if b is not None:
+            budgets.append(f"| <= {100 * ratio:.0f}% of float weights | #{b.number} | {b.value('map'):.4f} | "
+                           f"{100 * float(b.metrics.get('map_drop', 0)):+.2f} pt | "
+                           f"{100 * float(b.metrics.get('w4_weight_share', 0)):.0f}% |")
+    if budgets:
+        lines += ["", "## Best accuracy at a size budget", "",
+                  "| budget | trial | mAP50-95 | drop | W4 share |", "|---|---|---|---|---|", *budgets]
+    t = _timing_means(rep.rows)
+    if t:
+        lines += ["", "## Time per evaluated trial (mean seconds)", "",
+                  "| materialize | export | COCO eval | latency | total |", "|---|---|---|---|---|",
+                  f"| {t['materialize']:.2f} | {t['export']:.2f} | {t['evaluate']:.2f} | {t['latency']:.2f} | "
+                  f"{t['total']:.2f} |"]
+    if rep.table:
+        tab = rep.table
+        scores = tab["scores"]
+        order = sorted(scores, key=lambda g: -max((v["damage"] for v in scores[g].values()), default=0.0))
+        lines += ["", f"## Sensitivity ({tab.get('metric')}, {tab.get('seconds', 0):.0f} s)", "",
+                  "Most sensitive: " + ", ".join(f"`{g}`" for g in order[:8]),
+                  "", "Least sensitive: " + ", ".join(f"`{g}`" for g in order[-8:])]
+    lines += ["", "Plots: `pareto_map_latency.png`, `pareto_map_size.png`, `sensitivity.png`, `bitmap.png`; "
+              "all trials: `trials.csv`.", ""]
+    return "\n".join(lines)
+
+
+def html_page(rep: Report, images: dict[str, str]) -> str:
+    spec, base = rep.spec, rep.base
+    esc = html.escape
+    cols = COLUMNS
+
+    def table_html(rows: Sequence[TrialRow]) -> str:
+        head = "".join(f"<th>{esc(c[0])}</th>" for c in cols)
+        body = []
+        for r in rows:
+            v = row_values(r)
+            cells = []
+            for _, k in cols:
+                text = _fmt(k, v[k])
+                if k == "artifact":
+                    text = f'<code title="{esc(str(v[k]))}">{esc(Path(str(v[k])).parent.name)}</code>'
+                else:
+                    text = esc(text)
+                cells.append(f"<td>{text}</td>")
+            cls = "" if r.feasible else ' class="infeasible"'
+            body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+    def img(key: str, alt: str) -> str:
+        return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{images[key]}"/>' \
+               f"<figcaption>{esc(alt)}</figcaption></figure>" if key in images else ""
+
+    base_txt = ""
+    if base:
+        base_txt = (f"Float baseline: mAP50-95 <b>{base['map50_95']:.4f}</b>, latency {base['latency_ms']:.3g} ms "
+                    f"({esc(str(base.get('latency_provider', '')))}), weights {base['weight_bytes'] / 1e6:.2f} MB.")
+    t = _timing_means(rep.rows)
+    timing = (f"<p>Mean time per evaluated trial: materialize {t['materialize']:.2f} s, export {t['export']:.2f} s, "
+              f"COCO eval {t['evaluate']:.2f} s, latency {t['latency']:.2f} s (total {t['total']:.2f} s).</p>"
+              if t else "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(spec.name)}: mixed-precision search</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 1em 0; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }}
+th {{ background: #f4f4f4; }} td:nth-child(2), td:nth-child(3) {{ text-align: left; }}
+tr.infeasible {{ color: #999; }} figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
+</style></head><body>
+<h1>Mixed-precision search: {esc(spec.name)}</h1>
+<p>Model <code>{esc(Path(str(spec.model)).name)}</code> at {spec.imgsz}x{spec.imgsz}, backend
+<code>{esc(spec.backend.name)}</code>, objectives {esc(', '.join(rep.objectives))}.
+{rep.counts['unique']} assignments evaluated ({rep.counts['complete']} trials, {rep.counts['duplicates']} duplicates,
+{rep.counts['failed']} failed). {base_txt}</p>
+<h2>Pareto front ({len(rep.front)} configurations)</h2>
+{table_html(rep.front)}
+{timing}
+<h2>Trade-offs</h2>
+{img('map_vs_latency', 'mAP50-95 vs latency (all trials; red: Pareto front)')}
+{img('map_vs_size', 'mAP50-95 vs weight size (all trials; red: Pareto front)')}
+<h2>Which layers take low precision</h2>
+{img('bitmap', 'Precision of every layer in each Pareto configuration')}
+<h2>Sensitivity</h2>
+{img('sensitivity', 'Per-layer damage when the layer alone is quantized')}
+<h2>All trials</h2>
+<details><summary>{len(rep.rows)} evaluated assignments</summary>{table_html(rep.rows)}</details>
+</body></html>
+"""
+
+
+def front_table(rep: Report) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)")
+    cols = [c for c in COLUMNS if c[1] not in ("artifact", "policy")]
+    for name, key in cols:
+        table.add_column(name, justify="left" if key == "label" else "right")
+    if rep.base:
+        b = rep.base
+        table.add_row("float", "float", _fmt("map50_95", b["map50_95"]), "", _fmt("map50", b["map50"]),
+                      _fmt("latency_ms", b["latency_ms"]), _fmt("weight_mb", b["weight_bytes"] / 1e6), "100%", "0%",
+                      "0", _fmt("gbops", b.get("bops", 0) / 1e9), style="dim")
+    for r in rep.front:
+        v = row_values(r)
+        table.add_row(*[_fmt(k, v[k]) for _, k in cols])
+    return table
+
+
+def isfinite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
