@@ -184,7 +184,8 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
         thread.join(5)
 
     codes = [int(p.returncode) for p in procs]
-    summary = ", ".join(f"{pre.strip('[]')}: {'ok' if c == 0 else f'exit {c}'}" for pre, c in zip(prefixes, codes, strict=True))
+    summary = ", ".join(f"{pre.strip('[]')}: {'ok' if c == 0 else f'exit {c}'}"
+                        for pre, c in zip(prefixes, codes, strict=True))
     printer.line("[workers]", f"all {n} finished ({summary})")
     if interrupts:
         return 130
