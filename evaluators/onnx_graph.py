@@ -121,9 +121,10 @@ def _shapes(model: Any) -> dict[str, list[int | str | None]]:
 def find_raw_head_tensor(model: Any, num_classes: int | None = None) -> str | None:
     """Name of the ``(N, 4 + nc, anchors)`` tensor before an end-to-end head's top-k, or ``None``.
 
-    The last ``Concat`` whose output has rank 3, ``dim1 == 4 + nc`` (any small channel count
-    when ``num_classes`` is not given) and more anchors than channels; one feeding a
-    ``Transpose`` (``y.permute(0, 2, 1)`` in the head) is preferred.
+    The last ``Concat`` whose output has rank 3, a static anchor count and ``dim1 == 4 + nc``
+    (any small channel count when ``num_classes`` is not given); one feeding a ``Transpose``
+    (``y.permute(0, 2, 1)`` in the head) is preferred and accepted even when shape inference
+    cannot tell its channel count (callers check the shape at run time).
     """
     shapes = _shapes(model)
     consumers: dict[str, list[str]] = {}
@@ -140,14 +141,16 @@ def find_raw_head_tensor(model: Any, num_classes: int | None = None) -> str | No
         if not shape or len(shape) != 3:
             continue
         c, a = shape[1], shape[2]
-        if not isinstance(c, int) or not isinstance(a, int) or a <= c:
+        if not isinstance(a, int) or a <= 6:
             continue
-        if num_classes is not None and c != 4 + num_classes:
+        transposed = "Transpose" in consumers.get(name, [])
+        if isinstance(c, int):
+            if a <= c or (num_classes is not None and c != 4 + num_classes) or not 5 <= c <= 4 + 4096:
+                continue
+            best = name
+        elif not transposed:  # channel count unknown statically: only trust the head's permute pattern
             continue
-        if num_classes is None and not 5 <= c <= 4 + 4096:
-            continue
-        best = name
-        if "Transpose" in consumers.get(name, []):
+        if transposed:
             best_transposed = name
     return best_transposed or best
 
