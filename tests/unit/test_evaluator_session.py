@@ -133,7 +133,6 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
 def test_tensorrt_absent_is_reported_with_a_reason(tmp_path):
     from evaluators.tensorrt import (
         TensorRTLatencyEvaluator,
-        engine_cache_name,
         tensorrt_available,
         tensorrt_unavailable_reason,
     )
