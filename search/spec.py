@@ -156,30 +156,62 @@ class BrevitasOptions(_Base):
 
     name: Literal["brevitas"] = "brevitas"
     weight_scale: Literal["max", "mse", "percentile"] = Field(
-        default="mse", description="How per-channel weight scales are chosen (mse: error-minimizing search).")
+        default="mse", description="How 4-bit weight scales are chosen (mse: error-minimizing search).")
     weight_scale_8bit: Literal["max", "mse", "percentile"] = Field(
         default="max", description="Scale method for 8-bit weights (max is near-lossless at 8 bits).")
+    weight_granularity: Literal["per_channel", "per_tensor"] = Field(
+        default="per_channel", description="One weight scale per output channel (default) or per layer "
+        "(per_tensor: what the seeds did for 4 bits; only for comparison).")
+    weight_percentile: float = Field(
+        default=99.9, gt=50.0, le=100.0, description="Percentile of |w| per channel for weight_scale: percentile.")
     act_calibration: Literal["max", "percentile", "mse"] = Field(
         default="percentile", description="How activation ranges are set from the calibration images.")
     act_percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    act_quant_type: Literal["sym", "asym"] = Field(
+        default="sym", description="A8 inputs as int8 with zero point 0 (sym: what TensorRT requires) or "
+        "uint8 with a zero point (asym).")
     bias_correction: bool = True
     gptq: bool = False
     gpfq: bool = False
     optimize_onnx: bool = Field(default=True, description="Run onnxoptimizer passes that keep every Q/DQ node.")
+
+    @model_validator(mode="after")
+    def _one_gpxq(self) -> BrevitasOptions:
+        if self.gptq and self.gpfq:
+            raise ValueError("gptq and gpfq are alternatives; enable at most one")
+        return self
 
 
 class ModelOptOptions(_Base):
     """NVIDIA ModelOpt torch PTQ with per-layer quantizer rules, exported to QDQ ONNX."""
 
     name: Literal["modelopt"] = "modelopt"
-    calibration: Literal["max", "entropy", "percentile"] = "max"
+    calibration: Literal["max", "entropy", "percentile"] = Field(
+        default="max", description="How A8 input ranges are set from the calibration images (ModelOpt's max "
+        "calibrator, or its histogram calibrator with entropy or percentile).")
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0, description="For calibration: percentile.")
+    weight_calibration: Literal["max", "mse"] = Field(
+        default="mse", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
+        "(algorithm 'mse'; much better at 4 bits).")
+    w4_format: Literal["int8", "int4"] = Field(
+        default="int8", description="How 4-bit weights are stored in the ONNX file: int8 initializers holding "
+        "values in [-8, 7] (any opset, what TensorRT runs for Conv), or ONNX INT4 initializers (opset 21).")
+    opset: int = Field(default=17, ge=13, le=20, description="ONNX opset of the export (legacy exporter; "
+                       "w4_format int4 exports at 20 and converts to 21).")
 
 
 class ModelOptOnnxOptions(_Base):
     """NVIDIA ModelOpt ONNX PTQ: INT8 (W8A8) or float per node, with node exclusions."""
 
     name: Literal["modelopt-onnx"] = "modelopt-onnx"
-    calibration: Literal["max", "entropy"] = "entropy"
+    calibration: Literal["max", "entropy"] = Field(
+        default="entropy", description="ModelOpt's calibration method (the seeds: max collapsed on CPU, "
+        "entropy recovered).")
+    high_precision_dtype: Literal["fp32", "fp16"] = Field(
+        default="fp32", description="Float type of the non-quantized parts (fp16 runs slower on ORT CPU).")
+    calibration_eps: list[str] = Field(
+        default_factory=lambda: ["cpu"], min_length=1,
+        description="ONNX Runtime providers ModelOpt calibrates with, in order ('cpu', 'cuda:0', 'trt').")
 
 
 BackendSpec = Annotated[BrevitasOptions | ModelOptOptions | ModelOptOnnxOptions, Field(discriminator="name")]

@@ -1,0 +1,666 @@
+"""Brevitas backend: per-layer mixed-precision PTQ exported to QCDQ ONNX.
+
+:meth:`BrevitasBackend.materialize` replaces each layer an
+:class:`~search.assignment.Assignment` names with a Brevitas ``QuantConv2d`` (or
+``QuantLinear``) carrying that layer's precision, on a copy of the fused float model:
+
+- weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
+  scale per output channel, chosen by MSE search (default for 4 bits), a per-channel
+  percentile of ``|w|``, or the maximum (default for 8 bits, near-lossless there);
+- A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas
+  ``input_quant``), so each layer's A8 is independent of its neighbours; int8 with zero
+  point 0 by default (the only form TensorRT accepts), uint8 with a zero point on request;
+  ranges calibrated on the calibration images (percentile, MSE or max);
+- bias correction (on by default): each quantized layer's mean output error on the
+  calibration images, measured with float inputs as Brevitas' ``bias_correction_mode``
+  does, is folded into its bias;
+- GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``) when the options ask for them.
+
+Layers the assignment does not name are left untouched (the same float modules).
+
+**Per-call cost.** The sensitivity sweep materializes hundreds of single-layer
+assignments, so the data-dependent parts that do not depend on the assignment are computed
+once per (float model, calibration set) and cached in the backend instance: every layer's
+calibrated input quantizer and the mean of its (float and input-quantized) unfolded
+input. Activation calibration and bias correction then cost no forward pass: a layer's
+output mean is linear in the mean of its unfolded input, so the bias correction of a
+layer is ``W_f . E[unfold(x)] - W_q . E[unfold(Q(x))]``, exactly what Brevitas measures
+by running the model (``tests/integration/test_brevitas_backend.py`` checks the two
+agree). Reuse one backend instance for many ``materialize`` calls to benefit from it.
+GPTQ/GPFQ need real forward passes (one per quantized layer) and run only when enabled.
+
+:meth:`BrevitasBackend.export` writes QCDQ ONNX through Brevitas' exporter (legacy
+TorchScript exporter, ``dynamo=False``, opset 17): input ``images`` with a dynamic batch,
+output ``output0`` with the float model's layout, weights as int8 initializers followed by
+``Clip`` (the integer range of the bit width) and ``DequantizeLinear`` with per-channel
+scales; A8 inputs as ``QuantizeLinear -> DequantizeLinear``. An optional onnxoptimizer
+pass runs only if it keeps every Q/DQ/Clip node. What is in the file (node counts,
+containers, options, versions, timings) is written beside it as ``<file>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes
+from search.assignment import Assignment, Precision
+from search.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from search.model import LoadedModel
+    from search.spec import BrevitasOptions
+
+NAME = "brevitas"
+OPSET = 17
+
+#: What this backend builds for every Conv2d and Linear (float W16A16 is always allowed).
+SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
+    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
+
+CAPABILITIES = Capabilities(
+    backend=NAME,
+    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
+    notes="per-channel symmetric weights (4 or 8 bits, narrow range); per-tensor INT8 input quantizer "
+          "for A8; W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
+)
+
+#: onnxoptimizer passes that only remove no-ops and dead or duplicate nodes: none of them
+#: touches QuantizeLinear/DequantizeLinear/Clip (checked after the pass: node counts must not change).
+ONNX_PASSES: tuple[str, ...] = (
+    "eliminate_deadend",
+    "eliminate_identity",
+    "eliminate_nop_dropout",
+    "eliminate_nop_cast",
+    "eliminate_nop_pad",
+    "eliminate_nop_transpose",
+    "eliminate_nop_flatten",
+    "eliminate_unused_initializer",
+    "eliminate_duplicate_initializer",
+    "fuse_consecutive_transposes",
+)
+
+
+class BrevitasError(UserError):
+    """A model the Brevitas backend cannot quantize or export as asked."""
+
+
+# --------------------------------------------------------------------------------------
+# Quantizer choice
+# --------------------------------------------------------------------------------------
+def weight_quantizer(bits: int, options: BrevitasOptions) -> Any:
+    """The Brevitas weight quantizer (an injector class) for ``bits``-bit weights.
+
+    Symmetric, narrow range, zero point 0, float scales frozen after the first forward
+    (``ParameterFromStatsFromParameterScaling``, as Brevitas' PTQ examples do, so GPTQ and
+    GPFQ keep the scale chosen from the float weights).
+    """
+    from brevitas.core.scaling.standalone import ParameterFromStatsFromParameterScaling
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant.scaled_int import (
+        Int8WeightPerChannelFloat,
+        Int8WeightPerChannelFloatMSE,
+        Int8WeightPerTensorFloat,
+        Int8WeightPerTensorFloatMSE,
+    )
+
+    method = options.weight_scale if bits < 8 else options.weight_scale_8bit
+    per_channel = options.weight_granularity == "per_channel"
+    if method == "mse":
+        quant = Int8WeightPerChannelFloatMSE if per_channel else Int8WeightPerTensorFloatMSE
+        return quant.let(bit_width=bits)
+    quant = Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat
+    quant = quant.let(bit_width=bits, scaling_impl=ParameterFromStatsFromParameterScaling)
+    if method == "percentile":
+        quant = quant.let(scaling_stats_op=StatsOp.PERCENTILE, high_percentile_q=options.weight_percentile)
+    return quant
+
+
+def input_quantizer(options: BrevitasOptions) -> Any:
+    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer."""
+    from brevitas.core.stats import NegativeMinOrZero
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat, ShiftedUint8ActPerTensorFloatMSE
+
+    method = options.act_calibration
+    p = options.act_percentile
+    if options.act_quant_type == "sym":
+        if method == "mse":
+            return Int8ActPerTensorFloatMSE
+        if method == "max":
+            return Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX)
+        return Int8ActPerTensorFloat.let(high_percentile_q=p)
+    if method == "mse":
+        return ShiftedUint8ActPerTensorFloatMSE
+    if method == "max":
+        return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX,
+                                                 zero_point_stats_impl=NegativeMinOrZero)
+    return ShiftedUint8ActPerTensorFloat.let(high_percentile_q=p, low_percentile_q=100.0 - p)
+
+
+def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
+                input_quant_state: dict[str, Any] | None = None) -> nn.Module:
+    """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
+
+    ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
+    weight scales are initialized here, from the float weights.
+    """
+    import brevitas.nn as qnn
+    import torch
+    from torch import nn
+
+    wq = weight_quantizer(precision.w_bits, options) if precision.quantizes_weights else None
+    iq = input_quantizer(options) if precision.quantizes_inputs else None
+    weight = layer.weight
+    common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=None,
+                  output_quant=None, return_quant_tensor=False, device=weight.device, dtype=weight.dtype)
+    q: Any
+    if isinstance(layer, nn.Conv2d):
+        if not isinstance(layer.padding, tuple):
+            raise BrevitasError(f"{type(layer).__name__} with padding={layer.padding!r} is not supported "
+                                "(integer padding only)")
+        q = qnn.QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                            padding_mode=layer.padding_mode, **common)
+    elif isinstance(layer, nn.Linear):
+        q = qnn.QuantLinear(layer.in_features, layer.out_features, **common)
+    else:
+        raise BrevitasError(f"cannot quantize a {type(layer).__name__}; only Conv2d and Linear")
+    with torch.no_grad():
+        q.weight.copy_(weight)
+        if layer.bias is not None:
+            q.bias.copy_(layer.bias)
+    q.weight.requires_grad_(False)
+    if q.bias is not None:
+        q.bias.requires_grad_(False)
+    if input_quant_state is not None:
+        q.input_quant.load_state_dict(input_quant_state)
+    q.eval()
+    if wq is not None:
+        with torch.no_grad():
+            q.quant_weight()  # initializes (MSE-searches) and freezes the weight scales
+    return q
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+# --------------------------------------------------------------------------------------
+# Input statistics (assignment-independent, cached per float model and calibration set)
+# --------------------------------------------------------------------------------------
+def unfolded_input_mean(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and output positions of the input patch each output sees.
+
+    For a Conv2d: ``(C_in, kh, kw)``, entry ``[c, i, j]`` = mean of the zero-padded input
+    at channel ``c``, offset ``(i, j)`` over every output position; the mean output of
+    the layer is then ``sum(W[o] * M[group(o)]) + b[o]``. For a Linear: the mean input
+    vector.
+    """
+    import torch.nn.functional as F
+    from torch import nn
+
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).mean(dim=0)
+    assert isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple)
+    ph, pw = (int(p) for p in layer.padding)
+    sh, sw = layer.stride
+    dh, dw = layer.dilation
+    kh, kw = layer.kernel_size
+    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+    H, W = xp.shape[-2:]
+    ho = (H - dh * (kh - 1) - 1) // sh + 1
+    wo = (W - dw * (kw - 1) - 1) // sw + 1
+    out = x.new_empty((x.shape[1], kh, kw))
+    for i in range(kh):
+        for j in range(kw):
+            sl = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            out[:, i, j] = sl.mean(dim=(0, 2, 3))
+    return out
+
+
+def output_mean(layer: Any, weight: torch.Tensor, mean_in: torch.Tensor) -> torch.Tensor:
+    """Mean output per channel (bias excluded) of ``layer`` with ``weight`` given the mean
+    unfolded input from :func:`unfolded_input_mean`."""
+    import torch
+    from torch import nn
+
+    if isinstance(layer, nn.Linear):
+        return weight @ mean_in
+    g = layer.groups
+    o = weight.shape[0]
+    w = weight.reshape(g, o // g, weight.shape[1], -1)
+    m = mean_in.reshape(g, weight.shape[1], -1)
+    return torch.einsum("gock,gck->go", w, m).reshape(o)
+
+
+def _supports_analytic(layer: nn.Module) -> bool:
+    from torch import nn
+
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
+            and isinstance(layer.padding, tuple))
+
+
+@dataclass
+class _LayerStats:
+    float_mean: torch.Tensor | None = None
+    quant_mean: torch.Tensor | None = None
+    input_quant_state: dict[str, Any] | None = None
+
+
+@dataclass
+class _StatsCache:
+    """Per-layer input statistics for one (float model, calibration set, options)."""
+
+    module_ref: Any
+    calib_key: str
+    act_key: str
+    layers: dict[str, _LayerStats] = field(default_factory=dict)
+    has_float_means: bool = False
+    has_act: bool = False
+    seconds: float = 0.0
+
+    def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
+        return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
+
+
+def calibration_key(calib: CalibrationSet) -> str:
+    """A cheap fingerprint of a calibration set (shape, paths, a strided sample of pixels)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    h.update(str(calib.images.shape).encode())
+    h.update(str(int(calib.batch_size)).encode())
+    h.update("\n".join(str(p) for p in calib.paths).encode())
+    h.update(np.ascontiguousarray(calib.images[:, :, ::7, ::7]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------
+class BrevitasBackend:
+    """Brevitas PTQ backend (see the module docstring).
+
+    Args:
+        options: the study's ``backend`` section (:class:`search.spec.BrevitasOptions`);
+            defaults when ``None``.
+        device: torch device for calibration and the fake-quant model: ``auto`` (CUDA when
+            available), ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show rich progress bars for the calibration passes and GPTQ/GPFQ.
+    """
+
+    name = NAME
+    capabilities = CAPABILITIES
+
+    def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
+                 progress: bool = False) -> None:
+        from search.runs import resolve_device
+        from search.spec import BrevitasOptions
+
+        if options is None:
+            options = BrevitasOptions()
+        if not isinstance(options, BrevitasOptions):
+            raise BrevitasError(f"the brevitas backend needs BrevitasOptions, got {type(options).__name__} "
+                                f"(backend name '{getattr(options, 'name', '?')}')")
+        self.options = options
+        try:
+            self.device = resolve_device(device)
+        except RuntimeError as exc:
+            raise BrevitasError(str(exc)) from None
+        self.progress = progress
+        self._cache: _StatsCache | None = None
+
+    # -- public API -----------------------------------------------------------------------
+    def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
+        """Build ``assignment`` on a copy of ``model`` (never modifying it), calibrated on ``calib``."""
+        import torch
+
+        start = time.perf_counter()
+        self.capabilities.check(model.layers, assignment)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        work = model.fresh().module.to(self.device).eval()
+        timings["copy"] = time.perf_counter() - t
+
+        needs_act = any(p.quantizes_inputs for _, p in assignment.items())
+        needs_means = self.options.bias_correction and len(assignment) > 0
+        cache = None
+        cached = True
+        if needs_act or needs_means:
+            t = time.perf_counter()
+            cache, cached = self._stats(model, calib, act=needs_act, means=needs_means)
+            timings["calibrate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        layers_info: dict[str, dict[str, Any]] = {}
+        for name, precision in assignment.items():
+            float_layer = work.get_submodule(name)
+            state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
+            q = quant_layer(float_layer, precision, self.options, state)
+            _set_submodule(work, name, q)
+            layers_info[name] = {"precision": str(precision), "type": type(q).__name__}
+        timings["quantize"] = time.perf_counter() - t
+
+        if self.options.gptq or self.options.gpfq:
+            algo = "gptq" if self.options.gptq else "gpfq"
+            t = time.perf_counter()
+            self._gpxq(work, calib, algo)
+            timings[algo] = time.perf_counter() - t
+
+        if self.options.bias_correction and len(assignment):
+            t = time.perf_counter()
+            assert cache is not None
+            base_layers = dict(model.module.named_modules())
+            with torch.no_grad():
+                for name, precision in assignment.items():
+                    qlayer: Any = work.get_submodule(name)
+                    correction = self._correction(name, base_layers[name], qlayer, precision, cache.layers[name])
+                    if qlayer.bias is None:
+                        qlayer.bias = torch.nn.Parameter(correction, requires_grad=False)
+                    else:
+                        qlayer.bias.add_(correction)
+            timings["bias_correction"] = time.perf_counter() - t
+        work.eval()
+        timings["total"] = time.perf_counter() - start
+        info = {
+            "device": self.device,
+            "options": self.options.model_dump(mode="json"),
+            "layers": layers_info,
+            "stats_cached": cached,
+            "act_quant": self.options.act_quant_type,
+        }
+        return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
+                              timings=timings, info=info)
+
+    def export(self, qmodel: QuantizedModel, path: Path | str) -> ExportResult:
+        """Write ``qmodel`` as QCDQ ONNX at ``path`` (atomically) and its metadata at ``<path>.json``."""
+        import onnx
+        import torch
+        from brevitas.export import export_onnx_qcdq
+
+        from search.runs import atomic_path, versions, write_json
+
+        if qmodel.module is None:
+            raise BrevitasError("this QuantizedModel has no torch module to export")
+        path = Path(path)
+        start = time.perf_counter()
+        module = qmodel.module.eval()
+        device = next(module.parameters()).device
+        imgsz = qmodel.base.imgsz
+        dummy = torch.zeros(1, 3, imgsz, imgsz, device=device)
+        dynamic_axes = {"images": {0: "batch"}, "output0": {0: "batch"}}
+        optimizer_info: dict[str, Any] = {"requested": self.options.optimize_onnx}
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx_qcdq(module, args=dummy, export_path=str(tmp), dynamo=False, opset_version=OPSET,
+                             keep_initializers_as_inputs=False, input_names=["images"],
+                             output_names=["output0"], dynamic_axes=dynamic_axes)
+            t_export = time.perf_counter() - start
+            counts_raw = count_qdq_nodes(tmp)
+            graph = onnx.load(str(tmp))
+            if self.options.optimize_onnx:
+                graph, optimizer_info = _optimize(graph, counts_raw)
+            _stamp(graph, qmodel)
+            onnx.save(graph, str(tmp))
+        seconds = time.perf_counter() - start
+        counts = count_qdq_nodes(path)
+        all_ops: dict[str, int] = {}
+        for node in graph.graph.node:
+            all_ops[node.op_type] = all_ops.get(node.op_type, 0) + 1
+        layers = qmodel.base.layers
+        metadata = {
+            "format": "QCDQ",
+            "backend": self.name,
+            "exporter": "brevitas.export.export_onnx_qcdq (torch legacy TorchScript exporter, dynamo=False)",
+            "opset": OPSET,
+            "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz]},
+            "output": {"name": "output0", "layout": qmodel.base.layout,
+                       "shape": ["batch", *qmodel.base.output_shape(1)[1:]]},
+            "node_counts": counts,
+            "node_counts_before_optimizer": counts_raw,
+            "op_counts": dict(sorted(all_ops.items())),
+            "onnxoptimizer": optimizer_info,
+            "weight_containers": {
+                "4": "int8 initializer -> Clip[-7, 7] -> DequantizeLinear (per-channel float scale, zero point 0)",
+                "8": "int8 initializer -> Clip[-127, 127] -> DequantizeLinear (per-channel float scale, zero point 0)",
+                "16": "float32 initializer",
+            },
+            "activations": ("A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, "
+                            + ("int8, zero point 0" if self.options.act_quant_type == "sym"
+                               else "uint8 with zero point")),
+            "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
+                           "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
+            "options": self.options.model_dump(mode="json"),
+            "versions": versions(),
+            "device": str(device),
+            "materialize_seconds": dict(qmodel.timings),
+            "export_seconds": {"torch_export": round(t_export, 4), "total": round(seconds, 4)},
+            "file_bytes": path.stat().st_size,
+            "source_model": str(qmodel.base.source),
+        }
+        write_json(metadata_path(path), metadata)
+        return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    # -- internals ------------------------------------------------------------------------
+    def _act_key(self) -> str:
+        o = self.options
+        return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type])
+
+    def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool
+               ) -> tuple[_StatsCache, bool]:
+        """The statistics cache for ``model`` and ``calib``, computing what is missing."""
+        if len(calib) == 0:
+            raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
+        key = calibration_key(calib)
+        cache = self._cache
+        if cache is None or not cache.matches(model.module, key, self._act_key()):
+            cache = _StatsCache(module_ref=weakref.ref(model.module), calib_key=key, act_key=self._act_key())
+            self._cache = cache
+        need_means = means and not cache.has_float_means
+        need_act = act and not cache.has_act
+        if not (need_means or need_act):
+            return cache, True
+        start = time.perf_counter()
+        self._compute_stats(model, calib, cache, means=need_means, act=need_act)
+        cache.seconds += time.perf_counter() - start
+        return cache, False
+
+    def _batches(self, calib: CalibrationSet, description: str) -> Iterator[torch.Tensor]:
+        import torch
+
+        batches: Iterable[Any] = list(calib.batches())
+        if self.progress:
+            from rich.progress import track
+
+            batches = track(batches, description=description, transient=True)
+        for b in batches:
+            yield torch.from_numpy(b).to(self.device)
+
+    def _compute_stats(self, model: LoadedModel, calib: CalibrationSet, cache: _StatsCache, *,
+                       means: bool, act: bool) -> None:
+        """One or two float passes over ``calib`` with hooks on every quantizable layer.
+
+        Pass 1 averages each layer's unfolded input and calibrates one input quantizer per
+        layer (Brevitas ``calibration_mode``); pass 2 (A8 only) averages the unfolded
+        input after that quantizer.
+        """
+        import brevitas.nn as qnn
+        import torch
+        from brevitas.graph.calibrate import calibration_mode
+        from torch import nn
+
+        float_module = copy.deepcopy(model.module).to(self.device).eval()
+        names = [lay.name for lay in model.quantizable_layers]
+        mods = {n: float_module.get_submodule(n) for n in names}
+        for n in names:
+            cache.layers.setdefault(n, _LayerStats())
+        probes: dict[str, Any] = {}
+        if act:
+            iq = input_quantizer(self.options)
+            probes = {n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device) for n in names}
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+
+        def pass1_hook(name: str):  # noqa: ANN202
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                x = inputs[0]
+                if means and _supports_analytic(mod):
+                    m = unfolded_input_mean(mod, x)
+                    sums[name] = sums[name] + m if name in sums else m
+                if act:
+                    probes[name](x)
+            return hook
+
+        hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
+        container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
+        try:
+            with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
+                for x in self._batches(calib, "calibration: float statistics"):
+                    float_module(x)
+                    count += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        if means:
+            for n in names:
+                if n in sums:
+                    cache.layers[n].float_mean = sums[n] / count
+            cache.has_float_means = True
+        if not act:
+            return
+        for n in names:
+            probes[n].eval()
+            cache.layers[n].input_quant_state = {k: v.detach().clone()
+                                                 for k, v in probes[n].act_quant.state_dict().items()}
+        # pass 2: mean of the quantized input (only needed for bias correction of A8 layers)
+        qsums: dict[str, torch.Tensor] = {}
+        count = 0
+
+        def pass2_hook(name: str):  # noqa: ANN202
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                if _supports_analytic(mod):
+                    m = unfolded_input_mean(mod, probes[name](inputs[0]))
+                    qsums[name] = qsums[name] + m if name in qsums else m
+            return hook
+
+        hooks = [mods[n].register_forward_pre_hook(pass2_hook(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for x in self._batches(calib, "calibration: quantized-input statistics"):
+                    float_module(x)
+                    count += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in names:
+            if n in qsums:
+                cache.layers[n].quant_mean = qsums[n] / count
+        cache.has_act = True
+
+    def _correction(self, name: str, float_layer: Any, q: Any, precision: Precision,
+                    st: _LayerStats) -> torch.Tensor:
+        """``E[float output] - E[quantized output]`` per channel, from the cached input means."""
+        if st.float_mean is None or (precision.quantizes_inputs and st.quant_mean is None):
+            raise BrevitasError(f"layer '{name}': no input statistics for bias correction (only zero padding "
+                                "is supported; set backend.bias_correction: false)")
+        w_f = float_layer.weight.to(q.weight.device)
+        w_q = q.quant_weight().value if precision.quantizes_weights else q.weight
+        m_q = st.quant_mean if precision.quantizes_inputs else st.float_mean
+        assert m_q is not None
+        return output_mean(float_layer, w_f, st.float_mean) - output_mean(float_layer, w_q, m_q)
+
+    def _gpxq(self, module: nn.Module, calib: CalibrationSet, algo: str) -> None:
+        """GPTQ or GPFQ over every weight-quantized layer (Brevitas' gptq_mode / gpfq_mode)."""
+        import torch
+        from brevitas.graph.gpfq import gpfq_mode
+        from brevitas.graph.gptq import gptq_mode
+
+        batches = [torch.from_numpy(b).to(self.device) for b in calib.batches()]
+        mode: Any
+        if algo == "gptq":
+            mode = gptq_mode(module, act_order=True, use_quant_activations=False, create_weight_orig=False)
+        else:
+            mode = gpfq_mode(module, act_order=True, use_quant_activations=True, create_weight_orig=False)
+        with torch.no_grad(), warnings.catch_warnings(), mode as gpxq:
+            warnings.simplefilter("ignore")
+            steps: Iterable[int] = range(gpxq.num_layers)
+            if self.progress:
+                from rich.progress import track
+
+                steps = track(list(steps), description=algo.upper(), transient=True)
+            for _ in steps:
+                for x in batches:
+                    gpxq.model(x)
+                gpxq.update()
+
+
+# --------------------------------------------------------------------------------------
+# ONNX helpers
+# --------------------------------------------------------------------------------------
+def metadata_path(onnx_path: Path | str) -> Path:
+    """Where :meth:`BrevitasBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".json")
+
+
+def _optimize(graph: Any, counts_before: dict[str, int]) -> tuple[Any, dict[str, Any]]:
+    """Run :data:`ONNX_PASSES`; keep the result only if every Q/DQ/Clip node survived."""
+    import onnx
+
+    info: dict[str, Any] = {"requested": True, "passes": list(ONNX_PASSES)}
+    try:
+        import onnxoptimizer
+    except ImportError:  # pragma: no cover - a declared dependency
+        info.update(applied=False, reason="onnxoptimizer is not installed")
+        return graph, info
+    nodes_before = len(graph.graph.node)
+    try:
+        optimized = onnxoptimizer.optimize(graph, list(ONNX_PASSES))
+    except Exception as exc:  # noqa: BLE001 - a failed optional pass must not lose the export
+        info.update(applied=False, reason=f"onnxoptimizer failed: {exc}")
+        return graph, info
+    after: dict[str, int] = {}
+    for node in optimized.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+            after[node.op_type] = after.get(node.op_type, 0) + 1
+    kept = all(after.get(k, 0) == v for k, v in counts_before.items()
+               if k in ("QuantizeLinear", "DequantizeLinear", "Clip"))
+    info.update(nodes_before=nodes_before, nodes_after=len(optimized.graph.node))
+    if not kept:
+        info.update(applied=False, reason=f"the passes changed Q/DQ/Clip counts {counts_before} -> {after}; "
+                                          "kept the unoptimized graph")
+        return graph, info
+    onnx.checker.check_model(optimized)
+    info["applied"] = True
+    return optimized, info
+
+
+def _stamp(graph: Any, qmodel: QuantizedModel) -> None:
+    """Record the backend and the assignment digest in the ONNX file's metadata_props."""
+    props = {p.key: p for p in graph.metadata_props}
+    for key, value in (("yolo_mpq.backend", qmodel.backend),
+                       ("yolo_mpq.assignment_digest", qmodel.assignment.digest()),
+                       ("yolo_mpq.assignment", json.dumps(qmodel.assignment.to_dict(), sort_keys=True))):
+        if key in props:
+            props[key].value = value
+        else:
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
