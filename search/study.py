@@ -44,6 +44,10 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
 }
 HEARTBEAT_S = 20
 GRACE_S = 60
+# Overrides (seconds) for the heartbeat of running trials and the grace period after which a
+# silent worker's trial is failed and retried; the parallel-worker test shortens them.
+HEARTBEAT_ENV = "YOLO_MPQ_HEARTBEAT_S"
+GRACE_ENV = "YOLO_MPQ_GRACE_S"
 SWEEP_STALE_S = 180
 
 
@@ -66,7 +70,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        heartbeat = int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_S))
+        grace = int(os.environ.get(GRACE_ENV, max(GRACE_S, 3 * heartbeat)))
+        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
                           failed_trial_callback=RetryFailedTrialCallback(max_retry=1), **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
         raise UserError(f"cannot open the study storage {redact(url)}: {exc}") from exc
@@ -340,10 +346,23 @@ class StudyRunner:
                  f"({base['latency_provider']})")
         budget = self.settings.budget
         max_total = budget * 4 + 20
+        waiting_since = 0.0
         while True:
+            # a killed worker's RUNNING trial: FAIL once its heartbeat is older than the grace period
+            # (and retried once, as a WAITING copy that the next optimize() picks up)
+            optuna.storages.fail_stale_trials(study)
             c = self.counts(study)
-            if c["done"] + c["running"] >= budget or c["total"] >= max_total:
+            if c["done"] >= budget or c["total"] >= max_total:
                 break
+            if c["done"] + c["running"] >= budget:
+                # the rest of the budget is running in other workers: wait for it, since a worker
+                # that dies leaves its trial to be failed and retried, and someone must run the retry
+                if not waiting_since:
+                    waiting_since = time.monotonic()
+                    self.log(f"{c['running']} trial(s) running in other workers; waiting for them to finish")
+                time.sleep(2.0)
+                continue
+            waiting_since = 0.0
             if c["failed"] >= 3 and c["done"] == 0:
                 fails = [t.user_attrs.get("failure", "?") for t in study.get_trials(
                     deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]

@@ -51,23 +51,6 @@ def strip_option(argv: Sequence[str], option: str, min_prefix: int = 4) -> list[
     return out
 
 
-def plan_devices(device: str, n: int) -> list[str] | None:
-    """Devices for ``n`` workers from one ``--device`` value.
-
-    ``cuda`` (or ``auto`` on a machine with GPUs) spreads the workers over every visible
-    GPU, round-robin; ``cpu`` and an explicit ``cuda:K`` keep every worker on that device
-    (None: leave ``--device`` as given).
-    """
-    if device not in ("auto", "cuda"):
-        return None
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        return None
-    return [f"cuda:{i % count}" for i in range(n)]
-
-
 class _Printer:
     """Writes prefixed lines from several threads without interleaving them."""
 
@@ -93,8 +76,8 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
     """Run ``n`` workers of ``search run`` and wait for all of them.
 
     Args:
-        argv: The arguments of ``search run`` (after ``run``); ``--workers`` is removed, and
-            ``--device`` too when ``devices`` are given.
+        argv: The arguments of ``search run`` (a leading ``run`` is dropped); ``--workers``
+            is removed, and ``--device`` too when ``devices`` are given.
         n: Number of worker processes (1 or more).
         devices: Devices to hand out round-robin (``--device DEV`` per worker), or None to
             leave ``--device`` as in ``argv``.
@@ -116,7 +99,7 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
         raise UserError(f"already a worker ({WORKER_INDEX_ENV}={os.environ[WORKER_INDEX_ENV]}): "
                         "a worker cannot start workers of its own")
     devs = list(devices) if devices else None
-    args = strip_option(argv, "--workers")
+    args = strip_option(argv[1:] if argv and argv[0] == "run" else argv, "--workers")
     if devs:
         args = strip_option(args, "--device")
     base = list(command) if command is not None else [sys.executable, "-m", "search", "run"]

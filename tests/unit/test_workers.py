@@ -59,7 +59,7 @@ def test_strip_option_forms():
 
 def test_workers_get_same_args_own_device_and_prefixed_output(child):
     buf = io.StringIO()
-    rc = launch_workers(["--study", "s.yaml", "--workers", "3", "--device", "cpu", "--budget", "6"], 3,
+    rc = launch_workers(["run", "--study", "s.yaml", "--workers", "3", "--device", "cpu", "--budget", "6"], 3,
                         ["cuda:0", "cuda:1"], command=child, out=buf)
     assert rc == 0, buf.getvalue()
     expect = {"[w0 cuda:0]": ("cuda:0", 0), "[w1 cuda:1]": ("cuda:1", 1), "[w2 cuda:0]": ("cuda:0", 2)}
