@@ -121,10 +121,10 @@ def _shapes(model: Any) -> dict[str, list[int | str | None]]:
 def find_raw_head_tensor(model: Any, num_classes: int | None = None) -> str | None:
     """Name of the ``(N, 4 + nc, anchors)`` tensor before an end-to-end head's top-k, or ``None``.
 
-    The last ``Concat`` whose output has rank 3, a static anchor count and ``dim1 == 4 + nc``
-    (any small channel count when ``num_classes`` is not given); one feeding a ``Transpose``
-    (``y.permute(0, 2, 1)`` in the head) is preferred and accepted even when shape inference
-    cannot tell its channel count (callers check the shape at run time).
+    The last rank-3 ``Concat`` feeding a ``Transpose`` (``y.permute(0, 2, 1)`` in the head)
+    whose known dims fit (``dim1 == 4 + nc``, more anchors than channels); else the last
+    rank-3 ``Concat`` with static dims that fit. Shape inference often cannot tell the dims
+    (anchors computed in the graph), so callers check the tensor's shape at run time.
     """
     shapes = _shapes(model)
     consumers: dict[str, list[str]] = {}
@@ -141,16 +141,14 @@ def find_raw_head_tensor(model: Any, num_classes: int | None = None) -> str | No
         if not shape or len(shape) != 3:
             continue
         c, a = shape[1], shape[2]
-        if not isinstance(a, int) or a <= 6:
-            continue
         transposed = "Transpose" in consumers.get(name, [])
-        if isinstance(c, int):
-            if a <= c or (num_classes is not None and c != 4 + num_classes) or not 5 <= c <= 4 + 4096:
-                continue
-            best = name
-        elif not transposed:  # channel count unknown statically: only trust the head's permute pattern
+        if isinstance(c, int) and (not 5 <= c <= 4 + 4096 or (num_classes is not None and c != 4 + num_classes)):
             continue
-        if transposed:
+        if isinstance(a, int) and (a <= 6 or (isinstance(c, int) and a <= c)):
+            continue
+        if isinstance(c, int) and isinstance(a, int):
+            best = name
+        if transposed:  # dims unknown statically (anchors computed in-graph): trust the head's permute pattern
             best_transposed = name
     return best_transposed or best
 

@@ -1,0 +1,313 @@
+"""One contract suite per evaluator kind, on the demo model's real ONNX exports.
+
+- accuracy: :class:`CocoEvaluator` over model variants (end-to-end with dynamic batch, a
+  fixed-batch export, the raw one-to-many head decoded with NMS);
+- fidelity: :class:`FidelityEvaluator` over candidate kinds (ONNX, torch module, wrapped
+  torch module, plain callable) and its ranking of deliberately damaged models;
+- latency: every latency engine (ONNX Runtime; TensorRT where a GPU and TensorRT exist);
+- cost: :func:`analytic_cost` on the demo layer table.
+Bad inputs (corrupt file, wrong input size, wrong output layout, missing providers) must
+fail with an error that says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from evaluator_helpers import cached, export, workdir
+
+from evaluators.base import AccuracyResult, CostResult, FidelityResult, LatencyResult
+from evaluators.errors import ModelFormatError, ProviderError
+from evaluators.session import CPU, CUDA, TENSORRT
+
+
+def _strict_json(d: dict) -> dict:
+    return json.loads(json.dumps(d, allow_nan=False))
+
+
+def _frozen(result: object) -> None:
+    field = dataclasses.fields(result)[0].name  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(result, field, 0)
+
+
+@pytest.fixture(scope="module")
+def float_onnx(demo_model):
+    return export(demo_model.module, "float", demo_model.imgsz)
+
+
+@pytest.fixture(scope="module")
+def coco(demo_spec, demo_model, demo_subset):
+    from evaluators.coco import CocoEvaluator
+
+    return CocoEvaluator(subset=demo_subset, names=demo_model.names, imgsz=demo_spec.imgsz,
+                         settings=demo_spec.evaluation, cache_dir=workdir() / "cache", progress=False)
+
+
+def _small(coco, demo_subset, **settings):
+    from evaluators.coco import CocoEvaluator
+
+    return CocoEvaluator(subset=demo_subset.head(8), names=coco.names, imgsz=coco.imgsz,
+                         settings=coco.settings.model_copy(update=settings), cache_dir=workdir() / "cache-small",
+                         progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# accuracy
+# --------------------------------------------------------------------------------------
+def _variant(name: str, demo_spec, demo_model):
+    if name == "end2end":
+        return export(demo_model.module, "float", demo_model.imgsz), "end2end", demo_spec.evaluation.batch_size
+    if name == "fixed-batch-3":  # 100 images = 33 full batches + 1 padded
+        return export(demo_model.module, "float-b3", demo_model.imgsz, batch=3), "end2end", 3
+
+    def raw_model():
+        from search.model import load_model
+
+        return load_model(demo_spec.model, demo_spec.imgsz, end2end=False)
+
+    raw = cached("model:raw", raw_model)
+    assert raw.layout == "raw"
+    return export(raw.module, "raw", raw.imgsz), "raw", demo_spec.evaluation.batch_size
+
+
+@pytest.fixture(scope="module")
+def coco32(coco, demo_subset):
+    from evaluators.coco import CocoEvaluator
+
+    return CocoEvaluator(subset=demo_subset.head(32), names=coco.names, imgsz=coco.imgsz, settings=coco.settings,
+                         cache_dir=workdir() / "cache-32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def accuracy_results(coco, coco32, demo_spec, demo_model):
+    """The float model on the whole subset; each variant (and the float model again) on 32 images."""
+    out = {}
+    for name in ("end2end", "fixed-batch-3", "raw"):
+        path, layout, batch = _variant(name, demo_spec, demo_model)
+        out[name] = (coco32.evaluate(path), layout, batch)
+    out["full"] = (coco.evaluate(_variant("end2end", demo_spec, demo_model)[0]), "end2end",
+                   demo_spec.evaluation.batch_size)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["full", "end2end", "fixed-batch-3", "raw"])
+def test_accuracy_contract(accuracy_results, demo_model, demo_subset, variant):
+    r, layout, batch = accuracy_results[variant]
+    assert isinstance(r, AccuracyResult)
+    _frozen(r)
+    assert 0.0 < r.map50_95 <= r.map50 <= 1.0 and 0.0 <= r.map75 <= 1.0
+    for v in (r.map_small, r.map_medium, r.map_large):
+        assert v == -1.0 or 0.0 <= v <= 1.0  # -1: no ground truth in that size range (pycocotools)
+    assert set(r.per_class) <= set(demo_model.names.values()) and r.per_class
+    assert all(0.0 <= ap <= 1.0 for ap in r.per_class.values())
+    assert r.num_images == (len(demo_subset) if variant == "full" else 32) and r.num_detections > r.num_images
+    assert r.provider == CPU and r.batch_size == batch and r.images_per_s > 0 and r.seconds > 0
+    assert r.extra["layout"] == layout and r.extra["session"]["used"][0] == CPU
+    assert set(r.extra["timings"]) >= {"session_s", "inference_s", "decode_s", "cocoeval_s", "trial_s"}
+    assert _strict_json(r.to_dict())["map50_95"] == r.map50_95
+
+
+def test_fixed_batch_padding_gives_the_same_result(accuracy_results):
+    dyn, fixed = accuracy_results["end2end"][0], accuracy_results["fixed-batch-3"][0]
+    assert fixed.map50_95 == pytest.approx(dyn.map50_95, abs=1e-4)
+    assert abs(fixed.num_detections - dyn.num_detections) <= 5  # float-order ties at conf 0.001 only
+
+
+def test_raw_head_with_nms_is_a_working_detector(accuracy_results):
+    raw, e2e = accuracy_results["raw"][0], accuracy_results["end2end"][0]
+    # the one-to-many head (trained jointly) decoded with NMS scores in the same range
+    assert raw.map50_95 > 0.5 * e2e.map50_95
+
+
+def test_preprocessing_is_cached_once_per_run_dir(coco, demo_subset):
+    from evaluators.coco import CocoEvaluator
+
+    coco.images()
+    assert coco.cache_file is not None and coco.cache_file.is_file()
+    again = CocoEvaluator(subset=demo_subset, names=coco.names, imgsz=coco.imgsz, settings=coco.settings,
+                          cache_dir=coco.cache_dir, progress=False)
+    images, metas = again.images()
+    assert np.array_equal(images, coco.images()[0]) and metas == coco.images()[1]
+    assert again.preprocess_seconds < 2.0  # read from the .npz, not decoded again
+
+
+def test_gpu_providers_fall_back_to_cpu_and_it_is_recorded(coco, demo_subset, float_onnx):
+    ev = _small(coco, demo_subset, providers=[TENSORRT, CUDA, CPU])
+    r = ev.evaluate(float_onnx)
+    assert r.provider == CPU
+    session = r.extra["session"]
+    assert session["requested"] == [TENSORRT, CUDA, CPU] and session["fallback"] is True
+    assert any("not available" in n for n in session["notes"])
+
+
+def test_gpu_only_run_without_gpu_fails_clearly(coco, demo_subset, float_onnx):
+    ev = _small(coco, demo_subset, providers=[CUDA, CPU], disable_cpu_fallback=True)
+    with pytest.raises(ProviderError, match="disable_cpu_fallback"):
+        ev.evaluate(float_onnx)
+
+
+def test_corrupt_onnx_is_named(coco, demo_subset, tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(ModelFormatError, match=r"broken\.onnx: not a loadable ONNX model.*expected an ONNX"):
+        _small(coco, demo_subset).evaluate(bad)
+
+
+def test_input_size_mismatch_says_what_was_expected(coco, demo_subset, demo_model):
+    path = export(demo_model.module, "float-224", 224)
+    with pytest.raises(ModelFormatError, match=r"height 224 \(expected 192\).*\(N, 3, 192, 192\)"):
+        _small(coco, demo_subset).evaluate(path)
+
+
+def test_wrong_output_layout_says_what_was_expected(coco, demo_subset):
+    from search.model import load_model
+
+    coco80 = cached("model:yolov8n", lambda: load_model("yolov8n.yaml", 192))  # 80 classes: (N, 84, 756)
+    path = export(coco80.module, "yolov8n-80cls", 192)
+    with pytest.raises(ModelFormatError, match=r"\[\d+, 84, 756\].*4 \+ 6 = 10, 756 anchors"):
+        _small(coco, demo_subset).evaluate(path)
+
+
+# --------------------------------------------------------------------------------------
+# fidelity
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fidelity(demo_model, demo_calib, float_onnx):
+    from evaluators.fidelity import FidelityEvaluator
+    from search.data import preprocess_many
+
+    images, _ = preprocess_many(demo_calib[:32], demo_model.imgsz, cache=workdir() / "calib32.npz", progress=False)
+    return FidelityEvaluator(reference=float_onnx, images=images, names=demo_model.names)
+
+
+def _candidate(kind: str, demo_model, float_onnx):
+    from evaluators.fidelity import torch_callable
+
+    if kind == "onnx":
+        return float_onnx
+    if kind == "torch-module":
+        return demo_model.module
+    if kind == "torch-callable":
+        return torch_callable(demo_model.module, batch_size=16)
+    run = torch_callable(demo_model.module)
+    return lambda images: run(images)[0]  # only the (N, 300, 6) output
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch-module", "torch-callable", "plain-callable"])
+def test_fidelity_contract(fidelity, demo_model, float_onnx, kind):
+    r = fidelity.evaluate(_candidate(kind, demo_model, float_onnx))
+    assert isinstance(r, FidelityResult)
+    _frozen(r)
+    assert r.det_map == pytest.approx(1.0, abs=1e-3) and r.det_map50 == pytest.approx(1.0, abs=1e-3)
+    assert r.num_images == 32 and r.seconds > 0 and r.extra["num_pseudo_labels"] > 0
+    if kind == "plain-callable":
+        assert math.isnan(r.sqnr_db) and "raw" in r.extra["sqnr_unavailable"]
+    else:
+        # identical graph: capped; torch vs ONNX Runtime: float rounding only
+        assert r.sqnr_db == (200.0 if kind == "onnx" else pytest.approx(r.sqnr_db)) and r.sqnr_db > 60
+        _strict_json(r.to_dict())
+    json.dumps(r.to_dict())
+
+
+@pytest.fixture(scope="module")
+def damage_ladder(coco32, fidelity, demo_model):
+    from evaluators.testing import degrade
+
+    rows = []
+    for strength in (0.0, 0.15, 0.4):
+        module = degrade(demo_model.module, "noise", strength) if strength else demo_model.module
+        path = export(module, f"noise-{strength}", demo_model.imgsz)
+        rows.append((strength, coco32.evaluate(path).map50_95, fidelity.evaluate(path),
+                     fidelity.evaluate(module) if strength else None))
+    return rows
+
+
+def test_fidelity_ranks_damaged_models_like_coco_map(damage_ladder):
+    maps = [m for _, m, _, _ in damage_ladder]
+    det = [f.det_map for _, _, f, _ in damage_ladder]
+    sqnr = [f.sqnr_db for _, _, f, _ in damage_ladder]
+    assert maps == sorted(maps, reverse=True) and maps[0] - maps[-1] > 0.05, maps
+    assert det == sorted(det, reverse=True) and det[0] - det[-1] > 0.3, det
+    assert all(math.isfinite(x) for x in sqnr) and sqnr == sorted(sqnr, reverse=True), sqnr
+
+
+def test_fidelity_of_a_torch_module_agrees_with_its_onnx_export(damage_ladder):
+    for _, _, via_onnx, via_torch in damage_ladder[1:]:
+        assert via_torch.det_map == pytest.approx(via_onnx.det_map, abs=0.03)
+        assert math.isfinite(via_onnx.sqnr_db)
+        assert via_torch.sqnr_db == pytest.approx(via_onnx.sqnr_db, abs=0.5)
+
+
+def test_fidelity_rejects_bad_inputs(fidelity, demo_model, float_onnx):
+    from evaluators.errors import EvaluatorError
+    from evaluators.fidelity import FidelityEvaluator
+
+    with pytest.raises(EvaluatorError, match=r"expected \(N, 3, S, S\)"):
+        FidelityEvaluator(reference=float_onnx, images=np.zeros((4, 192, 192, 3), np.float32), names=demo_model.names)
+    with pytest.raises(EvaluatorError, match="no detection"):
+        FidelityEvaluator(reference=float_onnx, images=np.zeros((2, 3, 192, 192), np.float32), names=demo_model.names)
+    with pytest.raises(ModelFormatError, match="returned 1 outputs for 32 images"):
+        fidelity.evaluate(lambda images: np.zeros((1, 300, 6), np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------
+def _latency_evaluator(engine: str, imgsz: int):
+    if engine == "ort":
+        from evaluators.latency import OrtLatencyEvaluator
+
+        return OrtLatencyEvaluator(imgsz=imgsz, warmup=2, runs=6, batch_size=2, threads=1)
+    from evaluators.tensorrt import TensorRTLatencyEvaluator, tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return TensorRTLatencyEvaluator(cache_dir=workdir(), imgsz=imgsz, warmup=2, runs=6, batch_size=2)
+
+
+@pytest.mark.parametrize("engine", ["ort", pytest.param("tensorrt", marks=pytest.mark.gpu)])
+def test_latency_contract(engine, float_onnx, demo_model):
+    r = _latency_evaluator(engine, demo_model.imgsz).evaluate(float_onnx)
+    assert isinstance(r, LatencyResult)
+    _frozen(r)
+    assert r.engine == engine and r.batch_size == 2 and r.runs == 6 and r.warmup == 2
+    assert 0 < r.min_ms <= r.median_ms <= r.p90_ms and r.mean_ms > 0
+    assert r.fps == pytest.approx(2000.0 / r.median_ms)
+    assert r.provider and r.device
+    if engine == "ort":
+        assert r.provider == CPU and r.device.startswith("cpu") and r.threads == 1
+    _strict_json(r.to_dict())
+
+
+@pytest.mark.parametrize("engine", ["ort", pytest.param("tensorrt", marks=pytest.mark.gpu)])
+def test_latency_wrong_input_size_is_named(engine, float_onnx):
+    with pytest.raises(ModelFormatError, match="expected"):
+        _latency_evaluator(engine, 256).evaluate(float_onnx)
+
+
+# --------------------------------------------------------------------------------------
+# cost
+# --------------------------------------------------------------------------------------
+def test_cost_contract(demo_model):
+    from evaluators.cost import analytic_cost
+    from search.assignment import Assignment
+
+    layers = demo_model.layers
+    quant = demo_model.quantizable_layers
+    base = analytic_cost(layers, Assignment())
+    assert isinstance(base, CostResult) and base.size_ratio == 1.0 and base.bops == base.float_bops
+    w8a8 = analytic_cost(layers, Assignment.uniform(quant, "W8A8"))
+    w4a8 = analytic_cost(layers, Assignment.uniform(quant, "W4A8"))
+    w4a16 = analytic_cost(layers, Assignment.uniform(quant, "W4A16"))
+    assert base.weight_bytes > w8a8.weight_bytes > w4a8.weight_bytes == w4a16.weight_bytes
+    assert 0.2 < w8a8.size_ratio < 0.3 and 0.1 < w4a8.size_ratio < 0.2  # biases and scales stay float32
+    assert base.bops > w4a16.bops > w8a8.bops > w4a8.bops
+    assert w4a8.w4_weight_share == 1.0 and w4a8.a8_layer_share == 1.0 and w4a16.a8_layer_share == 0.0
+    _frozen(w4a8)
+    _strict_json(w4a8.to_dict())
