@@ -1,0 +1,97 @@
+"""The evaluation contract, proven against Ultralytics itself on the demo model's float ONNX.
+
+1. Our detections (ORT session, letterbox, decoding, un-letterboxing) equal what
+   ``YOLO(onnx).predict`` returns for the same file, images and input size.
+2. Our pycocotools mAP50-95 equals pycocotools run on Ultralytics' own validator
+   predictions (``save_json``) within 0.005; Ultralytics' internal mAP is reported beside.
+3. ``search eval`` prints the tables and writes ``metrics.json``; bad input exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from evaluator_helpers import export, workdir
+
+
+@pytest.fixture(scope="module")
+def float_onnx(demo_model):
+    return export(demo_model.module, "float", demo_model.imgsz)
+
+
+@pytest.fixture(scope="module")
+def coco(demo_spec, demo_model, demo_subset):
+    from evaluators.coco import CocoEvaluator
+
+    return CocoEvaluator(subset=demo_subset, names=demo_model.names, imgsz=demo_spec.imgsz,
+                         settings=demo_spec.evaluation, cache_dir=workdir() / "cache", progress=False)
+
+
+def test_detections_match_ultralytics_predict(coco, float_onnx, demo_subset, tmp_path):
+    from evaluators.reference import ultralytics_predict
+
+    n = 20
+    ours = coco.predict(float_onnx).detections[:n]
+    s = coco.settings
+    theirs = ultralytics_predict(float_onnx, demo_subset.paths[:n], names=coco.names, imgsz=coco.imgsz,
+                                 conf=s.conf, iou=s.iou, max_det=s.max_det, workdir=tmp_path)
+    assert sum(len(d) for d in ours) > n
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert len(a) == len(b), f"image {demo_subset.paths[i].name}: {len(a)} vs {len(b)} detections"
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3, err_msg=str(demo_subset.paths[i]))
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        np.testing.assert_array_equal(a.classes, b.classes)
+
+
+def test_map_equals_pycocotools_on_ultralytics_predictions(coco, float_onnx, tmp_path):
+    from evaluators.reference import ultralytics_val
+
+    ours = coco.evaluate(float_onnx)
+    ul = ultralytics_val(float_onnx, evaluator=coco, workdir=tmp_path, layout=ours.extra["layout"])
+    print(f"\nmAP50-95: ours {ours.map50_95:.4f} | pycocotools on Ultralytics' save_json {ul.coco_map50_95:.4f} | "
+          f"Ultralytics' internal {ul.map50_95:.4f}")
+    assert ul.num_images == ours.num_images and ul.num_detections > 0
+    assert abs(ours.map50_95 - ul.coco_map50_95) <= 0.005
+    assert abs(ours.map50 - ul.coco_map50) <= 0.01
+    # Ultralytics' own metric (its matching and interpolation) differs by design, not by much
+    assert abs(ours.map50_95 - ul.map50_95) <= 0.03
+    saved = json.loads((tmp_path / "val" / "predictions.json").read_text())
+    assert {int(r["image_id"]) for r in saved} <= set(coco.subset.image_ids)
+
+
+def test_search_eval_on_a_given_onnx_writes_metrics(coco, float_onnx, tmp_path, monkeypatch):
+    from search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--onnx", str(float_onnx), "--out", str(tmp_path / "out")]) == 0
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert data["kind"] == "given" and data["ultralytics"] is None
+    assert data["summary"]["mAP_50_95"] == pytest.approx(coco.evaluate(float_onnx).map50_95, abs=1e-9)
+    assert data["accuracy"]["provider"] == "CPUExecutionProvider" and data["versions"]["onnxruntime"]
+
+
+def test_search_eval_exports_the_float_model_once(tmp_path, monkeypatch):
+    from search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--no-compare-ultralytics", "--latency"]) == 0
+    onnx = tmp_path / "runs" / "demo" / "float" / "model.onnx"
+    metrics = json.loads((onnx.parent / "metrics.json").read_text())
+    assert metrics["kind"] == "float" and 0 < metrics["summary"]["mAP_50_95"] <= 1
+    assert metrics["latency"]["median_ms"] > 0
+    mtime = onnx.stat().st_mtime_ns
+    assert main(["eval", "--no-compare-ultralytics"]) == 0
+    assert onnx.stat().st_mtime_ns == mtime  # reused: the source model did not change
+
+
+def test_search_eval_rejects_a_corrupt_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not protobuf")
+    out = subprocess.run([sys.executable, "-m", "search", "eval", "--onnx", str(bad)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "bad.onnx" in out.stderr and "not a loadable ONNX model" in out.stderr
