@@ -60,8 +60,10 @@ def storage_url(ctx: RunContext, storage: str | None = None) -> str:
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats (stale trials of killed workers fail, then retry once)."""
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any] = {}
@@ -72,8 +74,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         heartbeat = int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_S))
         grace = int(os.environ.get(GRACE_ENV, max(GRACE_S, 3 * heartbeat)))
-        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1), **kwargs)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and used as documented
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                              **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
         raise UserError(f"cannot open the study storage {redact(url)}: {exc}") from exc
 
@@ -282,6 +287,31 @@ class StudyRunner:
                 return t
         return None
 
+    def _await_twin(self, study: optuna.Study, digest: str, number: int) -> Any:
+        """Another worker is building the same assignment (an earlier RUNNING trial): wait, reuse it.
+
+        Returns its COMPLETE trial, or None when there is no such trial or it failed (then
+        this trial builds the assignment itself).
+        """
+        import optuna
+
+        S = optuna.trial.TrialState
+        logged = False
+        while True:
+            twins = [t for t in study.get_trials(deepcopy=False, states=(S.RUNNING, S.COMPLETE))
+                     if t.number < number and t.user_attrs.get("digest") == digest]
+            done = [t for t in twins if t.state == S.COMPLETE and "metrics" in t.user_attrs]
+            if done:
+                return done[0]
+            if not twins:
+                return None
+            if not logged:
+                self.log(f"trial #{number}: the same assignment is being built by trial #{twins[0].number} "
+                         f"({twins[0].user_attrs.get('worker', '?')}); waiting for it")
+                logged = True
+            _fail_stale(study)  # a dead worker's twin turns FAIL, and we build it
+            time.sleep(1.0)
+
     def objective(self, trial: optuna.Trial) -> list[float]:
         assert self.space is not None
         assignment = self.space.suggest(trial)
@@ -291,7 +321,8 @@ class StudyRunner:
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("label", summary["label"])
         base = self.float_metrics()
-        prior = self._find_done(trial.study, digest, trial.number)
+        prior = self._find_done(trial.study, digest, trial.number) or self._await_twin(trial.study, digest,
+                                                                                       trial.number)
         if prior is not None:
             metrics = dict(prior.user_attrs["metrics"])
             for key in ("assignment", "summary", "artifact", "timings", "provider"):
@@ -350,7 +381,7 @@ class StudyRunner:
         while True:
             # a killed worker's RUNNING trial: FAIL once its heartbeat is older than the grace period
             # (and retried once, as a WAITING copy that the next optimize() picks up)
-            optuna.storages.fail_stale_trials(study)
+            _fail_stale(study)
             c = self.counts(study)
             if c["done"] >= budget or c["total"] >= max_total:
                 break
@@ -378,6 +409,17 @@ class StudyRunner:
                 if last is not None:
                     on_trial(last, self.counts(study))
         return study
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose worker stopped heartbeating (Optuna retries them once)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def params_label(params: dict[str, Any]) -> str:

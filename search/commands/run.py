@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    spec = load_study(args.study)
+    # --storage is recorded in the run dir's spec.yaml, so `search report/dashboard RUN_DIR` find the study
+    spec = load_study(args.study, **{"search.storage": args.storage})
     devices = [d.strip() for d in args.device.split(",")] if args.device else []
     if len(devices) > 1 and args.workers == 1:
         raise UserError("several --device values need --workers N (one device per worker)")
