@@ -133,7 +133,12 @@ def resolve_providers(requested: Sequence[str], *, disable_cpu_fallback: bool = 
 
 
 def _default_options(name: str, cache_dir: Path | None) -> dict[str, Any]:
-    """Provider options: TensorRT EP with FP16 + INT8 (Q/DQ graphs) and an engine cache."""
+    """Provider options: TensorRT EP with FP16 + INT8 (Q/DQ graphs) and an engine cache.
+
+    Option names as in onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html
+    (``OrtTensorRTProviderOptions``: trt_fp16_enable, trt_int8_enable, trt_engine_cache_enable,
+    trt_engine_cache_path).
+    """
     if name == TENSORRT:
         opts: dict[str, Any] = {"trt_fp16_enable": True, "trt_int8_enable": True}
         if cache_dir is not None:
