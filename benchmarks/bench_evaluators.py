@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each COCO evaluation")
     parser.add_argument("--no-brevitas", action="store_true", help="skip the real-quantizer rows")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the figures as markdown tables here")
     args = parser.parse_args(argv)
 
     from rich.table import Table
@@ -202,8 +203,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2, default=str))
         console.print(f"wrote {args.out}")
+    if args.markdown:
+        args.markdown.write_text(markdown(figures))
+        console.print(f"wrote {args.markdown}")
     return 0
 
+
+def markdown(f: dict[str, Any]) -> str:
+    """The figures as the markdown tables of docs/benchmarks.md."""
+    c, fc, rk = f["coco"], f["fidelity_cost"], f["ranking"]
+    n = c["images"]
+    load = f["machine"]
+    ours, ul_json, ul_own = (c["map50_95"][k] for k in ("ours", "pycocotools_on_ultralytics_json",
+                                                          "ultralytics_internal"))
+    ours50, ul_json50, ul_own50 = (c["map50"][k] for k in ("ours", "pycocotools_on_ultralytics_json",
+                                                           "ultralytics_internal"))
+    cold = c["ours_cold_images_per_s"]
+    out = [
+        f"Study `{f['study']}` ({Path(f['model']).name}, imgsz {f['imgsz']}, {n} eval images), "
+        f"{load['cpu_count']} CPUs, load average {load['loadavg_start'][0]:.1f} at start and "
+        f"{load['loadavg_end'][0]:.1f} at end.",
+        "",
+        "| COCO evaluation of the float ONNX | images/s | s per eval | mAP50-95 | mAP50 |",
+        "|---|---|---|---|---|",
+        f"| ours, cold (preprocessing included) | {cold:.1f} | {n / cold:.2f} | {ours:.4f} | {ours50:.4f} |",
+        f"| ours, warm (what a search trial pays) | {c['ours_warm_images_per_s']:.1f} | "
+        f"{c['ours_warm_seconds']:.2f} | {ours:.4f} | {ours50:.4f} |",
+        f"| Ultralytics `val` on the same ONNX (its own mAP) | {c['ultralytics_images_per_s']:.1f} | "
+        f"{c['ultralytics_seconds']:.2f} | {ul_own:.4f} | {ul_own50:.4f} |",
+        f"| pycocotools on Ultralytics' `save_json` predictions | | | {ul_json:.4f} | {ul_json50:.4f} |",
+        "",
+        "Ours, warm, per stage (s): " + ", ".join(f"{k} {v}" for k, v in c["ours_timings"].items()),
+        "",
+        f"| Fidelity ({fc['images']} calibration images) vs COCO eval ({n} images) | seconds | vs COCO eval |",
+        "|---|---|---|",
+        f"| fidelity, ONNX candidate | {fc['onnx_s']:.3f} | {fc['onnx_s'] / fc['coco_eval_s']:.2f}x |",
+        f"| fidelity, torch module candidate | {fc['torch_s']:.3f} | {fc['torch_s'] / fc['coco_eval_s']:.2f}x |",
+        f"| COCO eval (warm) | {fc['coco_eval_s']:.3f} | 1.00x |",
+        "",
+        "| model | COCO mAP50-95 | fidelity det_map | det_map50 | SQNR dB |",
+        "|---|---|---|---|---|",
+    ]
+    out += [f"| {r['model']} | {r['map50_95']:.4f} | {r['det_map']:.4f} | {r['det_map50']:.4f} | "
+            f"{r['sqnr_db']:.1f} |" for r in rk["rows"]]
+    out += ["", f"Spearman rank correlation with COCO mAP50-95 over {len(rk['rows'])} models: det_map "
+                f"{rk['spearman_det_map']:.3f}, SQNR {rk['spearman_sqnr']:.3f}.", "",
+            "| ORT latency, float ONNX | device | batch | runs | median ms | p90 ms | images/s |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['provider']} | {r['device']} | {r['batch_size']} | {r['runs']} | {r['median_ms']:.2f} | "
+            f"{r['p90_ms']:.2f} | {r['fps']:.1f} |" for r in f["latency"]]
+    return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
     raise SystemExit(main())
