@@ -196,7 +196,8 @@ def open_session(model: str | os.PathLike[str] | bytes, *, providers: Sequence[s
         msg = str(exc).splitlines()[0][:400]
         if disable_cpu_fallback and kind not in ("InvalidProtobuf", "NoSuchFile"):
             raise ProviderError(f"{label}: ONNX Runtime could not run the graph on {chosen} with the CPU fallback "
-                                f"disabled ({kind}: {msg}); allow it with evaluation.disable_cpu_fallback: false") from None
+                                f"disabled ({kind}: {msg}); allow it with evaluation.disable_cpu_fallback: "
+                                "false") from None
         if kind in ("InvalidProtobuf", "InvalidGraph", "Fail", "NotImplemented", "RuntimeException"):
             raise ModelFormatError(f"{label}: not a loadable ONNX model ({kind}: {msg}); expected an ONNX file "
                                    "exported by `search` or Ultralytics (re-export it)") from None
