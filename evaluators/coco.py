@@ -46,7 +46,7 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Prediction:
     """Detections of one model on the subset (original image pixels) and how they were made."""
 
@@ -210,7 +210,12 @@ class CocoEvaluator:
         return {"stats": stats, "per_class": per_class, "classes_without_gt": without_gt}
 
     def evaluate(self, onnx_path: str | os.PathLike[str]) -> AccuracyResult:
-        """COCO mAP of ``onnx_path`` on the subset (see the module docstring for the contract)."""
+        """COCO mAP of ``onnx_path`` on the subset (see the module docstring for the contract).
+
+        ``images_per_s`` is what a search trial pays per image: session creation, inference,
+        decoding and COCOeval; the cached preprocessing is not counted (its time, non-zero
+        only on the first call, is ``extra["timings"]["preprocess_s"]``).
+        """
         start = time.perf_counter()
         self.images()
         t_ready = time.perf_counter()
