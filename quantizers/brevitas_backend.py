@@ -596,9 +596,11 @@ class BrevitasBackend:
         batches = [torch.from_numpy(b).to(self.device) for b in calib.batches()]
         mode: Any
         if algo == "gptq":
-            mode = gptq_mode(module, act_order=True, use_quant_activations=False, create_weight_orig=False)
-        else:
-            mode = gpfq_mode(module, act_order=True, use_quant_activations=True, create_weight_orig=False)
+            mode = gptq_mode(module, act_order=True, use_quant_activations=False, create_weight_orig=False,
+                             device=self.device)
+        else:  # GPFQ needs the float weights beside the ones it updates (removed afterwards)
+            mode = gpfq_mode(module, act_order=True, use_quant_activations=True, create_weight_orig=True,
+                             device=self.device)
         with torch.no_grad(), warnings.catch_warnings(), mode as gpxq:
             warnings.simplefilter("ignore")
             steps: Iterable[int] = range(gpxq.num_layers)
@@ -610,6 +612,9 @@ class BrevitasBackend:
                 for x in batches:
                     gpxq.model(x)
                 gpxq.update()
+        for m in module.modules():
+            if "weight_orig" in m._buffers:
+                del m._buffers["weight_orig"]
 
 
 # --------------------------------------------------------------------------------------
