@@ -212,6 +212,9 @@ class ModelOptOnnxOptions(_Base):
     calibration_eps: list[str] = Field(
         default_factory=lambda: ["cpu"], min_length=1,
         description="ONNX Runtime providers ModelOpt calibrates with, in order ('cpu', 'cuda:0', 'trt').")
+    dq_only: bool = Field(
+        default=True, description="Store weights as int8 initializers + DequantizeLinear (ModelOpt's dq_only; "
+        "4x smaller) instead of float + QuantizeLinear + DequantizeLinear.")
 
 
 BackendSpec = Annotated[BrevitasOptions | ModelOptOptions | ModelOptOnnxOptions, Field(discriminator="name")]

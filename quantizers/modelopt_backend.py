@@ -1,0 +1,532 @@
+"""ModelOpt backend: per-layer mixed-precision PTQ with NVIDIA ModelOpt (torch), QDQ ONNX export.
+
+:meth:`ModelOptBackend.materialize` inserts ModelOpt quantizers into a copy of the fused
+float model (``modelopt.torch.quantization.quantize`` with an ordered list of per-layer
+``quant_cfg`` rules, later rules overriding earlier ones):
+
+- a deny-all rule, then for each layer the assignment names:
+  ``<layer>.weight_quantizer``: ``num_bits`` 4 or 8, ``axis`` 0 (one scale per output
+  channel, symmetric, ModelOpt's default range: scale ``amax / 7`` or ``amax / 127``,
+  integers in [-8, 7] or [-128, 127]); ``<layer>.input_quantizer``: 8 bits per tensor for
+  A8 layers (``calibrator: histogram`` for entropy/percentile). Everything else stays
+  float, including the DFL conv and every layer the assignment leaves out;
+- weights calibrated by ModelOpt's ``max`` or ``mse`` algorithm (``mtq.calibrate``, no data
+  needed), then A8 inputs by a forward loop over the calibration images with ModelOpt's
+  calibrators: max, or the histogram's entropy / percentile (``load_calib_amax``), which
+  ``mtq.calibrate`` does not expose for CNNs.
+
+:meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``)
+with ModelOpt's symbolic functions, then rewrites every quantized weight as an integer
+initializer feeding a standard ``DequantizeLinear`` (axis 0). Why:
+
+- ModelOpt 0.47 exports a **4-bit** weight quantizer as ``trt::DequantizeLinear`` applied to
+  the *float* weight with scale ``amax / 7`` (a TensorRT custom-domain op that ONNX Runtime
+  refuses), and its INT4 post-processing (``modelopt.onnx.export.INT4QuantExporter``)
+  only handles the ``Reshape -> MatMul/Gemm`` pattern of LLM blocks, not ``Conv``;
+- the integers must be computed the way ModelOpt's fake quantization computes them,
+  ``round(w * (7 / amax))`` (torch, round half to even), not as ONNX ``QuantizeLinear``
+  does, ``round(w / (amax / 7))``: weights loaded from an fp16 checkpoint and BN-folded
+  hit exact ``.5`` ties per channel often enough (one in the demo's third block already)
+  that the two disagree by one step on some weights, which at 4 bits is a 1/7 error that
+  grows through the network. This, not FP16, explains the ~6 % drift noted in
+  ``ENVIRONMENT.md``; with exact integers the torch fake-quant model and the ONNX file
+  agree to float rounding for weight-only layers (``tests/integration/test_modelopt_backend.py``).
+
+4-bit weights are stored as int8 initializers holding values in [-8, 7] (``w4_format:
+int8``, the default, any opset, what TensorRT can run for Conv) or as ONNX ``INT4``
+initializers (``w4_format: int4``: exported at opset 20 and stamped 21, the opset that
+added int4 to ``DequantizeLinear``; opset 21 changed no other op but to widen types).
+8-bit weights become int8 initializers the same way (DQ only, no float copy in the file).
+A8 inputs keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0,
+scale ``amax / 127``). The file's metadata (``<file>.json`` beside it, and
+``metadata_props``) says all of this.
+
+Remaining torch vs ONNX Runtime differences for A8 layers, measured on the demo: an
+activation value on an exact rounding tie can land one step apart (multiply vs divide, as
+above, but on data), and ONNX Runtime's graph optimizer quantizes the float bias of a
+``DQ -> Conv`` with a DQ input to int32 at scale ``s_x * s_w`` (its bias quantization
+transform), a difference of up to half a step of that product per output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes
+from search.assignment import Assignment, Precision
+from search.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    from torch import nn
+
+    from search.model import LoadedModel
+    from search.spec import ModelOptOptions
+
+NAME = "modelopt"
+
+#: What ModelOpt can build here and ONNX Runtime can run from the export, per Conv2d/Linear.
+SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
+    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
+
+CAPABILITIES = Capabilities(
+    backend=NAME,
+    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
+    notes="ModelOpt torch PTQ: per-channel symmetric weights (4 or 8 bits) as integer initializers + "
+          "DequantizeLinear, per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
+          "Layers marked not quantizable (the DFL conv) stay float.",
+)
+
+WEIGHT_STORAGE = {
+    "int8": {
+        "4": "int8 initializer, values in [-8, 7] (4-bit grid in an 8-bit container) -> DequantizeLinear "
+             "(axis 0, per-channel float scale amax/7, zero point 0)",
+        "8": "int8 initializer, values in [-128, 127] -> DequantizeLinear (axis 0, per-channel float scale "
+             "amax/127, zero point 0)",
+        "16": "float32 initializer",
+    },
+    "int4": {
+        "4": "INT4 initializer (ONNX int4, opset 21) -> DequantizeLinear (axis 0, per-channel float scale "
+             "amax/7, zero point 0)",
+        "8": "int8 initializer, values in [-128, 127] -> DequantizeLinear (axis 0, per-channel float scale "
+             "amax/127, zero point 0)",
+        "16": "float32 initializer",
+    },
+}
+
+MODELOPT_W4_EXPORT = (
+    "ModelOpt exports a 4-bit weight quantizer as trt::DequantizeLinear(float weight, amax/7) (TensorRT "
+    "custom domain, refused by ONNX Runtime; ModelOpt's INT4 ONNX post-processing covers MatMul/Gemm only); "
+    "this backend replaces it with integer weights computed as ModelOpt's fake quantization does "
+    "(round(w * 7/amax), half to even) and a standard DequantizeLinear")
+
+
+class ModelOptError(UserError):
+    """A ModelOpt backend problem the user can fix (options, environment, model)."""
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[io.StringIO]:
+    """Silence ModelOpt's prints and warnings (``Inserted N quantizers``, missing
+    transformers/CUDA notices); yields the captured stdout."""
+    buf = io.StringIO()
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("ignore")
+        yield buf
+
+
+def import_mtq() -> Any:
+    """``modelopt.torch.quantization``, imported quietly (no network, no extension build)."""
+    try:
+        with quiet():
+            import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise ModelOptError(f"the modelopt backend needs NVIDIA ModelOpt: {exc} "
+                            "(install the 'modelopt' extra: pip install -e '.[modelopt]')") from exc
+    return mtq
+
+
+def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, Any]:
+    """The ModelOpt ``quantize`` config for ``assignment``: a deny-all rule, then one rule per
+    quantized weight and per A8 input, naming the quantizer exactly (no wildcards)."""
+    histogram = options.calibration in ("entropy", "percentile")
+    rules: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+    for name, precision in assignment.items():
+        if precision.quantizes_weights:
+            rules.append({"quantizer_name": f"{name}.weight_quantizer",
+                          "cfg": {"num_bits": precision.w_bits, "axis": 0}})
+        if precision.quantizes_inputs:
+            cfg: dict[str, Any] = {"num_bits": precision.a_bits, "axis": None}
+            if histogram:
+                cfg["calibrator"] = "histogram"
+            rules.append({"quantizer_name": f"{name}.input_quantizer", "cfg": cfg})
+    return {"quant_cfg": rules, "algorithm": None}
+
+
+def integer_weight(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, int]:
+    """The integer weight, per-channel scale and bit width of a ModelOpt-quantized layer,
+    computed exactly as ModelOpt's fake quantization does (so that ``q * scale`` equals the
+    fake-quantized weight to float rounding)."""
+    import numpy as np
+    import torch
+
+    wq: Any = layer.weight_quantizer
+    bits = int(wq.num_bits)
+    amax = wq.amax
+    if amax is None:
+        raise ModelOptError(f"{layer}: weight quantizer has no amax (not calibrated)")
+    amax = amax.detach().float().cpu()
+    weight: Any = layer.weight
+    w = weight.detach().float().cpu()
+    max_bound = torch.tensor(2.0 ** (bits - 1) - 1.0)
+    min_bound = -max_bound if wq._narrow_range else -max_bound - 1
+    scale = max_bound / amax
+    zero = amax <= 1.0 / (1 << 24)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    q = torch.clamp((w * scale).round_(), min_bound, max_bound)
+    step = torch.where(zero, torch.ones_like(amax), amax / max_bound)
+    return (q.numpy().astype(np.int8), step.reshape(-1).numpy().astype(np.float32), bits)
+
+
+def _dead_code(graph: onnx.GraphProto) -> int:
+    """Remove nodes whose outputs nobody uses and initializers no node reads; return the
+    number of nodes removed."""
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    while True:
+        used = set(outputs)
+        for node in graph.node:
+            used.update(i for i in node.input if i)
+        dead = [n for n in graph.node if n.output and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return removed
+
+
+def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: QuantizedModel, w4_format: str
+                    ) -> dict[str, Any]:
+    """Replace every quantized weight's Q/DQ (or ``trt::DequantizeLinear``) by an integer
+    initializer and a standard ``DequantizeLinear``; return a summary."""
+    import ml_dtypes
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from quantizers.onnx_names import map_layers_to_nodes
+
+    graph = proto.graph
+    layers = [qmodel.base.layer(name) for name, p in qmodel.assignment.items() if p.quantizes_weights]
+    nmap = map_layers_to_nodes(proto, layers, source="ModelOpt export")
+    index = {n.name: i for i, n in enumerate(graph.node)}
+    new_nodes: dict[str, Any] = {}
+    bits_seen: dict[str, int] = {}
+    for lay in layers:
+        match = nmap.matches[lay.name]
+        q, step, bits = integer_weight(module.get_submodule(lay.name))
+        lo, hi = int(q.min()), int(q.max())
+        if w4_format == "int4" and bits == 4:
+            q_t = numpy_helper.from_array(q.astype(ml_dtypes.int4), f"{lay.name}.weight_int4")
+            zp_t = numpy_helper.from_array(np.zeros(step.shape, dtype=ml_dtypes.int4), f"{lay.name}.weight_zero_point")
+        else:
+            q_t = numpy_helper.from_array(q, f"{lay.name}.weight_int{bits}")
+            zp_t = numpy_helper.from_array(np.zeros(step.shape, dtype=np.int8), f"{lay.name}.weight_zero_point")
+        s_t = numpy_helper.from_array(step, f"{lay.name}.weight_scale")
+        graph.initializer.extend([q_t, s_t, zp_t])
+        scope = match.node.rsplit("/", 1)[0]
+        # new names: the exported chain (removed below) used the weight_quantizer/... ones
+        dq = helper.make_node("DequantizeLinear", [q_t.name, s_t.name, zp_t.name], [f"{lay.name}.weight_dequantized"],
+                              name=f"{scope}/weight_dequantize/DequantizeLinear", axis=0)
+        new_nodes[match.node] = dq
+        bits_seen[lay.name] = bits
+        if bits == 4 and (lo < -8 or hi > 7):
+            raise ModelOptError(f"layer '{lay.name}': 4-bit weights out of range [{lo}, {hi}]")
+    # rewire and insert each DequantizeLinear right before its Conv (keeps topological order)
+    for conv_name, dq in new_nodes.items():
+        conv = graph.node[index[conv_name]]
+        conv.input[1] = dq.output[0]
+    ordered = []
+    for node in graph.node:
+        if node.name in new_nodes:
+            ordered.append(new_nodes[node.name])
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    removed = _dead_code(graph)
+    leftovers = sorted({n.domain for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if leftovers:
+        raise ModelOptError(f"the ModelOpt export still holds custom-domain ops {leftovers} that ONNX Runtime "
+                            "cannot run")
+    keep = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    if w4_format == "int4" and any(b == 4 for b in bits_seen.values()):
+        for o in proto.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, 21)
+    return {"rewritten": len(new_nodes), "nodes_removed": removed,
+            "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
+
+
+def metadata_path(onnx_path: Path | str) -> Path:
+    """Where :meth:`ModelOptBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".json")
+
+
+def stamp(proto: onnx.ModelProto, qmodel: QuantizedModel, extra: dict[str, str] | None = None) -> None:
+    """Record the backend, the assignment and ``extra`` in the ONNX file's ``metadata_props``."""
+    import json
+
+    props = {p.key: p for p in proto.metadata_props}
+    values = {"yolo_mpq.backend": qmodel.backend, "yolo_mpq.assignment_digest": qmodel.assignment.digest(),
+              "yolo_mpq.assignment": json.dumps(qmodel.assignment.to_dict(), sort_keys=True), **(extra or {})}
+    for key, value in values.items():
+        if key in props:
+            props[key].value = value
+        else:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+class ModelOptBackend:
+    """ModelOpt torch PTQ backend (see the module docstring).
+
+    Args:
+        options: the study's ``backend`` section (:class:`search.spec.ModelOptOptions`);
+            defaults when ``None``.
+        device: torch device for calibration and the fake-quant model: ``auto``, ``cpu``,
+            ``cuda`` or ``cuda:N``.
+    """
+
+    name = NAME
+    capabilities = CAPABILITIES
+
+    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
+        from search.runs import resolve_device
+        from search.spec import ModelOptOptions
+
+        if options is None:
+            options = ModelOptOptions()
+        if not isinstance(options, ModelOptOptions):
+            raise ModelOptError(f"the modelopt backend needs ModelOptOptions, got {type(options).__name__} "
+                                f"(backend name '{getattr(options, 'name', '?')}')")
+        self.options = options
+        try:
+            self.device = resolve_device(device)
+        except RuntimeError as exc:
+            raise ModelOptError(str(exc)) from None
+        self._stats_cache: _InputStats | None = None
+
+    # -- public API -----------------------------------------------------------------------
+    def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
+        """Build ``assignment`` on a copy of ``model`` (never modifying it), calibrated on ``calib``."""
+        start = time.perf_counter()
+        self.capabilities.check(model.layers, assignment)
+        mtq = import_mtq()
+        timings: dict[str, float] = {"import": time.perf_counter() - start}
+        t = time.perf_counter()
+        work = model.fresh().module.to(self.device).eval()
+        timings["copy"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        config = quant_config(assignment, self.options)
+        with quiet():
+            mtq.quantize(work, config)
+        weights, inputs = self._quantizers(work, assignment)
+        timings["quantize"] = time.perf_counter() - t
+
+        if weights:
+            t = time.perf_counter()
+            for q in inputs.values():
+                q.disable()
+            algorithm: dict[str, Any] = {"method": self.options.weight_calibration}
+            with quiet():
+                mtq.calibrate(work, algorithm=algorithm, forward_loop=None)
+            for q in inputs.values():
+                q.enable()
+            timings["calibrate_weights"] = time.perf_counter() - t
+        cached = True
+        if inputs:
+            if len(calib) == 0:
+                raise ModelOptError("A8 layers need calibration images, but the calibration set is empty")
+            t = time.perf_counter()
+            stats, cached = self._input_stats(model, calib)
+            for name, q in inputs.items():
+                q.amax = stats.amax[name].to(self.device)
+            timings["calibrate_inputs"] = time.perf_counter() - t
+        work.eval()
+        timings["total"] = time.perf_counter() - start
+        info = {
+            "device": self.device,
+            "options": self.options.model_dump(mode="json"),
+            "quantizers": {"weights": len(weights), "inputs": len(inputs)},
+            "rules": len(config["quant_cfg"]),
+            "calibration_images": len(calib),
+            "input_stats_cached": cached,
+        }
+        return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
+                              timings=timings, info=info)
+
+    def export(self, qmodel: QuantizedModel, path: Path | str) -> ExportResult:
+        """Write ``qmodel`` as QDQ ONNX at ``path`` (atomically) and its metadata at ``<path>.json``."""
+        import onnx
+        import torch
+
+        from search.runs import atomic_path, versions, write_json
+
+        if qmodel.module is None:
+            raise ModelOptError("this QuantizedModel has no torch module to export")
+        path = Path(path)
+        start = time.perf_counter()
+        module = qmodel.module.eval()
+        device = next(module.parameters()).device
+        imgsz = qmodel.base.imgsz
+        w4_format = self.options.w4_format
+        has_w4 = any(p.w_bits == 4 for _, p in qmodel.assignment.items())
+        opset = 20 if (w4_format == "int4" and has_w4) else self.options.opset
+        dummy = torch.zeros(1, 3, imgsz, imgsz, device=device)
+        dynamic_axes = {"images": {0: "batch"}, "output0": {0: "batch"}}
+        with atomic_path(path) as tmp, torch.no_grad(), quiet():
+            torch.onnx.export(module, (dummy,), str(tmp), opset_version=opset, input_names=["images"],
+                              output_names=["output0"], dynamic_axes=dynamic_axes, dynamo=False,
+                              do_constant_folding=True)
+            t_export = time.perf_counter() - start
+            proto = onnx.load(str(tmp))
+            t = time.perf_counter()
+            rewrite = rewrite_weights(proto, module, qmodel, w4_format)
+            t_rewrite = time.perf_counter() - t
+            stamp(proto, qmodel, {"yolo_mpq.weight_storage": w4_format})
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+        seconds = time.perf_counter() - start
+        counts = count_qdq_nodes(path)
+        ops: dict[str, int] = {}
+        for node in proto.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        final_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        layers = qmodel.base.layers
+        metadata = {
+            "format": "QDQ",
+            "backend": self.name,
+            "exporter": "torch.onnx.export (legacy TorchScript exporter, dynamo=False) with ModelOpt's Q/DQ "
+                        "symbolics; quantized weights rewritten as integer initializers + DequantizeLinear",
+            "opset": final_opset,
+            "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz]},
+            "output": {"name": "output0", "layout": qmodel.base.layout,
+                       "shape": ["batch", *qmodel.base.output_shape(1)[1:]]},
+            "node_counts": counts,
+            "op_counts": dict(sorted(ops.items())),
+            "weight_storage": WEIGHT_STORAGE[w4_format],
+            "w4_format": w4_format,
+            "modelopt_w4_export": MODELOPT_W4_EXPORT,
+            "weight_rewrite": rewrite,
+            "activations": "A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, int8, zero point 0, "
+                           f"scale amax/127 ({self.options.calibration} calibration)",
+            "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
+                           "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
+            "options": self.options.model_dump(mode="json"),
+            "versions": versions(),
+            "device": str(device),
+            "materialize_seconds": dict(qmodel.timings),
+            "export_seconds": {"torch_export": round(t_export, 4), "weight_rewrite": round(t_rewrite, 4),
+                               "total": round(seconds, 4)},
+            "file_bytes": path.stat().st_size,
+            "source_model": str(qmodel.base.source),
+        }
+        write_json(metadata_path(path), metadata)
+        return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    # -- internals ------------------------------------------------------------------------
+    @staticmethod
+    def _quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The enabled weight and input quantizers, by layer name; checks every rule took."""
+        weights: dict[str, Any] = {}
+        inputs: dict[str, Any] = {}
+        for name, precision in assignment.items():
+            layer = work.get_submodule(name)
+            wq = getattr(layer, "weight_quantizer", None)
+            iq = getattr(layer, "input_quantizer", None)
+            if precision.quantizes_weights:
+                if wq is None or not wq.is_enabled or int(wq.num_bits) != precision.w_bits:
+                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up a {precision.w_bits}-bit weight "
+                                        f"quantizer (got {wq})")
+                weights[name] = wq
+            if precision.quantizes_inputs:
+                if iq is None or not iq.is_enabled or int(iq.num_bits) != precision.a_bits:
+                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit input "
+                                        f"quantizer (got {iq})")
+                inputs[name] = iq
+        return weights, inputs
+
+    def _forward_loop(self, calib: CalibrationSet) -> Callable[[nn.Module], None]:
+        import torch
+
+        def loop(model: nn.Module) -> None:
+            with torch.no_grad():
+                for batch in calib.batches():
+                    model(torch.from_numpy(batch).to(self.device))
+
+        return loop
+
+    def _stats_key(self, calib: CalibrationSet) -> str:
+        o = self.options
+        method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
+        return json.dumps([method, calibration_key(calib)])
+
+    def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
+        """Every quantizable layer's calibrated INT8 input range for ``model`` and ``calib``,
+        computed once per backend instance and reused by later ``materialize`` calls.
+
+        As in ModelOpt's own ``max_calibrate`` (stats collection turns quantization off in
+        every quantizer), the statistics are collected on the float model, so they do not
+        depend on the assignment.
+        """
+        key = self._stats_key(calib)
+        cache = self._stats_cache
+        if cache is not None and cache.key == key and cache.module() is model.module:
+            return cache, True
+        mtq = import_mtq()
+        work = model.fresh().module.to(self.device).eval()
+        names = [lay.name for lay in model.quantizable_layers]
+        everything = Assignment({n: Precision(16, 8) for n in names})
+        with quiet():
+            mtq.quantize(work, quant_config(everything, self.options))
+        _, inputs = self._quantizers(work, everything)
+        for q in inputs.values():
+            q.disable_quant()
+            q.enable_calib()
+        amax: dict[str, Any] = {}
+        with quiet():
+            self._forward_loop(calib)(work)
+            method = self.options.calibration
+            for name, q in inputs.items():
+                try:
+                    if method == "max":
+                        q.load_calib_amax()
+                    elif method == "entropy":
+                        q.load_calib_amax("entropy")
+                    else:
+                        q.load_calib_amax("percentile", percentile=self.options.percentile)
+                except RuntimeError as exc:
+                    raise ModelOptError(f"layer '{name}': input calibration failed: {exc}") from exc
+                amax[name] = q.amax.detach().clone()
+        del work
+        self._stats_cache = _InputStats(key=key, module=weakref.ref(model.module), amax=amax)
+        return self._stats_cache, False
+
+
+@dataclass
+class _InputStats:
+    """Calibrated input ranges of every quantizable layer, for one model and calibration set."""
+
+    key: str
+    module: Callable[[], Any]
+    amax: dict[str, Any] = field(default_factory=dict)
+
+
+def calibration_key(calib: CalibrationSet) -> str:
+    """A digest of the calibration images (their paths, shape and a sample of the pixels)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([str(p) for p in calib.paths]).encode())
+    h.update(str(tuple(calib.images.shape)).encode())
+    flat = calib.images.reshape(-1)
+    h.update(flat[:: max(1, flat.size // 65536)].tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,283 @@
+"""Map our layer names (``model.8.m.0.cv1.conv``) to the ONNX nodes that compute them.
+
+Node exclusions (ModelOpt ONNX PTQ), weight rewrites after export and per-layer numeric
+checks all need to know which ``Conv`` (or ``Gemm``/``MatMul``) node is which layer. A
+wrong mapping silently quantizes the wrong layer, so :func:`map_layers_to_nodes` does not
+guess from one clue: it collects up to three independent ones per node and checks that the
+result is a one-to-one map covering every requested layer, with matching weight shapes.
+
+1. **Weight initializer name.** The legacy TorchScript exporter (``dynamo=False``, what
+   :func:`search.model.export_onnx` and the torch backends use) keeps parameter names:
+   the weight input of the node for ``model.0.conv`` is the initializer
+   ``model.0.conv.weight``, possibly behind ``QuantizeLinear``/``DequantizeLinear``/
+   ``Clip``/``Cast``/``Reshape`` (quantized graphs), which :func:`weight_source` walks
+   through.
+2. **Scope name.** The same exporter names nodes after the module scopes they ran in:
+   ``/model.8/m.1/cv1/cv1.0/conv/Conv`` for ``model.8.m.1.cv1.0.conv``. Each scope is the
+   module's qualified name from its last non-numeric part on; a container that was called
+   itself (a ``Sequential``) adds a scope that the next one repeats (``cv1`` then
+   ``cv1.0``). :func:`module_name_from_node` inverts this.
+3. **Weight content** (optional, when the float weights are given): the node whose weight
+   initializer holds exactly the layer's weight tensor. This survives renamed
+   initializers (constant folding, other exporters).
+
+Every match is checked against the layer's weight shape (Conv: ``(out, in / groups,
+*kernel)``). Any layer without exactly one node, or any node claimed by two layers, raises
+:class:`OnnxNameError` naming them. Tested on the demo YOLOv10n and on ``yolov10m.yaml``
+exports, float and quantized (``tests/unit/test_onnx_names.py``,
+``tests/integration/test_onnx_names.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from search.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from search.assignment import LayerInfo
+
+#: ONNX op types that compute a layer of each kind.
+OP_TYPES: Mapping[str, tuple[str, ...]] = {"Conv2d": ("Conv",), "Linear": ("Gemm", "MatMul")}
+
+#: Ops a weight may pass through between its initializer and the compute node.
+WEIGHT_PATH_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Clip", "Cast", "Identity", "Reshape",
+                             "Transpose", "Unsqueeze", "Squeeze", "Flatten"})
+
+
+class OnnxNameError(UserError):
+    """Layers that cannot be matched one-to-one to ONNX nodes; the message names them."""
+
+
+@dataclass(frozen=True)
+class NodeMatch:
+    """One layer's node and the clues that agreed on it."""
+
+    layer: str
+    node: str
+    op_type: str
+    weight: str | None
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerNodeMap:
+    """A one-to-one map between layer names and ONNX node names."""
+
+    matches: Mapping[str, NodeMatch]
+
+    def node(self, layer: str) -> str:
+        """The node name of ``layer`` (``KeyError`` if the layer was not mapped)."""
+        return self.matches[layer].node
+
+    def layer(self, node: str) -> str | None:
+        """The layer computed by ``node``, or ``None``."""
+        for m in self.matches.values():
+            if m.node == node:
+                return m.layer
+        return None
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        """Layer name -> node name."""
+        return {k: m.node for k, m in self.matches.items()}
+
+    def __len__(self) -> int:
+        return len(self.matches)
+
+
+def module_name_from_node(node_name: str) -> str | None:
+    """The module path a legacy-exporter node name was made from, or ``None``.
+
+    ``/model.8/m.1/cv1/cv1.0/conv/Conv`` -> ``model.8.m.1.cv1.0.conv``;
+    ``/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv`` -> ``model.23.one2one_cv2.0.2``.
+    Names without scopes (``Conv_12``, ``node_conv2d``) give ``None``.
+    """
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) < 2 or not node_name.startswith("/"):
+        return None
+    scopes = parts[:-1]
+    kept = [s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + "."))]
+    return ".".join(kept) or None
+
+
+class _Graph:
+    """Producer/initializer lookups over one ONNX graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.initializers = {i.name: i for i in model.graph.initializer}
+        self.producer: dict[str, Any] = {}
+        for node in model.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+
+    def constant_array(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+
+def weight_source(model_or_graph: onnx.ModelProto | _Graph, tensor: str) -> str | None:
+    """The initializer (or ``Constant`` output) a weight input comes from, walking back
+    through Q/DQ, Clip, Cast, Reshape and similar ops along their first input."""
+    g = model_or_graph if isinstance(model_or_graph, _Graph) else _Graph(model_or_graph)
+    seen = set()
+    name = tensor
+    while name not in g.initializers:
+        if name in seen:
+            return None
+        seen.add(name)
+        node = g.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            return name
+        # standard ops, and ModelOpt's trt::DequantizeLinear (4-bit weights), are walked through
+        if node.op_type not in WEIGHT_PATH_OPS or not node.input:
+            return None
+        name = node.input[0]
+    return name
+
+
+def _expected_shape(layer: LayerInfo) -> tuple[int, ...]:
+    if layer.kind == "Conv2d":
+        return (layer.out_channels, layer.in_channels // max(layer.groups, 1), *layer.kernel)
+    return (layer.out_channels, layer.in_channels)
+
+
+def _shape_ok(layer: LayerInfo, shape: tuple[int, ...] | None, op_type: str) -> bool:
+    if shape is None:
+        return True  # nothing to contradict the other clues
+    want = _expected_shape(layer)
+    if layer.kind == "Linear" and op_type == "MatMul":
+        return tuple(shape) in (want, want[::-1])
+    return tuple(shape) == want
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(str(model))
+    return model
+
+
+def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers: Iterable[LayerInfo], *,
+                        weights: Mapping[str, np.ndarray] | None = None, source: str = "") -> LayerNodeMap:
+    """Match each layer to exactly one ONNX compute node (see the module docstring).
+
+    Args:
+        model: an ONNX model or its path.
+        layers: the layers to map (e.g. ``LoadedModel.layers`` or only the quantizable ones).
+        weights: optional float weights by layer name, enabling the content clue.
+        source: how to name the model in errors (defaults to its path, if given one).
+
+    Raises:
+        OnnxNameError: a layer with no node or several, a node claimed twice, or a weight
+            shape that does not fit.
+    """
+    import numpy as np
+
+    where = source or (str(model) if isinstance(model, (str, os.PathLike)) else "ONNX model")
+    proto = _load(model)
+    g = _Graph(proto)
+    layers = list(layers)
+    wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
+    candidates = [n for n in proto.graph.node if n.op_type in wanted_ops]
+
+    # per node: its weight initializer, the shape of that weight, and the scope module name
+    node_info: dict[str, tuple[Any, str | None, tuple[int, ...] | None, str | None]] = {}
+    for i, node in enumerate(candidates):
+        key = node.name or f"<unnamed {node.op_type} #{i}>"
+        wname = weight_source(g, node.input[1]) if len(node.input) > 1 else None
+        arr = g.constant_array(wname) if wname else None
+        shape = tuple(int(d) for d in arr.shape) if arr is not None else None
+        node_info[key] = (node, wname, shape, module_name_from_node(node.name) if node.name else None)
+
+    by_weight: dict[str, list[str]] = {}
+    by_scope: dict[str, list[str]] = {}
+    for key, (_node, wname, _shape, scope) in node_info.items():
+        if wname:
+            by_weight.setdefault(wname, []).append(key)
+        if scope:
+            by_scope.setdefault(scope, []).append(key)
+
+    problems: list[str] = []
+    matches: dict[str, NodeMatch] = {}
+    claimed: dict[str, str] = {}
+    for lay in layers:
+        clues: dict[str, set[str]] = {}
+        for key in by_weight.get(f"{lay.name}.weight", []):
+            clues.setdefault(key, set()).add("weight-name")
+        for key in by_scope.get(lay.name, []):
+            clues.setdefault(key, set()).add("scope")
+        if weights is not None and lay.name in weights and not clues:
+            ref = np.asarray(weights[lay.name])
+            for key, (_node, wname, shape, _scope) in node_info.items():
+                if shape == tuple(ref.shape) and wname:
+                    arr = g.constant_array(wname)
+                    if arr is not None and arr.dtype == ref.dtype and np.array_equal(arr, ref):
+                        clues.setdefault(key, set()).add("weight-content")
+        fitting = {k: v for k, v in clues.items()
+                   if k in node_info and _shape_ok(lay, node_info[k][2], node_info[k][0].op_type)
+                   and node_info[k][0].op_type in OP_TYPES.get(lay.kind, ())}
+        if not fitting:
+            hint = ""
+            if clues:
+                shapes = {node_info[k][2] for k in clues if k in node_info}
+                hint = f" (nodes {sorted(clues)} have weight shapes {sorted(map(str, shapes))}, " \
+                       f"expected {_expected_shape(lay)})"
+            problems.append(f"layer '{lay.name}' ({lay.kind}) matches no {'/'.join(OP_TYPES.get(lay.kind, ()))} "
+                            f"node{hint}")
+            continue
+        if len(fitting) > 1:
+            # prefer the node on which most clues agree, if unique
+            best = max(len(v) for v in fitting.values())
+            top = [k for k, v in fitting.items() if len(v) == best]
+            if len(top) > 1:
+                problems.append(f"layer '{lay.name}' matches several nodes: {sorted(top)}")
+                continue
+            fitting = {top[0]: fitting[top[0]]}
+        key, methods = next(iter(fitting.items()))
+        if key in claimed:
+            problems.append(f"node '{key}' matches both layer '{claimed[key]}' and layer '{lay.name}'")
+            continue
+        claimed[key] = lay.name
+        node, wname, _shape, _scope = node_info[key]
+        matches[lay.name] = NodeMatch(lay.name, node.name, node.op_type, wname, tuple(sorted(methods)))
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise OnnxNameError(f"{where}: cannot map layers to ONNX nodes one-to-one:\n"
+                            + "\n".join(f"  - {p}" for p in shown)
+                            + "\n(export with search.model.export_onnx, the legacy exporter, which keeps module "
+                              "scopes and parameter names)")
+    return LayerNodeMap(matches)
+
+
+def expose_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (for per-layer checks)."""
+    import copy
+
+    import onnx
+
+    out = copy.deepcopy(model)
+    existing = {o.name for o in out.graph.output}
+    for t in tensors:
+        if t not in existing:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            existing.add(t)
+    return out
