@@ -156,6 +156,28 @@ def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, 
     return {"quant_cfg": rules, "algorithm": None}
 
 
+def restore_float_modules(work: nn.Module, original: nn.Module, assignment: Assignment) -> int:
+    """Put back a copy of the float module wherever ModelOpt converted a module the assignment
+    does not quantize (``mtq.quantize`` wraps every Conv2d, and a few other types, with
+    disabled quantizers), so that only the assigned layers differ from the float model.
+    Returns the number of modules restored."""
+    import copy
+
+    base = dict(original.named_modules())
+    keep = set(assignment)
+    restored = 0
+    for name, mod in list(work.named_modules()):
+        if not name or name not in base or type(mod) is type(base[name]):
+            continue
+        if name in keep or any(name.startswith(k + ".") for k in keep):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = work.get_submodule(parent_name) if parent_name else work
+        setattr(parent, child, copy.deepcopy(base[name]))
+        restored += 1
+    return restored
+
+
 def integer_weight(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, int]:
     """The integer weight, per-channel scale and bit width of a ModelOpt-quantized layer,
     computed exactly as ModelOpt's fake quantization does (so that ``q * scale`` equals the
@@ -331,6 +353,7 @@ class ModelOptBackend:
         with quiet():
             mtq.quantize(work, config)
         weights, inputs = self._quantizers(work, assignment)
+        restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
         if weights:
@@ -359,6 +382,7 @@ class ModelOptBackend:
             "options": self.options.model_dump(mode="json"),
             "quantizers": {"weights": len(weights), "inputs": len(inputs)},
             "rules": len(config["quant_cfg"]),
+            "float_modules_restored": restored,
             "calibration_images": len(calib),
             "input_stats_cached": cached,
         }

@@ -46,7 +46,7 @@ from search.assignment import ACT_BITS, FLOAT, WEIGHT_BITS, Assignment, Precisio
 from search.errors import UserError
 
 #: Backends that must pass this suite (others append theirs).
-CONTRACT_BACKENDS = ["brevitas"]
+CONTRACT_BACKENDS = ["brevitas", "modelopt", "modelopt-onnx"]
 
 ALL_LOW = [Precision(w, a) for w in WEIGHT_BITS for a in ACT_BITS if (w, a) != (16, 16)]
 
