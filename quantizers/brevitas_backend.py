@@ -195,6 +195,19 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
     return q
 
 
+def _quiet_imports() -> None:
+    """Import brevitas once without its import-time noise (no fast_hadamard_transform
+    package; torch's cpp_extension note about CUDA_HOME on machines without CUDA)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
+        import brevitas.graph.calibrate  # noqa: F401
+        import brevitas.graph.gpfq  # noqa: F401
+        import brevitas.nn  # noqa: F401
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -314,6 +327,8 @@ class BrevitasBackend:
                  progress: bool = False) -> None:
         from search.runs import resolve_device
         from search.spec import BrevitasOptions
+
+        _quiet_imports()
 
         if options is None:
             options = BrevitasOptions()
