@@ -151,6 +151,18 @@ def test_gpu_only_run_without_gpu_fails_clearly(coco, demo_subset, float_onnx):
         ev.evaluate(float_onnx)
 
 
+@pytest.mark.gpu
+def test_accuracy_on_a_gpu_provider_matches_cpu(coco, demo_subset, float_onnx):
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} here has no {CUDA} (needs onnxruntime-gpu and a CUDA GPU)")
+    gpu = _small(coco, demo_subset, providers=[CUDA], disable_cpu_fallback=True).evaluate(float_onnx)
+    cpu = _small(coco, demo_subset).evaluate(float_onnx)
+    assert gpu.provider == CUDA and gpu.extra["session"]["device"].startswith("cuda")
+    assert gpu.map50_95 == pytest.approx(cpu.map50_95, abs=0.01)
+
+
 def test_corrupt_onnx_is_named(coco, demo_subset, tmp_path):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 100)
