@@ -1,18 +1,24 @@
 """Search spaces: how an Optuna trial's parameters become an :class:`Assignment`.
 
-- ``ranked`` (default): a few parameters over the sensitivity table instead of one choice
-  per layer, so 50 trials can search it. ``tradeoff`` (log10 lambda) picks, for every
-  group independently, the precision minimizing ``damage/D + lambda * cost/C`` (the
-  Lagrangian relaxation of "least summed sensitivity under a cost budget"), ``keep_top``
-  keeps the K most sensitive groups float, and ``mix`` weighs the cost objectives when
-  there are two (size vs BOPs). Every point is a full per-layer assignment.
+- ``ranked`` (default): three parameters over the sensitivity table instead of one choice
+  per layer, so 50 trials can search it, while every point is a full per-layer assignment:
+
+  * ``tradeoff`` (log10 lambda): every group's *weight* bit width minimizes
+    ``damage/D + lambda * cost/C`` (the Lagrangian relaxation of "least summed
+    sensitivity under a size budget"; cost = weight bits, or MAC-weighted bits when BOPs
+    is the only cost objective);
+  * ``a8_share``: the given share of the quantized groups whose INT8 input hurts least
+    (extra damage of A8 over A16) get INT8 activations; whether A8 pays off in latency
+    depends on the hardware and runtime, so the sampler learns it from measurements;
+  * ``keep_top``: the K most sensitive groups stay float.
+
 - ``full``: one categorical choice per group (the whole per-layer space).
 - ``topk``: the seeds' policy alone, one integer K: the K most sensitive groups float,
-  every other group at its least damaging cheapest candidate.
+  every other group at its cheapest candidate.
 
 Each space also produces the *policy* configurations the study enqueues first: top-K
-lists for several K, and budget-constrained minimizers of summed sensitivity for several
-size budgets.
+lists for several K (with and without INT8 activations), and budget-constrained
+minimizers of summed sensitivity for several size budgets.
 """
 
 from __future__ import annotations
@@ -64,108 +70,146 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if self.kind not in ("ranked", "full", "topk"):
             raise ValueError(f"unknown search space '{self.kind}' (ranked, full, topk)")
-        kinds = tuple(dict.fromkeys("bops" if k == "latency" else k for k in self.cost_kinds)) or ("size",)
-        self.cost_kinds = kinds
-        self._cost = {k: {g.name: {str(p): group_cost(g, self.layers, p, k) for p in self.options[g.name]}
-                          for g in self.groups} for k in kinds}
-        self._cost_total = {k: sum(self._cost[k][g.name][str(FLOAT)] for g in self.groups) or 1.0 for k in kinds}
+        kinds = [k for k in self.cost_kinds if k in ("size", "bops")]
+        self.weight_cost_kind = "size" if ("size" in kinds or not kinds) else "bops"
+        self._total_cost = {k: sum(group_cost(g, self.layers, FLOAT, k) for g in self.groups) or 1.0
+                            for k in ("size", "bops")}
         self._damage = {g.name: {str(p): self.table.damage(g.name, p) for p in self.options[g.name]}
                         for g in self.groups}
         total = sum(max(d.values()) for d in self._damage.values())
         self._damage_total = total if total > 0 else 1.0
         self.ranking = [g for g in self.table.ranking() if g in self.options]
         self.max_keep = max(1, min(len(self.groups) // 3, 24))
+        self._names = {g.name: g for g in self.groups}
 
     # -- the pieces ---------------------------------------------------------------------------
-    def cost(self, group: str, p: Precision, mix: float = 0.0) -> float:
-        """Normalized cost (sum over groups at float = 1)."""
-        if len(self.cost_kinds) == 1:
-            k = self.cost_kinds[0]
-            return self._cost[k][group][str(p)] / self._cost_total[k]
-        a, b = self.cost_kinds[0], self.cost_kinds[1]
-        return ((1 - mix) * self._cost[a][group][str(p)] / self._cost_total[a]
-                + mix * self._cost[b][group][str(p)] / self._cost_total[b])
+    def cost(self, group: str, p: Precision, kind: str | None = None) -> float:
+        """Normalized cost of a group at a precision (the sum over groups at float is 1)."""
+        kind = kind or self.weight_cost_kind
+        return group_cost(self._names[group], self.layers, p, kind) / self._total_cost[kind]
 
     def damage(self, group: str, p: Precision) -> float:
         return self._damage[group][str(p)] / self._damage_total
 
-    def cheapest(self, group: str, mix: float = 0.0) -> Precision:
-        """The cheapest option of a group, the least damaging among equally cheap ones."""
-        opts = self.options[group]
-        return min(opts, key=lambda p: (round(self.cost(group, p, mix), 12), self.damage(group, p)))
+    def weight_options(self, group: str) -> list[int]:
+        return sorted({p.w_bits for p in self.options[group]})
 
-    def lagrangian(self, tradeoff: float, keep_top: int = 0, mix: float = 0.0) -> Assignment:
+    def _weight_damage(self, group: str, w: int) -> float:
+        """Damage of weight width ``w`` with the least damaging activation width available."""
+        return min(self.damage(group, p) for p in self.options[group] if p.w_bits == w)
+
+    def _weight_cost(self, group: str, w: int) -> float:
+        return self.cost(group, Precision(w, 16) if w < 16 else FLOAT)
+
+    def _act_options(self, group: str, w: int) -> list[int]:
+        return sorted({p.a_bits for p in self.options[group] if p.w_bits == w})
+
+    def a8_extra(self, group: str, w: int) -> float:
+        """How much INT8 inputs add to the damage of a group at weight width ``w``."""
+        acts = self._act_options(group, w)
+        if 8 not in acts:
+            return float("inf")
+        d8 = self.damage(group, Precision(w, 8))
+        d16 = self.damage(group, Precision(w, 16)) if 16 in acts else 0.0
+        return max(0.0, d8 - d16)
+
+    def choose(self, tradeoff: float, a8_share: float = 0.0, keep_top: int = 0) -> Assignment:
+        """Weights by the Lagrangian at ``tradeoff``, then INT8 inputs on the least A8-sensitive share."""
         lam = 10.0 ** tradeoff
         keep = set(self.ranking[:keep_top])
-        choice: dict[str, Precision] = {}
+        widths: dict[str, int] = {}
         for g in self.groups:
             if g.name in keep:
+                widths[g.name] = 16
                 continue
-            best: tuple[float, float] | None = None
-            for p in self.options[g.name]:
-                c = self.cost(g.name, p, mix)
-                score = (self.damage(g.name, p) + lam * c, c)
-                if best is None or score < best:
-                    best = score
-                    choice[g.name] = p
+            scored = [(self._weight_damage(g.name, w) + lam * self._weight_cost(g.name, w),
+                       self._weight_cost(g.name, w), w) for w in self.weight_options(g.name)]
+            widths[g.name] = min(scored)[2]
+        choice: dict[str, Precision] = {}
+        optional: list[str] = []
+        for name, w in widths.items():
+            acts = self._act_options(name, w)
+            if acts == [8]:
+                choice[name] = Precision(w, 8)  # e.g. a W8A8-only backend
+            elif 16 in acts:
+                choice[name] = Precision(w, 16) if w < 16 else FLOAT
+                if 8 in acts and w < 16:
+                    optional.append(name)
+        optional.sort(key=lambda n: (self.a8_extra(n, widths[n]), n))
+        for name in optional[: int(round(a8_share * len(optional)))]:
+            choice[name] = Precision(widths[name], 8)
         return Assignment.from_groups(self.groups, choice)
 
-    def topk(self, k: int, mix: float = 0.0) -> Assignment:
-        keep = set(self.ranking[:k])
-        return Assignment.from_groups(self.groups, {g.name: self.cheapest(g.name, mix)
-                                                    for g in self.groups if g.name not in keep})
+    def lagrangian(self, tradeoff: float, keep_top: int = 0) -> Assignment:
+        return self.choose(tradeoff, 0.0, keep_top)
 
-    def assignment_cost(self, a: Assignment, mix: float = 0.0) -> float:
-        return sum(self.cost(g.name, a.get(g.layers[0]), mix) for g in self.groups)
+    def topk(self, k: int, a8: bool = False) -> Assignment:
+        """The seeds' policy: the K most sensitive groups float, the rest at the cheapest weights."""
+        return self.choose(TRADEOFF_RANGE[1], 1.0 if a8 else 0.0, k)
+
+    def assignment_cost(self, a: Assignment, kind: str | None = None) -> float:
+        return sum(self.cost(g.name, a.get(g.layers[0]), kind) for g in self.groups)
 
     def assignment_damage(self, a: Assignment) -> float:
         return sum(self.damage(g.name, a.get(g.layers[0])) for g in self.groups)
 
     # -- Optuna ---------------------------------------------------------------------------------
+    def has_a8_choice(self) -> bool:
+        return any(8 in self._act_options(g.name, w) and 16 in self._act_options(g.name, w)
+                   for g in self.groups for w in self.weight_options(g.name) if w < 16)
+
     def suggest(self, trial: Any) -> Assignment:
         if self.kind == "ranked":
             t = trial.suggest_float("tradeoff", *TRADEOFF_RANGE)
+            a8 = trial.suggest_float("a8_share", 0.0, 1.0) if self.has_a8_choice() else 0.0
             k = trial.suggest_int("keep_top", 0, self.max_keep)
-            mix = trial.suggest_float("mix", 0.0, 1.0) if len(self.cost_kinds) > 1 else 0.0
-            return self.lagrangian(t, k, mix)
+            return self.choose(t, a8, k)
         if self.kind == "topk":
-            return self.topk(trial.suggest_int("keep_top", 0, len(self.groups)))
+            k = trial.suggest_int("keep_top", 0, len(self.groups))
+            a8 = trial.suggest_categorical("a8", [False, True]) if self.has_a8_choice() else False
+            return self.topk(k, a8)
         choice = {g.name: Precision.parse(trial.suggest_categorical(f"g.{g.name}",
                                                                    [str(p) for p in self.options[g.name]]))
                   for g in self.groups}
         return Assignment.from_groups(self.groups, choice)
 
-    def params_for(self, a: Assignment, *, tradeoff: float | None = None, keep_top: int = 0,
-                   mix: float = 0.0) -> dict[str, Any]:
+    def params_for(self, a: Assignment, *, tradeoff: float = TRADEOFF_RANGE[1], a8_share: float = 0.0,
+                   keep_top: int = 0) -> dict[str, Any]:
         """Parameters of this space that reproduce ``a`` (for enqueueing policies)."""
         if self.kind == "ranked":
-            assert tradeoff is not None
             params: dict[str, Any] = {"tradeoff": tradeoff, "keep_top": keep_top}
-            if len(self.cost_kinds) > 1:
-                params["mix"] = mix
+            if self.has_a8_choice():
+                params["a8_share"] = a8_share
             return params
         if self.kind == "topk":
-            return {"keep_top": keep_top}
+            params = {"keep_top": keep_top}
+            if self.has_a8_choice():
+                params["a8"] = a8_share > 0
+            return params
         return {f"g.{g.name}": str(a.get(g.layers[0])) for g in self.groups}
 
     # -- policies -------------------------------------------------------------------------------
-    def budget_tradeoff(self, budget: float, mix: float = 0.0) -> float | None:
-        """The smallest tradeoff (least damage) whose Lagrangian solution costs <= ``budget``."""
+    def budget_tradeoff(self, budget: float) -> float | None:
+        """The smallest tradeoff (least damage) whose weight choice costs <= ``budget`` (normalized size)."""
         lo, hi = TRADEOFF_RANGE
-        if self.assignment_cost(self.lagrangian(hi, 0, mix), mix) > budget + 1e-12:
+
+        def cost(t: float) -> float:
+            return self.assignment_cost(self.lagrangian(t), "size")
+
+        if cost(hi) > budget + 1e-12:
             return None
-        if self.assignment_cost(self.lagrangian(lo, 0, mix), mix) <= budget + 1e-12:
+        if cost(lo) <= budget + 1e-12:
             return lo
         for _ in range(40):
             mid = (lo + hi) / 2
-            if self.assignment_cost(self.lagrangian(mid, 0, mix), mix) <= budget + 1e-12:
+            if cost(mid) <= budget + 1e-12:
                 hi = mid
             else:
                 lo = mid
         return hi
 
     def policies(self, ks: Sequence[int] | None = None,
-                 budgets: Sequence[float] = (0.27, 0.3, 0.33, 0.36, 0.4, 0.5)) -> list[tuple[str, dict[str, Any]]]:
+                 budgets: Sequence[float] = (0.27, 0.3, 0.33, 0.37, 0.42, 0.5)) -> list[tuple[str, dict[str, Any]]]:
         """(label, params) of the policy configurations, deduplicated by assignment."""
         out: list[tuple[str, dict[str, Any]]] = []
         seen: set[str] = set()
@@ -176,15 +220,15 @@ class SearchSpace:
                 out.append((label, params))
 
         n = len(self.groups)
-        ks = ks if ks is not None else sorted({0, 1, 2, 4, max(1, n // 10), max(1, n // 5)})
-        for k in ks:
-            if k > (len(self.groups) if self.kind == "topk" else self.max_keep):
-                continue
-            a = self.topk(k)
-            if self.kind == "ranked":
-                add(f"top-{k} float", a, self.params_for(a, tradeoff=TRADEOFF_RANGE[1], keep_top=k))
-            else:
-                add(f"top-{k} float", a, self.params_for(a, keep_top=k))
+        ks = ks if ks is not None else sorted({0, 2, 4, max(1, n // 10), max(1, n // 5)})
+        a8_variants = (False, True) if self.has_a8_choice() else (False,)
+        for a8 in a8_variants:
+            for k in ks:
+                if k > (n if self.kind == "topk" else self.max_keep):
+                    continue
+                a = self.topk(k, a8)
+                label = f"top-{k} float, rest {'W4A8' if a8 else 'W4A16'}"
+                add(label, a, self.params_for(a, a8_share=1.0 if a8 else 0.0, keep_top=k))
         if self.kind == "topk":
             return out
         for b in budgets:
@@ -192,8 +236,7 @@ class SearchSpace:
             if t is None:
                 continue
             a = self.lagrangian(t)
-            label = f"min-sensitivity @ {100 * b:.0f}% {self.cost_kinds[0]}"
-            add(label, a, self.params_for(a, tradeoff=round(t, 6), keep_top=0))
+            add(f"min-sensitivity @ {100 * b:.0f}% size", a, self.params_for(a, tradeoff=math.ceil(t * 1e6) / 1e6))
         return out
 
 

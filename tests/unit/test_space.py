@@ -58,15 +58,28 @@ def test_budget_policies_respect_their_budgets():
     assert any(label.startswith("top-") for label in labels) and any("min-sensitivity" in lb for lb in labels)
 
 
-def test_bops_cost_makes_a8_attractive():
-    s = _space(costs=("bops",))
-    a = s.lagrangian(3.0)
-    assert all(p == P("W4A8") for _, p in a.items())
+def test_a8_share_takes_the_least_a8_sensitive_first():
+    s = _space()
+    # extra damage of A8 over A16 is 0.02 for W4 everywhere in this table: ties broken by name
+    a = s.choose(3.0, a8_share=0.5)
+    a8 = [n for n, p in a.items() if p.a_bits == 8]
+    assert len(a8) == 6 and all(a.get(n).w_bits == 4 for n in a8)
+    assert len([n for n, p in s.choose(3.0, a8_share=1.0).items() if p.a_bits == 8]) == 12
+    assert not [n for n, p in s.choose(3.0, a8_share=0.0).items() if p.a_bits == 8]
+
+
+def test_w8a8_only_backend_forces_a8():
+    layers, groups, table, _ = _model()
+    options = {g.name: [P("W8A8"), FLOAT] for g in groups}
+    s = SearchSpace("ranked", groups, options, table, {lay.name: lay for lay in layers}, ("size",))
+    a = s.choose(3.0)
+    assert all(p == P("W8A8") for _, p in a.items()) and len(a) == 12
+    assert not s.has_a8_choice()
 
 
 @pytest.mark.parametrize("kind", ["ranked", "full", "topk"])
 def test_suggest_and_policies_round_trip_through_optuna(kind: str):
-    s = _space(kind, ("size", "bops"))
+    s = _space(kind, ("size", "latency"))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     policies = s.policies()
     assert policies
@@ -85,4 +98,6 @@ def test_suggest_and_policies_round_trip_through_optuna(kind: str):
     for (label, params), (pol, a) in zip(policies, seen, strict=False):
         assert pol == label
         if kind == "topk":
-            assert a == s.topk(params["keep_top"])
+            assert a == s.topk(params["keep_top"], params.get("a8", False))
+        if kind == "ranked":
+            assert a == s.choose(params["tradeoff"], params.get("a8_share", 0.0), params["keep_top"])
