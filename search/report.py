@@ -253,7 +253,7 @@ def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Pat
 # The report
 # ---------------------------------------------------------------------------------------------
 COLUMNS = [("trial", "number"), ("label", "label"), ("policy", "policy"), ("mAP50-95", "map50_95"),
-           ("drop", "map_drop"), ("mAP50", "map50"), ("latency ms", "latency_ms"), ("weights MB", "weight_mb"),
+           ("vs float", "map_drop"), ("mAP50", "map50"), ("latency ms", "latency_ms"), ("weights MB", "weight_mb"),
            ("size vs float", "size_ratio"), ("W4 share", "w4_weight_share"), ("A8 layers", "a8_layers"),
            ("GBOPs", "gbops"), ("ONNX", "artifact")]
 
@@ -273,8 +273,8 @@ def _fmt(key: str, v: Any) -> str:
         return ""
     if key in ("map50_95", "map50"):
         return f"{v:.4f}"
-    if key == "map_drop":
-        return f"{100 * v:+.2f} pt" if v >= 0 else f"{100 * v:.2f} pt"
+    if key == "map_drop":  # shown as the change vs float
+        return f"{-100 * v:+.2f} pt"
     if key in ("size_ratio", "w4_weight_share"):
         return f"{100 * v:.0f}%"
     if key in ("latency_ms", "weight_mb", "gbops"):
@@ -396,11 +396,11 @@ def summary_markdown(rep: Report) -> str:
         b = best_at_budget(rep.rows, ratio)
         if b is not None:
             budgets.append(f"| <= {100 * ratio:.0f}% of float weights | #{b.number} | {b.value('map'):.4f} | "
-                           f"{100 * float(b.metrics.get('map_drop', 0)):+.2f} pt | "
+                           f"{-100 * float(b.metrics.get('map_drop', 0)):+.2f} pt | "
                            f"{100 * float(b.metrics.get('w4_weight_share', 0)):.0f}% |")
     if budgets:
         lines += ["", "## Best accuracy at a size budget", "",
-                  "| budget | trial | mAP50-95 | drop | W4 share |", "|---|---|---|---|---|", *budgets]
+                  "| budget | trial | mAP50-95 | vs float | W4 share |", "|---|---|---|---|---|", *budgets]
     t = _timing_means(rep.rows)
     if t:
         lines += ["", "## Time per evaluated trial (mean seconds)", "",
@@ -484,21 +484,35 @@ img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
 """
 
 
+def short_label(summary: dict[str, Any]) -> str:
+    """``W4:60 W8:15 fp:7 | A8:20`` from an assignment summary's counts."""
+    counts = summary.get("counts", {})
+    w: dict[str, int] = {}
+    a8 = 0
+    for prec, n in counts.items():
+        key = "fp" if prec.startswith("W16") else prec.split("A")[0]
+        w[key] = w.get(key, 0) + int(n)
+        if prec.endswith("A8"):
+            a8 += int(n)
+    parts = [f"{k}:{w[k]}" for k in ("W4", "W8", "fp") if w.get(k)]
+    return " ".join(parts) + (f" | A8:{a8}" if a8 else "")
+
+
 def front_table(rep: Report) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)")
-    cols = [c for c in COLUMNS if c[1] not in ("artifact", "policy")]
-    for name, key in cols:
-        table.add_column(name, justify="left" if key == "label" else "right")
+    for name in ("#", "mAP50-95", "vs float", "ms", "MB", "W4", "layers"):
+        table.add_column(name, justify="left" if name == "layers" else "right")
     if rep.base:
         b = rep.base
-        table.add_row("float", "float", _fmt("map50_95", b["map50_95"]), "", _fmt("map50", b["map50"]),
-                      _fmt("latency_ms", b["latency_ms"]), _fmt("weight_mb", b["weight_bytes"] / 1e6), "100%", "0%",
-                      "0", _fmt("gbops", b.get("bops", 0) / 1e9), style="dim")
+        table.add_row("float", f"{b['map50_95']:.4f}", "", f"{b['latency_ms']:.3g}", f"{b['weight_bytes'] / 1e6:.2f}",
+                      "0%", "float", style="dim")
     for r in rep.front:
-        v = row_values(r)
-        table.add_row(*[_fmt(k, v[k]) for _, k in cols])
+        m = r.metrics
+        table.add_row(str(r.number), f"{m['map50_95']:.4f}", f"{-100 * m.get('map_drop', 0):+.2f}",
+                      f"{m['latency_ms']:.3g}", f"{m['weight_bytes'] / 1e6:.2f}",
+                      f"{100 * m.get('w4_weight_share', 0):.0f}%", short_label(r.summary))
     return table
 
 
