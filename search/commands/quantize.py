@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     assignment, label = build_assignment(args, ctx)
     if len(assignment) == 0:
         raise UserError("the assignment quantizes no layer; nothing to build")
+    ctx.backend.capabilities.check(ctx.model.layers, assignment)  # names the layer and precision at fault
     out_dir: Path = args.out or ctx.run_dir / "quantize" / f"{label}-{assignment.digest()}"
     if out_dir.suffix == ".onnx":
         raise UserError(f"--out {out_dir}: give a folder; model.onnx, metrics.json and assignment.json go in it")
@@ -120,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
     with console_err.status(f"float baseline of {spec.model.name} (cached in {ctx.float_dir}) ..."):
         base = ctx.float_metrics()
         float_onnx = ctx.float_onnx()
-    ctx.backend.capabilities.check(ctx.model.layers, assignment)
     if hasattr(ctx.backend, "progress"):
         ctx.backend.progress = True
     console_err.print(f"building {assignment.label(ctx.model.layers)} with backend '{spec.backend.name}' "

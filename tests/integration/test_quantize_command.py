@@ -1,0 +1,43 @@
+"""``search quantize`` end to end on the demo study (small subset to stay quick)."""
+
+from __future__ import annotations
+
+import json
+
+from search.cli import main
+
+
+def _small(tmp_path) -> list[str]:
+    return ["--set", f"runs_dir={tmp_path}", "--set", "dataset.max_images=16", "--set", "calibration.max_images=8",
+            "--set", "calibration.batch_size=8", "--set", "latency.runs=3", "--set", "latency.warmup=1"]
+
+
+def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
+    out = tmp_path / "w8"
+    assert main(["quantize", "--weights", "8", "--acts", "8", "--out", str(out), *_small(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "float vs uniform W8A8" in text and "mAP50-95" in text and "Q / DQ / Clip" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    q, f = metrics["metrics"], metrics["float"]["metrics"]
+    assert 0.0 <= q["map50_95"] <= 1.0 and f["map50_95"] > 0.0
+    assert metrics["delta"]["map50_95"] == q["map50_95"] - f["map50_95"]
+    assert q["weight_bytes"] < 0.3 * f["weight_bytes"]
+    n = 82
+    assert metrics["export"]["node_counts"] == {"QuantizeLinear": n, "DequantizeLinear": 2 * n, "Clip": n}
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
+    assert json.loads((out / "assignment.json").read_text())["layers"]["model.0.conv"] == "W8A8"
+    # a second call reuses the finished result
+    assert main(["quantize", "--weights", "8", "--acts", "8", "--out", str(out), *_small(tmp_path)]) == 0
+    assert "reused a finished result" in capsys.readouterr().out
+
+
+def test_quantize_rejects_what_the_backend_cannot_build(tmp_path, capsys):
+    bad = tmp_path / "dfl.json"
+    bad.write_text(json.dumps({"layers": {"model.23.dfl.conv": "W4A16"}}))
+    assert main(["quantize", "--assignment", str(bad), *_small(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.23.dfl.conv" in err and "W4A16" in err
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"layers": {"model.0.cnv": "W4A16"}}))
+    assert main(["quantize", "--assignment", str(typo), *_small(tmp_path)]) == 2
+    assert "did you mean 'model.0.conv'" in capsys.readouterr().err
