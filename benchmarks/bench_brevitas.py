@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="torch device for calibration")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-brevitas")
     p.add_argument("--no-yolov10m", action="store_true", help="skip the yolov10m.yaml timing")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo table (only the yolov10m timing)")
     p.add_argument("--yolov10m-images", type=int, default=16, help="calibration images for the yolov10m timing")
     return p.parse_args(argv)
 
@@ -230,9 +231,10 @@ def yolov10m_timing(args: argparse.Namespace, console: Any) -> list[dict[str, An
 
 
 def markdown(rows: list[dict[str, Any]], big: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    base = rows[0]
-    lines = ["| configuration | precision | mAP50-95 | drop | mAP50 | ORT CPU latency (ms) | materialize (s) "
-             "| export (s) | eval (s) | Q / DQ / Clip |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = rows[0] if rows else {}
+    header = ["| configuration | precision | mAP50-95 | drop | mAP50 | ORT CPU latency (ms) | materialize (s) "
+              "| export (s) | eval (s) | Q / DQ / Clip |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = header if rows else []
     for r in rows:
         if r["precision"] == "single-layer":
             continue
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     console.print(f"machine: {json.dumps({k: v for k, v in info.items() if k != 'versions'})}", highlight=False)
     start = time.perf_counter()
-    rows = demo_table(args, console)
+    rows = [] if args.no_demo else demo_table(args, console)
     big = [] if args.no_yolov10m else yolov10m_timing(args, console)
     info["seconds"] = round(time.perf_counter() - start, 1)
     md = markdown(rows, big, info)
