@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,modelopt,dashboard,postgres
+EXTRAS ?= cpu,dev,modelopt,dashboard,postgres
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := 1
 
