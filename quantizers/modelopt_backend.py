@@ -13,7 +13,14 @@ float model (``modelopt.torch.quantization.quantize`` with an ordered list of pe
 - weights calibrated by ModelOpt's ``max`` or ``mse`` algorithm (``mtq.calibrate``, no data
   needed), then A8 inputs by a forward loop over the calibration images with ModelOpt's
   calibrators: max, or the histogram's entropy / percentile (``load_calib_amax``), which
-  ``mtq.calibrate`` does not expose for CNNs.
+  ``mtq.calibrate`` does not expose for CNNs. As in ModelOpt's own ``max_calibrate``
+  (statistics collection turns quantization off everywhere), input statistics come from
+  the float model, so they do not depend on the assignment: they are computed once per
+  backend instance, model and calibration set, for every layer, and reused by later
+  ``materialize`` calls (the sensitivity sweep makes hundreds). ModelOpt's entropy search
+  is pure Python (about 6 s per layer on this CPU), so that reuse matters most there.
+- unassigned layers are put back as the original float modules (``mtq.quantize`` wraps every
+  Conv2d with disabled quantizers), so only the assigned layers differ from the float model.
 
 :meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``)
 with ModelOpt's symbolic functions, then rewrites every quantized weight as an integer
@@ -41,11 +48,15 @@ A8 inputs keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero poi
 scale ``amax / 127``). The file's metadata (``<file>.json`` beside it, and
 ``metadata_props``) says all of this.
 
-Remaining torch vs ONNX Runtime differences for A8 layers, measured on the demo: an
-activation value on an exact rounding tie can land one step apart (multiply vs divide, as
-above, but on data), and ONNX Runtime's graph optimizer quantizes the float bias of a
-``DQ -> Conv`` with a DQ input to int32 at scale ``s_x * s_w`` (its bias quantization
-transform), a difference of up to half a step of that product per output.
+Torch vs ONNX Runtime with A8 layers: activations deep in the network differ by a few
+percent (demo, uniform W8A8: median 3-4 %, worst layer ~25-35 %) while detections stay put.
+That is not an export error: two *torch* runs of the same fake-quant model that differ only
+in the conv kernel (MKL-DNN vs native) differ as much (median 3.6 %, worst 24 %; W8A16:
+1e-6), because each INT8 input quantizer turns float-rounding noise that lands on a
+rounding boundary into a whole step, and 82 of them in series amplify it. On top, ONNX
+Runtime's optimizer quantizes the float bias of a ``DQ -> Conv`` whose input is also
+dequantized to int32 at scale ``s_x * s_w`` (its bias quantization transform): up to half a
+step of that product per output, noticeable next to 4-bit weights.
 """
 
 from __future__ import annotations
