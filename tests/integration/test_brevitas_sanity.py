@@ -1,0 +1,64 @@
+"""The seeds' sanity rule and the point of good PTQ, for the Brevitas backend on the demo
+detector (COCO mAP50-95 with pycocotools through ONNX Runtime, the demo study's 100
+evaluation images and 32 calibration images):
+
+- uniform W8A8 with the default options loses at most 1.0 point (if W8 collapses, the
+  pipeline is wrong, not the bit width);
+- uniform W4A16 with the default options (MSE 4-bit scales, bias correction) loses at most
+  half of what naive max-scaled W4A16 loses.
+
+About a minute on a 2-core CPU: marked ``slow``; the full table is in docs/benchmarks.md,
+"Brevitas backend" (``benchmarks/bench_brevitas.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluation(demo_spec, demo_model, demo_subset, tmp_path_factory):
+    from evaluators.coco import CocoEvaluator
+    from quantizers.base import CalibrationSet
+    from search.data import preprocess_many, read_calibration_list
+    from search.model import export_onnx
+
+    cal = demo_spec.calibration
+    paths = read_calibration_list(cal.source, cal.max_images)
+    images, _ = preprocess_many(paths, demo_model.imgsz, progress=False)
+    calib = CalibrationSet(images=images, paths=paths, batch_size=cal.batch_size)
+    out = tmp_path_factory.mktemp("brevitas-sanity")
+    coco = CocoEvaluator(subset=demo_subset, names=demo_model.names, imgsz=demo_model.imgsz,
+                         settings=demo_spec.evaluation, cache_dir=out, progress=False)
+    float_map = coco.evaluate(export_onnx(demo_model.module, out / "float.onnx", demo_model.imgsz)).map50_95
+    assert float_map > 0.1, "the demo model should detect shapes"
+    return coco, calib, float_map, out
+
+
+def _map(demo_model, evaluation, precision: str, **options) -> float:
+    from quantizers.brevitas_backend import BrevitasBackend
+    from search.assignment import Assignment
+    from search.spec import BrevitasOptions
+
+    coco, calib, _, out = evaluation
+    backend = BrevitasBackend(options=BrevitasOptions(**options))
+    qmodel = backend.materialize(demo_model, Assignment.uniform(demo_model.quantizable_layers, precision), calib)
+    tag = "-".join(f"{k}={v}" for k, v in options.items()) or "default"
+    return coco.evaluate(backend.export(qmodel, out / f"{precision}-{tag}.onnx").path).map50_95
+
+
+def test_w8a8_loses_at_most_one_point(demo_model, evaluation):
+    float_map = evaluation[2]
+    q_map = _map(demo_model, evaluation, "W8A8")
+    assert q_map >= float_map - 0.010, f"W8A8 mAP50-95 {q_map:.4f} vs float {float_map:.4f}"
+
+
+def test_good_ptq_halves_the_w4_loss_of_naive_ptq(demo_model, evaluation):
+    float_map = evaluation[2]
+    naive = _map(demo_model, evaluation, "W4A16", weight_scale="max", act_calibration="max", bias_correction=False)
+    good = _map(demo_model, evaluation, "W4A16")
+    assert float_map - naive > 0.005, "naive W4 should lose something measurable on the demo model"
+    assert float_map - good <= 0.5 * (float_map - naive), (
+        f"W4A16 default {good:.4f} vs naive {naive:.4f} (float {float_map:.4f})")
