@@ -161,10 +161,40 @@ def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
                           f"({', '.join(f'{k} {v:.1f}' for k, v in qmodel.timings.items() if k != 'total')}), "
                           f"export {result.seconds:.1f} s, latency {lat_q.median_ms:.2f} ms", highlight=False)
             progress.advance(task)
+    latency_rows = latency_comparison(out, spec, console)
+    rows.extend(latency_rows)
     single = single_layer_timing(model, calib, args.device)
     rows.append(single)
     console.print(f"single-layer W4A16 materialize, cached statistics: median {single['materialize_s'] * 1000:.0f} ms "
                   f"over {single['calls']} layers", highlight=False)
+    return rows
+
+
+def latency_comparison(out: Path, spec: Any, console: Any, rounds: int = 5) -> list[dict[str, Any]]:
+    """ORT CPU latency of float vs W8A8 (int8 symmetric and uint8 asymmetric inputs) vs W4A8,
+    interleaved over ``rounds`` rounds (median of the per-round medians), to decide the A8 format
+    with more than one noisy sample each."""
+    import statistics
+
+    from evaluators.latency import OrtLatencyEvaluator
+
+    models = {"float": out / "float" / "model.onnx", "W8A8 int8 sym": out / "default" / "W8A8.onnx",
+              "W8A8 uint8 asym": out / "default-asym" / "W8A8.onnx", "W4A8 int8 sym": out / "default" / "W4A8.onnx",
+              "W4A16": out / "default" / "W4A16.onnx"}
+    models = {k: v for k, v in models.items() if v.is_file()}
+    lat = OrtLatencyEvaluator(providers=spec.evaluation.providers, imgsz=spec.imgsz, warmup=5, runs=30,
+                              batch_size=1, threads=spec.latency.threads)
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, path in models.items():
+            samples[name].append(lat.evaluate(path).median_ms)
+    rows = []
+    for name, ms in samples.items():
+        med = statistics.median(ms)
+        rows.append({"config": "latency", "precision": name, "latency_ms": med, "rounds": ms,
+                     "vs_float": med / statistics.median(samples["float"])})
+        console.print(f"latency {name}: median of {rounds} rounds {med:.2f} ms "
+                      f"(x{rows[-1]['vs_float']:.2f} float; rounds {[round(x, 1) for x in ms]})", highlight=False)
     return rows
 
 
@@ -236,7 +266,7 @@ def markdown(rows: list[dict[str, Any]], big: list[dict[str, Any]], info: dict[s
               "| export (s) | eval (s) | Q / DQ / Clip |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines = header if rows else []
     for r in rows:
-        if r["precision"] == "single-layer":
+        if r["precision"] == "single-layer" or r["config"] == "latency":
             continue
         nc = r["node_counts"]
         qdq = f"{nc.get('QuantizeLinear', 0)} / {nc.get('DequantizeLinear', 0)} / {nc.get('Clip', 0)}" if nc else "-"
@@ -244,6 +274,13 @@ def markdown(rows: list[dict[str, Any]], big: list[dict[str, Any]], info: dict[s
         lines.append(f"| {r['config']} | {r['precision']} | {r['map50_95']:.4f} | {drop} | {r['map50']:.4f} | "
                      f"{r['latency_ms']:.2f} | {r['materialize_s']:.1f} | {r['export_s']:.1f} | {r['eval_s']:.1f} "
                      f"| {qdq} |")
+    lat = [r for r in rows if r["config"] == "latency"]
+    if lat:
+        lines += ["", "| ORT CPU latency, batch 1, interleaved rounds | median ms | vs float | per-round medians |",
+                  "|---|---|---|---|"]
+        for r in lat:
+            lines.append(f"| {r['precision']} | {r['latency_ms']:.2f} | x{r['vs_float']:.2f} | "
+                         f"{', '.join(f'{x:.1f}' for x in r['rounds'])} |")
     single = [r for r in rows if r["precision"] == "single-layer"]
     if single:
         s = single[0]
