@@ -176,6 +176,7 @@ def restore_float_modules(work: nn.Module, original: nn.Module, assignment: Assi
 
     base = dict(original.named_modules())
     keep = set(assignment)
+    device = next(work.parameters()).device
     restored = 0
     for name, mod in list(work.named_modules()):
         if not name or name not in base or type(mod) is type(base[name]):
@@ -184,7 +185,7 @@ def restore_float_modules(work: nn.Module, original: nn.Module, assignment: Assi
             continue
         parent_name, _, child = name.rpartition(".")
         parent = work.get_submodule(parent_name) if parent_name else work
-        setattr(parent, child, copy.deepcopy(base[name]))
+        setattr(parent, child, copy.deepcopy(base[name]).to(device))
         restored += 1
     return restored
 

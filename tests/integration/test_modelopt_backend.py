@@ -248,3 +248,26 @@ def test_entropy_calibration_runs(demo_model, calib, images):
     r = be.export(q, workdir() / "modelopt" / "entropy.onnx")
     _, out = layer_outputs_onnx(r.path, demo_model, images[:2])
     assert out.shape == (2, 300, 6) and np.isfinite(out).all()
+
+
+def test_wrong_options_type_is_an_error():
+    from search.errors import UserError
+    from search.spec import BrevitasOptions
+
+    with pytest.raises(UserError, match="ModelOptOptions"):
+        ModelOptBackend(options=BrevitasOptions())  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_calibration_and_export_on_cuda(demo_model, calib, images):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: the CUDA calibration path cannot be exercised here")
+    be = ModelOptBackend(device="cuda")
+    a = Assignment({lay.name: ("W4A8", "W8A16")[i % 2] for i, lay in enumerate(demo_model.quantizable_layers)})
+    q = be.materialize(demo_model, a, calib)
+    assert {p.device.type for p in q.module.parameters()} == {"cuda"}  # restored float layers too
+    result = be.export(q, workdir() / "modelopt" / "cuda.onnx")
+    _, out = layer_outputs_onnx(result.path, demo_model, images[:2])
+    assert out.shape == (2, 300, 6) and np.isfinite(out).all()
