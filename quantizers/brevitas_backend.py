@@ -288,6 +288,8 @@ class _StatsCache:
     layers: dict[str, _LayerStats] = field(default_factory=dict)
     has_float_means: bool = False
     has_act: bool = False
+    has_quant_means: bool = False
+    probes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
@@ -361,7 +363,8 @@ class BrevitasBackend:
         cached = True
         if needs_act or needs_means:
             t = time.perf_counter()
-            cache, cached = self._stats(model, calib, act=needs_act, means=needs_means)
+            cache, cached = self._stats(model, calib, act=needs_act, means=needs_means,
+                                        quant_means=needs_act and needs_means)
             timings["calibrate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -479,7 +482,7 @@ class BrevitasBackend:
         o = self.options
         return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type])
 
-    def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool
+    def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
                ) -> tuple[_StatsCache, bool]:
         """The statistics cache for ``model`` and ``calib``, computing what is missing."""
         if len(calib) == 0:
@@ -491,10 +494,11 @@ class BrevitasBackend:
             self._cache = cache
         need_means = means and not cache.has_float_means
         need_act = act and not cache.has_act
-        if not (need_means or need_act):
+        need_qmeans = quant_means and not cache.has_quant_means
+        if not (need_means or need_act or need_qmeans):
             return cache, True
         start = time.perf_counter()
-        self._compute_stats(model, calib, cache, means=need_means, act=need_act)
+        self._compute_stats(model, calib, cache, means=need_means, act=need_act, quant_means=need_qmeans)
         cache.seconds += time.perf_counter() - start
         return cache, False
 
@@ -510,12 +514,12 @@ class BrevitasBackend:
             yield torch.from_numpy(b).to(self.device)
 
     def _compute_stats(self, model: LoadedModel, calib: CalibrationSet, cache: _StatsCache, *,
-                       means: bool, act: bool) -> None:
+                       means: bool, act: bool, quant_means: bool) -> None:
         """One or two float passes over ``calib`` with hooks on every quantizable layer.
 
         Pass 1 averages each layer's unfolded input and calibrates one input quantizer per
-        layer (Brevitas ``calibration_mode``); pass 2 (A8 only) averages the unfolded
-        input after that quantizer.
+        layer (Brevitas ``calibration_mode``); pass 2 (A8 with bias correction) averages
+        the unfolded input after that quantizer.
         """
         import brevitas.nn as qnn
         import torch
@@ -527,10 +531,11 @@ class BrevitasBackend:
         mods = {n: float_module.get_submodule(n) for n in names}
         for n in names:
             cache.layers.setdefault(n, _LayerStats())
-        probes: dict[str, Any] = {}
+        probes: dict[str, Any] = cache.probes
         if act:
             iq = input_quantizer(self.options)
-            probes = {n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device) for n in names}
+            probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
+                           for n in names})
         sums: dict[str, torch.Tensor] = {}
         count = 0
 
@@ -544,27 +549,30 @@ class BrevitasBackend:
                     probes[name](x)
             return hook
 
-        hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
-        container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
-        try:
-            with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
-                for x in self._batches(calib, "calibration: float statistics"):
-                    float_module(x)
-                    count += 1
-        finally:
-            for h in hooks:
-                h.remove()
+        if means or act:
+            hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
+            container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
+            try:
+                with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
+                    for x in self._batches(calib, "calibration: float statistics"):
+                        float_module(x)
+                        count += 1
+            finally:
+                for h in hooks:
+                    h.remove()
         if means:
             for n in names:
                 if n in sums:
                     cache.layers[n].float_mean = sums[n] / count
             cache.has_float_means = True
-        if not act:
+        if act:
+            for n in names:
+                probes[n].eval()
+                cache.layers[n].input_quant_state = {k: v.detach().clone()
+                                                     for k, v in probes[n].act_quant.state_dict().items()}
+            cache.has_act = True
+        if not quant_means:
             return
-        for n in names:
-            probes[n].eval()
-            cache.layers[n].input_quant_state = {k: v.detach().clone()
-                                                 for k, v in probes[n].act_quant.state_dict().items()}
         # pass 2: mean of the quantized input (only needed for bias correction of A8 layers)
         qsums: dict[str, torch.Tensor] = {}
         count = 0
@@ -588,7 +596,7 @@ class BrevitasBackend:
         for n in names:
             if n in qsums:
                 cache.layers[n].quant_mean = qsums[n] / count
-        cache.has_act = True
+        cache.has_quant_means = True
 
     def _correction(self, name: str, float_layer: Any, q: Any, precision: Precision,
                     st: _LayerStats) -> torch.Tensor:

@@ -16,7 +16,7 @@ from search.spec import BrevitasOptions
 
 @pytest.fixture(scope="module")
 def calib(demo_calib, demo_model):
-    return calibration_set(demo_calib, demo_model.imgsz, n=8, batch_size=8)
+    return calibration_set(demo_calib, demo_model.imgsz, n=4, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_stats_are_cached_across_calls_and_deterministic(demo_model, demo_calib)
                                second.module.get_submodule(names[0]).bias, atol=0, rtol=0)
     # a different calibration set is not served from the cache
     other = calibration_set(demo_calib[4:], demo_model.imgsz, n=4, batch_size=4)
-    third = b.materialize(demo_model, Assignment({names[0]: "W4A8"}), other)
+    third = b.materialize(demo_model, Assignment({names[0]: "W4A16"}), other)
     assert third.info["stats_cached"] is False
 
 
@@ -144,7 +144,7 @@ def test_mse_weight_scales_beat_max_at_4_bits(demo_model):
     import torch
 
     better = 0
-    layers = demo_model.quantizable_layers[::8]
+    layers = demo_model.quantizable_layers[::16]
     for lay in layers:
         conv = demo_model.module.get_submodule(lay.name)
         err = {}

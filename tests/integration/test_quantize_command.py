@@ -8,13 +8,14 @@ from search.cli import main
 
 
 def _small(tmp_path) -> list[str]:
-    return ["--set", f"runs_dir={tmp_path}", "--set", "dataset.max_images=16", "--set", "calibration.max_images=8",
-            "--set", "calibration.batch_size=8", "--set", "latency.runs=3", "--set", "latency.warmup=1"]
+    return ["--set", f"runs_dir={tmp_path}", "--set", "dataset.max_images=8", "--set", "calibration.max_images=4",
+            "--set", "calibration.batch_size=4", "--set", "latency.runs=2", "--set", "latency.warmup=1"]
 
 
 def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
     out = tmp_path / "w8"
-    assert main(["quantize", "--weights", "8", "--acts", "8", "--out", str(out), *_small(tmp_path)]) == 0
+    args = ["quantize", "--weights", "8", "--acts", "8", "--out", str(out), *_small(tmp_path)]
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "float vs uniform W8A8" in text and "mAP50-95" in text and "Q / DQ / Clip" in text
     metrics = json.loads((out / "metrics.json").read_text())
@@ -27,7 +28,7 @@ def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
     assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
     assert json.loads((out / "assignment.json").read_text())["layers"]["model.0.conv"] == "W8A8"
     # a second call reuses the finished result
-    assert main(["quantize", "--weights", "8", "--acts", "8", "--out", str(out), *_small(tmp_path)]) == 0
+    assert main(args) == 0
     assert "reused a finished result" in capsys.readouterr().out
 
 
