@@ -168,20 +168,25 @@ def test_a8_drift_stays_at_the_float_rounding_floor(backend, demo_model, calib, 
     assignment = Assignment.uniform(demo_model.layers, "W8A8")
     qmodel, result = build(backend, demo_model, assignment, calib, "w8a8")
     names = [lay.name for lay in demo_model.layers]
-    x = images
-    onnx_feats, onnx_out = layer_outputs_onnx(result.path, demo_model, x)
-    torch_feats, torch_out = layer_outputs_torch(qmodel.module, names, x)
+    x = images[:4]
+    onnx_feats, _ = layer_outputs_onnx(result.path, demo_model, x)
+    torch_feats, _ = layer_outputs_torch(qmodel.module, names, x)
     torch_native, _ = layer_outputs_torch(qmodel.module, names, x, mkldnn=False)
     floor = np.median(rel_errors(torch_native, torch_feats))
     drift = np.median(rel_errors(onnx_feats, torch_feats))
     assert floor > 1e-4, "two conv kernels should not agree bit for bit through 82 INT8 quantizers"
     assert drift <= 3 * floor + 1e-3, f"ORT vs torch median drift {drift:.3%}, torch vs torch {floor:.3%}"
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    onnx_out = sess.run(None, {"images": images})[0]
+    _, torch_out = layer_outputs_torch(qmodel.module, [], images)
     ious, dscore = match_detections(torch_out, onnx_out)
     assert len(ious) >= 3
     assert ((ious >= 0.95) & (dscore <= 0.05)).mean() >= 0.95 and ious.min() > 0.9
 
 
-def test_int4_storage_matches_int8_containers(demo_model, calib, images):
+def test_int4_storage_matches_int8_containers(backend, demo_model, calib, images):
     """The same quantized model exported both ways: INT4 initializers at opset 21 and int8
     containers at opset 17 give the same ONNX Runtime outputs."""
     import onnx
@@ -189,7 +194,7 @@ def test_int4_storage_matches_int8_containers(demo_model, calib, images):
 
     a = Assignment({lay.name: Precision(4, 8 if i % 3 == 0 else 16)
                     for i, lay in enumerate(demo_model.quantizable_layers)})
-    b8 = ModelOptBackend(options=ModelOptOptions(w4_format="int8"))
+    b8 = backend  # w4_format int8, the default
     b4 = ModelOptBackend(options=ModelOptOptions(w4_format="int4"))
     qmodel = b8.materialize(demo_model, a, calib)
     r8 = b8.export(qmodel, workdir() / "modelopt" / "w4-int8.onnx")
