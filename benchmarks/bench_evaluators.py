@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         ul_runs.append(ultralytics_val(float_onnx, evaluator=ev, workdir=work / f"ultralytics-{i}",
                                        layout=acc.extra["layout"]))
     ul = ul_runs[-1]
+    exact = ultralytics_val(float_onnx, evaluator=ev, workdir=work / "ultralytics-predict-rounding",
+                            layout=acc.extra["layout"], letterbox="predict")
     warm_s = statistics.median(warm)
     ul_s = statistics.median(u.seconds for u in ul_runs)
     n = len(subset)
@@ -96,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         "ours_warm_seconds": warm_s, "ours_timings": acc.extra["timings"],
         "ultralytics_images_per_s": n / ul_s, "ultralytics_seconds": ul_s, "ultralytics_speed_ms": ul.speed_ms,
         "map50_95": {"ours": acc.map50_95, "pycocotools_on_ultralytics_json": ul.coco_map50_95,
-                     "ultralytics_internal": ul.map50_95},
+                     "ultralytics_internal": ul.map50_95,
+                     "pycocotools_on_ultralytics_json_predict_rounding": exact.coco_map50_95,
+                     "ultralytics_internal_predict_rounding": exact.map50_95},
         "map50": {"ours": acc.map50, "pycocotools_on_ultralytics_json": ul.coco_map50,
-                  "ultralytics_internal": ul.map50},
+                  "ultralytics_internal": ul.map50,
+                  "pycocotools_on_ultralytics_json_predict_rounding": exact.coco_map50,
+                  "ultralytics_internal_predict_rounding": exact.map50},
+        "detections": {"ours": acc.num_detections, "ultralytics": ul.num_detections,
+                       "ultralytics_predict_rounding": exact.num_detections},
     }
     t = Table(title=f"COCO evaluation of the float ONNX ({n} images, median of {args.repeats})")
     for c in ("evaluator", "images/s", "s per eval", "mAP50-95", "mAP50"):
@@ -110,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_row("Ultralytics val (its own mAP)", f"{n / ul_s:.1f}", f"{ul_s:.2f}", f"{ul.map50_95:.4f}",
               f"{ul.map50:.4f}")
     t.add_row("pycocotools on Ultralytics' save_json", "", "", f"{ul.coco_map50_95:.4f}", f"{ul.coco_map50:.4f}")
+    t.add_row("Ultralytics val, predict's rounding (its own mAP)", "", "", f"{exact.map50_95:.4f}",
+              f"{exact.map50:.4f}")
+    t.add_row("pycocotools on that save_json", "", "", f"{exact.coco_map50_95:.4f}", f"{exact.coco_map50:.4f}")
     console.print(t)
     console.print(f"ours, warm, per stage (s): {acc.extra['timings']}", highlight=False)
 
@@ -232,6 +243,12 @@ def markdown(f: dict[str, Any]) -> str:
         f"| Ultralytics `val` on the same ONNX (its own mAP) | {c['ultralytics_images_per_s']:.1f} | "
         f"{c['ultralytics_seconds']:.2f} | {ul_own:.4f} | {ul_own50:.4f} |",
         f"| pycocotools on Ultralytics' `save_json` predictions | | | {ul_json:.4f} | {ul_json50:.4f} |",
+        f"| Ultralytics `val` with predict's image rounding (its own mAP) | | | "
+        f"{c['map50_95']['ultralytics_internal_predict_rounding']:.4f} | "
+        f"{c['map50']['ultralytics_internal_predict_rounding']:.4f} |",
+        f"| pycocotools on that `save_json` | | | "
+        f"{c['map50_95']['pycocotools_on_ultralytics_json_predict_rounding']:.4f} | "
+        f"{c['map50']['pycocotools_on_ultralytics_json_predict_rounding']:.4f} |",
         "",
         "Ours, warm, per stage (s): " + ", ".join(f"{k} {v}" for k, v in c["ours_timings"].items()),
         "",

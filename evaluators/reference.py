@@ -7,10 +7,11 @@
   reads (names, imgsz, end2end); the graph is untouched.
 - :func:`ultralytics_val` runs ``YOLO(onnx).val(save_json=True, rect=False)`` and reports
   Ultralytics' internal mAP (its own interpolation and matching) and pycocotools' mAP of
-  its saved predictions, plus its images/s.
+  its saved predictions, plus its images/s. Stock val rounds resized image sides up where
+  predict rounds to nearest; ``letterbox="predict"`` runs the same validator with predict's
+  rounding (see :func:`ultralytics_val`).
 - :func:`ultralytics_predict` runs ``YOLO(onnx).predict`` at the same fixed input size
-  (predict letterboxes exactly as we do; val resizes with INTER_AREA first, so its
-  detections differ slightly by design).
+  (predict letterboxes exactly as we do).
 
 Ultralytics runs offline (``search._env.import_ultralytics``).
 """
@@ -132,18 +133,66 @@ def ultralytics_onnx(onnx_path: str | os.PathLike[str], dst: Path, *, names: Map
     return write_metadata(onnx_path, meta, dst)
 
 
+def _predict_resize_load_image(self: Any, i: int, rect_mode: bool = True, resize_short: bool = False
+                               ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """``BaseDataset.load_image`` with predict's rounding: long side to imgsz, each side rounded.
+
+    Stock val rounds the resized sides up (``math.ceil``), the predictor's ``LetterBox``
+    rounds them to nearest; with the image already at the letterbox size, val's own
+    ``LetterBox(scaleup=False)`` then only pads, exactly as predict (and our evaluator) does.
+    """
+    import cv2
+
+    im = cv2.imread(self.im_files[i], cv2.IMREAD_COLOR)
+    if im is None:
+        raise FileNotFoundError(f"Image Not Found {self.im_files[i]}")
+    h0, w0 = im.shape[:2]
+    size = max(self.imgsz) if isinstance(self.imgsz, (tuple, list)) else self.imgsz
+    r = size / max(h0, w0)
+    w, h = max(round(w0 * r), 1), max(round(h0 * r), 1)
+    if (w, h) != (w0, h0):
+        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+    return im, (h0, w0), im.shape[:2]
+
+
+def _predict_letterbox_validator() -> Any:
+    """A ``DetectionValidator`` whose dataset resizes images as the predictor does (see above)."""
+    import types
+
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    class PredictLetterboxValidator(DetectionValidator):
+        def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None) -> Any:
+            dataset = super().build_dataset(img_path, mode, batch)
+            dataset.load_image = types.MethodType(_predict_resize_load_image, dataset)
+            return dataset
+
+    return PredictLetterboxValidator
+
+
 def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluator, workdir: Path,
-                    layout: str = LAYOUT_END2END, batch_size: int | None = None) -> UltralyticsValResult:
+                    layout: str = LAYOUT_END2END, batch_size: int | None = None,
+                    letterbox: str = "val") -> UltralyticsValResult:
     """Ultralytics' validator on ``onnx_path`` over the evaluator's subset, with ``save_json``.
 
     ``coco_map50_95`` is pycocotools on Ultralytics' own saved predictions (their category
     ids mapped back to the dataset's), scored by the evaluator's ``score`` on the same image ids.
+
+    ``letterbox="val"`` runs the stock validator, whose dataset rounds resized image sides up
+    (``math.ceil``) where the predictor (and the seeds' contract, and our evaluator) rounds
+    to nearest: a sub-pixel difference in the input that moves a good model's mAP by a few
+    thousandths. ``letterbox="predict"`` runs the same validator with predict's rounding
+    (only the image loading differs), so its predictions are ours up to its 3-decimal JSON
+    rounding: that is the exact check of our decoding, mapping and scoring.
     """
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     from search._env import import_ultralytics
 
     import_ultralytics()
-    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     from ultralytics import YOLO
+
+    if letterbox not in ("val", "predict"):
+        raise ValueError(f"letterbox must be 'val' or 'predict', got {letterbox!r}")
 
     s = evaluator.settings
     workdir = Path(workdir)
@@ -153,9 +202,11 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
     t0 = time.perf_counter()
     with _quiet():
         model = YOLO(str(model_path), task="detect")
-        metrics = model.val(data=str(data), imgsz=evaluator.imgsz, batch=batch_size or s.batch_size, conf=s.conf,
-                            iou=s.iou, max_det=s.max_det, save_json=True, rect=False, plots=False, device="cpu",
-                            workers=0, project=str(workdir), name="val", exist_ok=True, verbose=False, half=False)
+        validator = _predict_letterbox_validator() if letterbox == "predict" else None
+        metrics = model.val(validator=validator, data=str(data), imgsz=evaluator.imgsz,
+                            batch=batch_size or s.batch_size, conf=s.conf, iou=s.iou, max_det=s.max_det,
+                            save_json=True, rect=False, plots=False, device="cpu", workers=0, project=str(workdir),
+                            name=f"val-{letterbox}", exist_ok=True, verbose=False, half=False)
     seconds = time.perf_counter() - t0
     pred_file = Path(metrics.save_dir) / "predictions.json"
     raw = json.loads(pred_file.read_text()) if pred_file.is_file() else []
@@ -174,7 +225,7 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
         map50_95=float(metrics.box.map), map50=float(metrics.box.map50), coco_map50_95=scored["stats"][0],
         coco_map50=scored["stats"][1], num_images=n, num_detections=len(results), images_per_s=n / seconds,
         seconds=seconds, speed_ms={k: float(v) for k, v in metrics.speed.items()}, predictions=str(pred_file),
-        extra={"data": str(data), "model": str(model_path), "per_class_map": {
+        extra={"data": str(data), "model": str(model_path), "letterbox": letterbox, "per_class_map": {
             evaluator.names[int(i)]: float(metrics.box.maps[int(i)]) for i in range(len(evaluator.names))}})
 
 

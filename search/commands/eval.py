@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(metrics_table(acc, ul, title))
     console.print(per_class_table(acc, ul))
     if ul is not None:
-        console.print(f"Ultralytics' own mAP uses its matching and interpolation (and INTER_AREA resizing in val); "
+        console.print(f"Ultralytics' own mAP uses its matching and interpolation, and its val rounds resized image "
+                      f"sides up where predict (and we) round to nearest; "
                       f"pycocotools on its predictions differs from ours by "
                       f"{acc.map50_95 - ul.coco_map50_95:+.4f} mAP50-95.", highlight=False)
     if lat is not None:

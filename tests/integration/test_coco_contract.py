@@ -3,7 +3,9 @@
 1. Our detections (ORT session, letterbox, decoding, un-letterboxing) equal what
    ``YOLO(onnx).predict`` returns for the same file, images and input size.
 2. Our pycocotools mAP50-95 equals pycocotools run on Ultralytics' own validator
-   predictions (``save_json``) within 0.005; Ultralytics' internal mAP is reported beside.
+   predictions (``save_json``) within 0.005 when the validator loads images with predict's
+   rounding; the stock validator (resized sides rounded up) and Ultralytics' internal mAP
+   are reported beside, with looser bounds.
 3. ``search eval`` prints the tables and writes ``metrics.json``; bad input exits non-zero.
 """
 
@@ -51,15 +53,21 @@ def test_map_equals_pycocotools_on_ultralytics_predictions(coco, float_onnx, tmp
     from evaluators.reference import ultralytics_val
 
     ours = coco.evaluate(float_onnx)
-    ul = ultralytics_val(float_onnx, evaluator=coco, workdir=tmp_path, layout=ours.extra["layout"])
-    print(f"\nmAP50-95: ours {ours.map50_95:.4f} | pycocotools on Ultralytics' save_json {ul.coco_map50_95:.4f} | "
-          f"Ultralytics' internal {ul.map50_95:.4f}")
-    assert ul.num_images == ours.num_images and ul.num_detections > 0
-    assert abs(ours.map50_95 - ul.coco_map50_95) <= 0.005
-    assert abs(ours.map50 - ul.coco_map50) <= 0.01
+    layout = ours.extra["layout"]
+    # Ultralytics' validator with predict's image rounding: the exact check of our scoring
+    exact = ultralytics_val(float_onnx, evaluator=coco, workdir=tmp_path / "p", layout=layout, letterbox="predict")
+    # the stock validator (rounds resized sides up): differs by design, by a few thousandths
+    stock = ultralytics_val(float_onnx, evaluator=coco, workdir=tmp_path / "v", layout=layout, letterbox="val")
+    print(f"\nmAP50-95: ours {ours.map50_95:.4f} | pycocotools on Ultralytics' save_json: {exact.coco_map50_95:.4f} "
+          f"(predict rounding), {stock.coco_map50_95:.4f} (stock val) | Ultralytics' internal: "
+          f"{exact.map50_95:.4f}, {stock.map50_95:.4f}")
+    assert exact.num_images == ours.num_images and abs(exact.num_detections - ours.num_detections) <= 2
+    assert abs(ours.map50_95 - exact.coco_map50_95) <= 0.005
+    assert abs(ours.map50 - exact.coco_map50) <= 0.005
+    assert abs(ours.map50_95 - stock.coco_map50_95) <= 0.01
     # Ultralytics' own metric (its matching and interpolation) differs by design, not by much
-    assert abs(ours.map50_95 - ul.map50_95) <= 0.03
-    saved = json.loads((tmp_path / "val" / "predictions.json").read_text())
+    assert abs(ours.map50_95 - stock.map50_95) <= 0.03
+    saved = json.loads((tmp_path / "v" / "val-val" / "predictions.json").read_text())
     assert {int(r["image_id"]) for r in saved} <= set(coco.subset.image_ids)
 
 
