@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ def workdir() -> Path:
     global _ROOT
     if _ROOT is None:
         _ROOT = Path(tempfile.mkdtemp(prefix="yolo-mpq-evaluators-"))
+        atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
     return _ROOT
 
 
