@@ -163,7 +163,7 @@ def _predict_letterbox_validator() -> Any:
 
     class PredictLetterboxValidator(DetectionValidator):
         def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None) -> Any:
-            dataset = super().build_dataset(img_path, mode, batch)
+            dataset: Any = super().build_dataset(img_path, mode, batch)
             dataset.load_image = types.MethodType(_predict_resize_load_image, dataset)
             return dataset
 
