@@ -191,8 +191,9 @@ class ModelOptOptions(_Base):
         "calibrator, or its histogram calibrator with entropy or percentile).")
     percentile: float = Field(default=99.99, gt=50.0, le=100.0, description="For calibration: percentile.")
     weight_calibration: Literal["max", "mse"] = Field(
-        default="mse", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
-        "(algorithm 'mse'; much better at 4 bits).")
+        default="max", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
+        "(algorithm 'mse': lower weight error, but on the demo model it clips the large weights that matter "
+        "and loses more mAP at 4 bits than max; see docs/benchmarks.md).")
     w4_format: Literal["int8", "int4"] = Field(
         default="int8", description="How 4-bit weights are stored in the ONNX file: int8 initializers holding "
         "values in [-8, 7] (any opset, what TensorRT runs for Conv), or ONNX INT4 initializers (opset 21).")
