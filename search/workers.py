@@ -6,9 +6,11 @@ They share nothing but the study's storage: Optuna hands each trial to one worke
 each writes its own artifact directories. This module only starts them, prefixes and
 streams their output, forwards Ctrl-C and reports how they ended; it is not a scheduler.
 
-The children run in their own process groups, so a Ctrl-C at the terminal reaches only
-this process, which passes exactly one SIGINT to each worker (a second Ctrl-C sends
-SIGKILL). A worker that dies does not stop the others: they finish the study's budget.
+The children run in their own process groups (not sessions: with the kernel's autogroup
+scheduling a new session would get a CPU share of its own beside the user's other jobs),
+so a Ctrl-C at the terminal reaches only this process, which passes exactly one SIGINT to
+each worker (a second Ctrl-C sends SIGKILL). A worker that dies does not stop the others:
+they finish the study's budget.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from search.errors import UserError
 
@@ -113,8 +115,10 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
         cmd = base + args + (["--device", devs[i % len(devs)]] if devs else [])
         prefix = f"[w{i:0{width}d}{' ' + devs[i % len(devs)] if devs else ''}]"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{WORKER_INDEX_ENV: str(i), WORKERS_ENV: str(n)})
+        group: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                                 else {"preexec_fn": os.setpgrp})
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, **group)
         printer.line(prefix, f"started pid {proc.pid}: {' '.join(cmd)}")
         assert proc.stdout is not None
         thread = threading.Thread(target=_pump, args=(proc.stdout, prefix, printer), daemon=True)

@@ -114,6 +114,9 @@ def test_ctrl_c_is_forwarded_once_to_every_worker(tmp_path):
         pids = [int(p.read_text()) for p in tmp_path.glob("pid*") if p.read_text()]
         time.sleep(0.1)
     assert len(pids) == 2, "workers did not start"
+    for pid in pids:  # own process group (no terminal Ctrl-C), same session (same CPU share)
+        assert os.getpgid(pid) == pid != os.getpgid(proc.pid)
+        assert os.getsid(pid) == os.getsid(proc.pid)
     time.sleep(0.5)  # let them reach sleep()
     proc.send_signal(signal.SIGINT)  # the launcher only: workers are in their own process groups
     out, _ = proc.communicate(timeout=60)
