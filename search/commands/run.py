@@ -100,7 +100,7 @@ def _run_one(runner, budget: int) -> None:  # noqa: ANN001
         def on_trial(t, counts) -> None:  # noqa: ANN001
             bar.update(task, completed=min(counts["done"], budget),
                        description=f"{counts['duplicates']} dup, {counts['failed']} failed")
-            console_err.print(trial_line(t), highlight=False)
+            console_err.print(trial_line(t), highlight=False, soft_wrap=True)
 
         runner.run(on_trial)
 
