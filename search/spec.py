@@ -187,9 +187,9 @@ class ModelOptOptions(_Base):
 
     name: Literal["modelopt"] = "modelopt"
     calibration: Literal["max", "entropy", "percentile"] = Field(
-        default="max", description="How A8 input ranges are set from the calibration images (ModelOpt's max "
-        "calibrator, or its histogram calibrator with entropy or percentile).")
-    percentile: float = Field(default=99.99, gt=50.0, le=100.0, description="For calibration: percentile.")
+        default="percentile", description="How A8 input ranges are set from the calibration images (ModelOpt's "
+        "max calibrator, or its histogram calibrator with percentile or entropy).")
+    percentile: float = Field(default=99.999, gt=50.0, le=100.0, description="For calibration: percentile.")
     weight_calibration: Literal["max", "mse"] = Field(
         default="max", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
         "(algorithm 'mse': lower weight error, but on the demo model it clips the large weights that matter "
