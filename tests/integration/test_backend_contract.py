@@ -15,21 +15,22 @@ capabilities to choose precisions it can build, so the suite is backend-agnostic
   float layers included (no DQ on their weights, no Q/DQ on their inputs);
 - the torch fake-quant model (when the backend has one) and the ONNX agree on real images.
 
-Tolerance of the torch-vs-ONNX check: Q/DQ nodes compute exactly what the torch quantizers
-compute (for Brevitas, ``test_brevitas_backend.py`` checks a quantizer bit for bit), but
-the float convolutions accumulate in a different order, so an A8 input that lands within
-float rounding of a quantization boundary flips by one step; downstream A8 layers turn
-those flips into more flips. On the demo model with every other layer at A8, individual
-activations deep in the network differ by up to ~10% of their range while detections stay
-put. So detections are compared, not tensors: every confident torch detection
-(score > 0.25) must have a same-class ONNX detection, and 95% of them at IoU >= 0.95 with
-a score within 0.05 (median score difference <= 0.02). Measured with Brevitas on 32 demo
-images, uniform W8A8 (82 input quantizers in series): IoU >= 0.988, score differences
-median 0.010, max 0.034; weight-only W4A16: IoU > 0.99999, scores within 1e-6. A wrong
-scale, zero point, bit
-width or output layout moves boxes and scores far beyond that; a wrong precision in the
-graph is caught by the read-back test. Weight-only models are checked bit-tight in the
-backend's own tests.
+Tolerance of the torch-vs-ONNX check, measured rather than guessed: Q/DQ nodes compute
+exactly what the torch quantizers compute (for Brevitas, ``test_brevitas_backend.py`` checks
+a quantizer bit for bit, and weight-only models agree to 1e-6), but the float convolutions
+accumulate in a different order, so an A8 input within float rounding of a quantization
+boundary flips by one step, and downstream A8 layers turn those flips into more flips. The
+same happens inside torch alone: the same fake-quant model run with oneDNN disabled (a
+different convolution implementation) differs from itself as much (final demo model,
+uniform W8A8, 32 images: score differences median 0.011, max 0.12, vs torch-vs-ONNX median
+0.010, max 0.14; the float model: 1e-5). So the test measures that noise floor for the
+model at hand (torch vs torch with oneDNN off) and requires torch vs ONNX to stay within
+twice of it, with absolute floors (median score difference 0.005, 95th percentile 0.02,
+IoU 0.98 for the 5th percentile) for models whose floor is zero. Detections are compared,
+not tensors (top-k order can swap among near ties): every confident torch detection
+(score > 0.25) is matched to the best same-class ONNX detection. A wrong scale, zero point,
+bit width or output layout moves boxes and scores far beyond the floor; a wrong precision
+in the graph is caught by the read-back test.
 """
 
 from __future__ import annotations
@@ -219,14 +220,22 @@ def test_empty_assignment_stays_float(backend, demo_model, calib, images):
 
 
 def test_torch_and_onnx_agree_on_real_images(backend, demo_model, calib, images):
+    import torch
+
     qmodel, result = build(backend, demo_model, mixed_assignment(demo_model, backend), calib, "mixed")
     if qmodel.module is None:
         pytest.skip(f"backend '{backend.name}' builds ONNX only (no torch fake-quant model)")
     torch_out = run_torch(qmodel.module, images)
     onnx_out = run_onnx(result.path, images)
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+        torch_alt = run_torch(qmodel.module, images)  # the same model, another float accumulation order
     ious, dscore = match_detections(torch_out, onnx_out, conf=0.25)
+    f_ious, f_dscore = match_detections(torch_out, torch_alt, conf=0.25)
     assert len(ious) >= 5, "too few confident detections to compare"
-    good = (ious >= 0.95) & (dscore <= 0.05)
-    assert good.mean() >= 0.95, f"only {good.mean():.1%} of {len(ious)} detections agree (IoU {ious}, dscore {dscore})"
-    assert np.median(dscore) <= 0.02
-    assert ious.min() > 0.0, "a confident torch detection has no same-class ONNX detection"
+    stats = (f"torch vs ONNX: IoU p5 {np.percentile(ious, 5):.4f}, score diff median {np.median(dscore):.4f} "
+             f"p95 {np.percentile(dscore, 95):.4f}; noise floor (torch vs torch): IoU p5 "
+             f"{np.percentile(f_ious, 5):.4f}, median {np.median(f_dscore):.4f} p95 {np.percentile(f_dscore, 95):.4f}")
+    assert np.median(dscore) <= max(2 * np.median(f_dscore), 0.005), stats
+    assert np.percentile(dscore, 95) <= max(2 * np.percentile(f_dscore, 95), 0.02), stats
+    assert np.percentile(ious, 5) >= min(np.percentile(f_ious, 5) - 0.02, 0.98), stats
+    assert (ious == 0).mean() <= (f_ious == 0).mean() + 0.02, "confident torch detections missing in ONNX: " + stats
