@@ -33,9 +33,9 @@ initializer feeding a standard ``DequantizeLinear`` (axis 0). Why:
 - the integers must be computed the way ModelOpt's fake quantization computes them,
   ``round(w * (7 / amax))`` (torch, round half to even), not as ONNX ``QuantizeLinear``
   does, ``round(w / (amax / 7))``: weights loaded from an fp16 checkpoint and BN-folded
-  hit exact ``.5`` ties per channel often enough (one in the demo's third block already)
-  that the two disagree by one step on some weights, which at 4 bits is a 1/7 error that
-  grows through the network. This, not FP16, explains the ~6 % drift noted in
+  hit exact ``.5`` ties per channel often enough (265 of the demo's weights at 4 bits, 316
+  at 8) that the two disagree by one step on some weights, which at 4 bits is a 1/7 error
+  that grows through the network. This, not FP16, explains the ~6 % drift noted in
   ``ENVIRONMENT.md``; with exact integers the torch fake-quant model and the ONNX file
   agree to float rounding for weight-only layers (``tests/integration/test_modelopt_backend.py``).
 
@@ -48,15 +48,15 @@ A8 inputs keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero poi
 scale ``amax / 127``). The file's metadata (``<file>.json`` beside it, and
 ``metadata_props``) says all of this.
 
-Torch vs ONNX Runtime with A8 layers: activations deep in the network differ by a few
-percent (demo, uniform W8A8: median 3-4 %, worst layer ~25-35 %) while detections stay put.
-That is not an export error: two *torch* runs of the same fake-quant model that differ only
-in the conv kernel (MKL-DNN vs native) differ as much (median 3.6 %, worst 24 %; W8A16:
-1e-6), because each INT8 input quantizer turns float-rounding noise that lands on a
-rounding boundary into a whole step, and 82 of them in series amplify it. On top, ONNX
-Runtime's optimizer quantizes the float bias of a ``DQ -> Conv`` whose input is also
-dequantized to int32 at scale ``s_x * s_w`` (its bias quantization transform): up to half a
-step of that product per output, noticeable next to 4-bit weights.
+Torch vs ONNX Runtime with A8 layers: activations deep in the network differ by several
+percent (final demo model, uniform W8A8: median 8.6 %, worst layer 60 %) while detections
+stay put. That is not an export error: two *torch* runs of the same fake-quant model that
+differ only in the conv kernel (MKL-DNN vs native) differ by a median 4.0 % (worst 32 %;
+W8A16: 1e-6), because each INT8 input quantizer turns float-rounding noise that lands on a
+rounding boundary into a whole step, and 82 of them in series amplify it; ONNX Runtime with
+its graph optimizations off sits at that floor (4.9 %). Its default optimizations round
+differently again: they quantize the float bias of a ``DQ -> Conv`` whose input is also
+dequantized to int32 at scale ``s_x * s_w`` and fuse a few convs into ``QLinearConv``.
 """
 
 from __future__ import annotations

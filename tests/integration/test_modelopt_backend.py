@@ -10,10 +10,15 @@ Tolerances, from what was measured on the demo model (see the module docstring o
   accumulation order: measured ~1e-6 relative, asserted <= 1e-4;
 - A8 layers: one stacked activation quantizer per layer turns float-rounding noise into
   whole quantization steps, so activations deep in the network drift by several percent
-  *between two torch runs that only use different conv kernels* (MKL-DNN vs native:
-  W8A8 median 3.6 %, max 24 %; W8A16 1e-6). ONNX Runtime vs torch must stay within that
-  noise floor (asserted: median no more than 3x the torch-vs-torch median), and the
-  detections must agree as in the contract suite.
+  *between two torch runs that only use different conv kernels* (MKL-DNN vs native, final
+  demo model, uniform W8A8: median 4.0 %, worst layer 32 %; W8A16 1e-6). ONNX Runtime
+  (default optimizations) vs torch measured median 8.6 % (4.9 % with ORT's optimizations
+  off, which otherwise quantize Conv biases to int32 and fuse integer convs); asserted: no
+  more than 3x the torch-vs-torch median. Detections: every confident one matched at
+  IoU >= 0.95, median score difference <= 0.02, and the 90th percentile of score
+  differences within 2x (+0.01) that of the two torch runs (uniform W8A8 has 82 input
+  quantizers in series: even torch vs torch has 7 % of its detections off by more than 0.05
+  in score).
 """
 
 from __future__ import annotations
@@ -181,9 +186,13 @@ def test_a8_drift_stays_at_the_float_rounding_floor(backend, demo_model, calib, 
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     onnx_out = sess.run(None, {"images": images})[0]
     _, torch_out = layer_outputs_torch(qmodel.module, [], images)
+    _, torch_native_out = layer_outputs_torch(qmodel.module, [], images, mkldnn=False)
     ious, dscore = match_detections(torch_out, onnx_out)
+    _, dscore_floor = match_detections(torch_out, torch_native_out)
+    # final demo model, 16 images: ORT p90 0.046 (max 0.081), torch vs torch p90 0.040 (max 0.077)
     assert len(ious) >= 3
-    assert ((ious >= 0.95) & (dscore <= 0.05)).mean() >= 0.95 and ious.min() > 0.9
+    assert ious.min() >= 0.95 and np.median(dscore) <= 0.02
+    assert np.percentile(dscore, 90) <= 2 * np.percentile(dscore_floor, 90) + 0.01
 
 
 def test_int4_storage_matches_int8_containers(backend, demo_model, calib, images):
