@@ -155,7 +155,7 @@ def _fig_to_png(fig: Any, path: Path) -> str:
 
 
 def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[str, Any], x_key: str,
-                x_label: str, path: Path, x_scale: float = 1.0) -> str:
+                x_label: str, path: Path, x_scale: float = 1.0, log_x: bool = False) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +182,8 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[
     for r in front:
         ax.annotate(f"#{r.number}", (float(r.metrics[x_key]) * x_scale, float(r.metrics["map50_95"])),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("mAP50-95 (COCO, pycocotools)")
     ax.grid(alpha=0.3)
@@ -333,7 +335,8 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
                                            "latency (ms, median, " + str(base.get("latency_provider", "")) + ")",
                                            out / "pareto_map_latency.png")
     images["map_vs_size"] = plot_pareto(rows, pareto_front(rows, ["map", "size"]), base, "weight_bytes",
-                                        "weight size (MB)", out / "pareto_map_size.png", x_scale=1e-6)
+                                        "weight size (MB, log scale)", out / "pareto_map_size.png", x_scale=1e-6,
+                                        log_x=True)
     if table is not None:
         images["sensitivity"] = plot_sensitivity(table, out / "sensitivity.png")
     layer_names = sorted({n for r in rows for n in r.assignment}, key=_layer_sort_key)
