@@ -183,7 +183,12 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[
         ax.annotate(f"#{r.number}", (float(r.metrics[x_key]) * x_scale, float(r.metrics["map50_95"])),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     if log_x:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        fmt = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
     ax.set_xlabel(x_label)
     ax.set_ylabel("mAP50-95 (COCO, pycocotools)")
     ax.grid(alpha=0.3)
