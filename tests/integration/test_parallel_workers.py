@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
 
 BUDGET = 6
 # The demo, cut down so that a trial takes seconds on a 2-core CPU: ten blocks searched
-# (the rest kept float), few images, a short latency measurement; the full space (one
+# (the rest kept float), few images; a latency measurement of 400 runs (about 2 s) keeps a
+# trial long enough to be killed in the middle; the full space (one
 # choice per block, 3^10 assignments) so that the workers rarely draw the same one.
 SPEC = """\
 name: {name}
@@ -52,8 +53,8 @@ evaluation:
   threads: 1
 latency:
   engine: ort
-  warmup: 1
-  runs: 3
+  warmup: 5
+  runs: 400
   threads: 1
 sensitivity:
   images: 2
@@ -127,7 +128,7 @@ def test_two_workers_one_study_survives_a_killed_worker(postgres_url, tmp_path):
             assert time.monotonic() < deadline, "worker b never ran a trial:\n" + log_b.read_text()[-4000:]
             assert wb.poll() is None, "worker b exited before it could be killed:\n" + log_b.read_text()[-4000:]
             assert wa.poll() is None or wa.returncode == 0, log_a.read_text()[-4000:]
-            time.sleep(0.5)
+            time.sleep(0.2)
             try:
                 trials = load(postgres_url, name).get_trials(deepcopy=False)
             except KeyError:
@@ -136,8 +137,8 @@ def test_two_workers_one_study_survives_a_killed_worker(postgres_url, tmp_path):
             b_done = [t for t in done if t.user_attrs.get("worker") == idb]
             b_running = [t for t in trials if t.state == S.RUNNING and t.user_attrs.get("worker") == idb
                          and t.datetime_start is not None
-                         and time.time() - t.datetime_start.timestamp() > 2.0]  # well inside the build
-            if b_running and (b_done or len(done) >= BUDGET - 2):
+                         and time.time() - t.datetime_start.timestamp() > 0.5]  # inside the build
+            if b_running and (b_done or len(done) >= BUDGET - 3):
                 os.kill(wb.pid, signal.SIGKILL)
                 wb.wait(10)
                 killed = [t.number for t in b_running]
