@@ -180,6 +180,7 @@ class StudyRunner:
                 study = optuna.create_study(storage=storage, study_name=name,
                                             directions=directions(self.settings.objectives), sampler=sampler)
                 created = True
+                study.set_metric_names([OBJECTIVES[o][2] for o in self.settings.objectives])
                 study.set_user_attr("key", self.study_key())
                 study.set_user_attr("objectives", self.settings.objectives)
                 study.set_user_attr("run_dir", str(self.ctx.run_dir.resolve()))
@@ -340,6 +341,12 @@ class StudyRunner:
             self._record(trial, outcome)
         metrics = {k: v for k, v in metrics.items() if k != "per_class"} | {"per_class": metrics.get("per_class")}
         metrics["map_drop"] = base["map50_95"] - metrics["map50_95"]
+        # flat scalars first: the dashboard's trial table sorts and filters on them
+        for key, value in (("mAP50-95", metrics["map50_95"]), ("mAP change (pt)", -100 * metrics["map_drop"]),
+                           ("latency ms", metrics.get("latency_ms")), ("weights MB", metrics["weight_bytes"] / 1e6),
+                           ("W4 weight share", metrics.get("w4_weight_share"))):
+            if value is not None:
+                trial.set_user_attr(key, round(float(value), 5))
         trial.set_user_attr("metrics", metrics)
         if self.settings.max_map_drop is not None:
             trial.set_user_attr("constraint", metrics["map_drop"] - self.settings.max_map_drop)
