@@ -131,8 +131,8 @@ def table_path(ctx: RunContext, metric: str) -> Path:
 
 
 def run_sweep(ctx: RunContext, *, metric: str | None = None, fresh: bool = False,
-              progress: bool = True) -> SensitivityTable:
-    """Load the cached table or compute it (and cache it)."""
+              progress: bool = True, heartbeat: Callable[[], None] | None = None) -> SensitivityTable:
+    """Load the cached table or compute it (and cache it); ``heartbeat`` is called after each probe."""
     metric = metric or ctx.spec.sensitivity.metric
     if metric not in METRICS:
         from search.errors import UserError
@@ -149,7 +149,7 @@ def run_sweep(ctx: RunContext, *, metric: str | None = None, fresh: bool = False
 
         scores, extra = fisher_sensitivity(ctx, candidates, progress=progress)
     else:
-        scores, extra = _probe_sweep(ctx, metric, candidates, progress=progress)
+        scores, extra = _probe_sweep(ctx, metric, candidates, progress=progress, heartbeat=heartbeat)
     table = SensitivityTable(metric, sweep_key(ctx, metric, candidates), [g.name for g in ctx.groups], scores,
                              time.perf_counter() - start, extra)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,9 @@ def torch_callable(module: Any, batch_size: int = 16) -> Callable[[np.ndarray], 
     return run
 
 
-def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision],
-                 progress: bool = True) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision], progress: bool = True,
+                 heartbeat: Callable[[], None] | None = None,
+                 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Quantize each group alone at each candidate and measure the damage."""
     from rich.progress import (
         BarColumn,
@@ -241,6 +242,8 @@ def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision],
             entry["damage"] = float(entry["damage"]) if math.isfinite(entry["damage"]) else 1.0
             scores[g.name][str(p)] = entry
             bar.advance(task)
+            if heartbeat is not None:
+                heartbeat()
     return scores, extra
 
 

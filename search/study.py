@@ -180,6 +180,9 @@ class StudyRunner:
                 study = optuna.create_study(storage=storage, study_name=name,
                                             directions=directions(self.settings.objectives), sampler=sampler)
                 created = True
+                # claim the sweep at once: a worker that loads the study meanwhile waits for it
+                study.set_user_attr("sweep_owner", self.worker)
+                study.set_user_attr("sweep_heartbeat", time.time())
                 study.set_metric_names([OBJECTIVES[o][2] for o in self.settings.objectives])
                 study.set_user_attr("key", self.study_key())
                 study.set_user_attr("objectives", self.settings.objectives)
@@ -221,13 +224,14 @@ class StudyRunner:
         if not created:
             # another worker owns the sweep: wait for it, or take over if its heartbeat stopped
             waited = 0.0
+            started = time.time()
             while True:
                 attrs = study.user_attrs
                 if "sensitivity" in attrs:
                     table = SensitivityTable.from_json(json.loads(attrs["sensitivity"]))
                     self._save_local(table)
                     return table
-                beat = float(attrs.get("sweep_heartbeat", 0.0))
+                beat = float(attrs.get("sweep_heartbeat", started))
                 if time.time() - beat > SWEEP_STALE_S:
                     self.log(f"sweep owner {attrs.get('sweep_owner', '?')} is silent: taking the sweep over")
                     break
@@ -237,8 +241,15 @@ class StudyRunner:
                 waited += 3.0
         study.set_user_attr("sweep_owner", self.worker)
         study.set_user_attr("sweep_heartbeat", time.time())
+        last = [time.time()]
+
+        def heartbeat() -> None:  # keeps waiting workers from taking a long sweep over
+            if time.time() - last[0] > SWEEP_STALE_S / 6:
+                last[0] = time.time()
+                study.set_user_attr("sweep_heartbeat", last[0])
+
         cached = load_cached(self.ctx)
-        table = cached if cached is not None else run_sweep(self.ctx, progress=self.progress)
+        table = cached if cached is not None else run_sweep(self.ctx, progress=self.progress, heartbeat=heartbeat)
         study.set_user_attr("sweep_heartbeat", time.time())
         if self.settings.seed_policies and not study.user_attrs.get("policies_enqueued"):
             self._enqueue_policies(study, table)
