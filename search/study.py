@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,7 +184,9 @@ class StudyRunner:
                 # claim the sweep at once: a worker that loads the study meanwhile waits for it
                 study.set_user_attr("sweep_owner", self.worker)
                 study.set_user_attr("sweep_heartbeat", time.time())
-                study.set_metric_names([OBJECTIVES[o][2] for o in self.settings.objectives])
+                with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names([OBJECTIVES[o][2] for o in self.settings.objectives])
                 study.set_user_attr("key", self.study_key())
                 study.set_user_attr("objectives", self.settings.objectives)
                 study.set_user_attr("run_dir", str(self.ctx.run_dir.resolve()))
@@ -396,6 +399,7 @@ class StudyRunner:
         budget = self.settings.budget
         max_total = budget * 4 + 20
         waiting_since = 0.0
+        reported: set[int] = set()
         while True:
             # a killed worker's RUNNING trial: FAIL once its heartbeat is older than the grace period
             # (and retried once, as a WAITING copy that the next optimize() picks up)
@@ -418,14 +422,16 @@ class StudyRunner:
                 raise UserError(f"the first {c['failed']} trials failed; last reason: {fails[-1]}")
             if c["failed"] > budget:
                 raise UserError(f"{c['failed']} trials failed; see the 'failure' user attribute of each")
-            before = len(study.get_trials(deepcopy=False))
             study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            trials = study.get_trials(deepcopy=False)
-            if on_trial is not None and len(trials) > before:
-                last = max((t for t in trials if t.user_attrs.get("worker") == self.worker),
-                           key=lambda t: t.number, default=None)
-                if last is not None:
-                    on_trial(last, self.counts(study))
+            if on_trial is not None:
+                import optuna
+
+                mine = [t for t in study.get_trials(deepcopy=False)
+                        if t.user_attrs.get("worker") == self.worker and t.number not in reported
+                        and t.state != optuna.trial.TrialState.RUNNING]
+                for t in sorted(mine, key=lambda t: t.number):
+                    reported.add(t.number)
+                    on_trial(t, self.counts(study))
         return study
 
 
