@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--trial", type=int, action="append", help="trial number (repeatable)")
+    which.add_argument("--trial", type=int, nargs="+", action="extend",
+                       help="trial number(s): --trial 19 10, or repeated --trial 19 --trial 10")
     which.add_argument("--front", action="store_true", help="every configuration of the Pareto front")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--storage", default=None, help="study storage URL (default: the run dir's own)")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from search.console import console, console_err
     from search.context import RunContext
     from search.errors import UserError
-    from search.report import collect, load_run, pareto_front
+    from search.report import collect, load_run, pareto_front, short_label
     from search.runs import versions, write_json
     from search.study import assignment_of
 
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(args.run_dir) / "export"
     ctx = RunContext(spec, run_dir=Path(args.run_dir), device=args.device)
     base = ctx.float_metrics()
-    table = Table(title=f"exported from {args.run_dir}")
-    for col in ("trial", "label", "mAP50-95 (study)", "mAP50-95 (verified)", "drop", "latency ms", "W4 share", "ONNX"):
-        table.add_column(col, justify="left" if col in ("label", "ONNX") else "right")
+    table = Table(title=f"exported to {out}/{spec.name}-trial<#>.onnx + .json (mAP re-measured on the re-built model)")
+    for col in ("#", "study mAP", "verified", "vs float", "ms", "W4", "layers"):
+        table.add_column(col, justify="left" if col == "layers" else "right")
     for n in numbers:
         t = by_number[n]
         assignment = assignment_of(t)
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
-        table.add_row(str(n), outcome.summary["label"], f"{recorded.get('map50_95', float('nan')):.4f}",
-                      f"{verified['map50_95']:.4f}", f"{100 * (verified['map50_95'] - base['map50_95']):+.2f} pt",
-                      f"{verified['latency_ms']:.3g}", f"{100 * verified['w4_weight_share']:.0f}%", str(onnx_path))
+        table.add_row(str(n), f"{recorded.get('map50_95', float('nan')):.4f}", f"{verified['map50_95']:.4f}",
+                      f"{100 * (verified['map50_95'] - base['map50_95']):+.2f}", f"{verified['latency_ms']:.3g}",
+                      f"{100 * verified['w4_weight_share']:.0f}%", short_label(outcome.summary))
     console.print(table)
     return 0
