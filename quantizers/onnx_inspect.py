@@ -132,8 +132,10 @@ def _weight_bits(graph: _Graph, name: str) -> tuple[int, str]:
         zp = graph.const(src.input[2]) if len(src.input) > 2 else None
         if clip:
             return clip[0], f"QuantizeLinear -> {clip[1]} -> DequantizeLinear"
-        bits = _int_bits(zp)[0] if zp is not None else 8
-        return bits, "QuantizeLinear -> DequantizeLinear"
+        # The container type decides (int4/uint4: 4 bits, int8/uint8: 8). The zero point's
+        # *values* say nothing about the range of the quantized weights (they are usually 0).
+        bits = 4 if zp is not None and "int4" in str(zp.dtype) else 8
+        return bits, f"QuantizeLinear({zp.dtype if zp is not None else 'uint8'}) -> DequantizeLinear"
     arr = graph.const(src_name)
     if clip:
         return clip[0], f"{arr.dtype if arr is not None else '?'} -> {clip[1]} -> DequantizeLinear"
