@@ -5,6 +5,13 @@ As in the seeds' measurements: ``warmup`` untimed runs, then ``runs`` timed
 monotonic wall clock (host <-> device copies included, pre/post-processing excluded).
 Reported: mean, median, p90, min (ms per batch) and images/s at the median; the provider
 actually used, the device, threads and ONNX Runtime version are recorded.
+
+With a ``reference`` model (the search passes the float ONNX), both are warmed up and their
+timed runs alternate (candidate, reference, candidate, ...), and the result also carries the
+reference's median and the median of the per-pair ratios. A shared or boosting CPU changes
+speed by up to 1.7x within a minute on the development machine (docs/benchmarks.md), which
+moves absolute milliseconds measured minutes apart; the ratio of two models timed in the
+same window does not move.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,39 +66,68 @@ class OrtLatencyEvaluator:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.seed = seed
 
-    def evaluate(self, onnx_path: str | os.PathLike[str]) -> LatencyResult:
-        """Time ``onnx_path``; returns :class:`~evaluators.base.LatencyResult` (ms per batch)."""
-        import onnxruntime as ort
-
+    def _open(self, onnx_path: str | os.PathLike[str]) -> tuple[Any, Any, Any, dict[str, Any], list[str], int]:
         source = str(onnx_path)
-        t0 = time.perf_counter()
         sess, report, io = open_session(onnx_path, providers=self.providers, threads=self.threads,
                                         disable_cpu_fallback=self.disable_cpu_fallback, cache_dir=self.cache_dir)
-        session_s = time.perf_counter() - t0
         fixed = check_image_input(io, self.imgsz, source)
         batch = fixed or self.batch_size
         dtype = np.float16 if io.input_type == "tensor(float16)" else np.float32
         x = np.random.default_rng(self.seed).random((batch, 3, self.imgsz, self.imgsz)).astype(dtype)
-        feed = {io.input_name: x}
-        names = list(io.output_names)
+        return sess, report, io, {io.input_name: x}, list(io.output_names), batch
+
+    def evaluate(self, onnx_path: str | os.PathLike[str],
+                 reference: str | os.PathLike[str] | None = None) -> LatencyResult:
+        """Time ``onnx_path``; returns :class:`~evaluators.base.LatencyResult` (ms per batch).
+
+        With ``reference``, that model is timed in alternation with this one (same warm-up,
+        same number of runs) and ``extra`` gains ``reference_median_ms`` and ``ratio``
+        (median of the per-pair ratios candidate / reference).
+        """
+        import onnxruntime as ort
+
+        source = str(onnx_path)
+        t0 = time.perf_counter()
+        sess, report, io, feed, names, batch = self._open(onnx_path)
+        ref = self._open(reference) if reference is not None else None
+        session_s = time.perf_counter() - t0
+
+        def timed(s: Any, n: list[str], f: dict[str, Any]) -> float:
+            start = time.perf_counter_ns()
+            s.run(n, f)
+            return (time.perf_counter_ns() - start) / 1e6
+
+        times: list[float] = []
+        ref_times: list[float] = []
+        current = source
         try:
             for _ in range(self.warmup):
+                current = source
                 sess.run(names, feed)
-            times = []
+                if ref is not None:
+                    current = str(reference)
+                    ref[0].run(ref[4], ref[3])
             for _ in range(self.runs):
-                start = time.perf_counter_ns()
-                sess.run(names, feed)
-                times.append((time.perf_counter_ns() - start) / 1e6)
+                current = source
+                times.append(timed(sess, names, feed))
+                if ref is not None:
+                    current = str(reference)
+                    ref_times.append(timed(ref[0], ref[4], ref[3]))
         except Exception as exc:  # noqa: BLE001 - ORT's runtime errors name the node
-            raise ModelFormatError(f"{source}: ONNX Runtime failed to run it on a {list(x.shape)} input: "
-                                   f"{str(exc).splitlines()[0][:300]}") from None
+            raise ModelFormatError(f"{current}: ONNX Runtime failed to run it on a {list(feed.values())[0].shape} "
+                                   f"input: {str(exc).splitlines()[0][:300]}") from None
         stats = summarize_ms(times)
+        extra: dict[str, Any] = {
+            "onnx": source, "onnx_sha256": file_digest(onnx_path), "std_ms": stats["std_ms"],
+            "session_s": round(session_s, 4), "imgsz": self.imgsz, "onnxruntime": ort.__version__,
+            "session": report.to_dict(), "timing": "wall clock around session.run (host<->device copies included)"}
+        if ref is not None:
+            ref_stats = summarize_ms(ref_times)
+            extra.update(reference=str(reference), reference_median_ms=ref_stats["median_ms"],
+                         reference_p90_ms=ref_stats["p90_ms"],
+                         ratio=float(np.median(np.asarray(times) / np.asarray(ref_times))),
+                         interleaved="timed runs alternate candidate / reference")
         return LatencyResult(
             engine="ort", provider=report.provider, device=report.device, batch_size=batch, threads=self.threads,
             warmup=self.warmup, runs=self.runs, mean_ms=stats["mean_ms"], median_ms=stats["median_ms"],
-            p90_ms=stats["p90_ms"], min_ms=stats["min_ms"], fps=1000.0 * batch / stats["median_ms"],
-            extra={"onnx": source, "onnx_sha256": file_digest(onnx_path), "std_ms": stats["std_ms"],
-                   "session_s": round(session_s, 4), "imgsz": self.imgsz, "onnxruntime": ort.__version__,
-                   "session": report.to_dict(),
-                   "timing": "wall clock around session.run (host<->device copies included)"},
-        )
+            p90_ms=stats["p90_ms"], min_ms=stats["min_ms"], fps=1000.0 * batch / stats["median_ms"], extra=extra)

@@ -199,7 +199,7 @@ class RunContext:
             data = read_json(cache)
             if data.get("key") == key:
                 return dict(data["metrics"])
-        outcome = self._evaluate_onnx(onnx_path, Assignment(), {})
+        outcome = self._evaluate_onnx(onnx_path, Assignment(), {}, reference=False)
         write_json(cache, {"key": key, "metrics": outcome})
         return outcome
 
@@ -213,19 +213,40 @@ class RunContext:
         self.backend.capabilities.check(self.model.layers, assignment)
         return self.backend.materialize(self.model, assignment, self.calibration)
 
-    def _evaluate_onnx(self, onnx_path: Path, assignment: Assignment, timings: dict[str, float]) -> dict[str, Any]:
+    def _evaluate_onnx(self, onnx_path: Path, assignment: Assignment, timings: dict[str, float], *,
+                       reference: bool = True) -> dict[str, Any]:
+        """COCO accuracy, latency and cost of one ONNX model.
+
+        With ``latency.reference: float`` (ort engine), the model is timed in alternation
+        with the float model, and ``latency_ms`` is its ratio to float times the float
+        baseline's milliseconds (``latency_measured_ms`` keeps the raw median).
+        """
+        base_ms = None
+        ref_onnx = None
+        if reference and self.spec.latency.reference == "float" and self.spec.latency.engine == "ort":
+            base_ms = float(self.float_metrics()["latency_ms"])
+            ref_onnx = self.float_onnx()
         t0 = time.perf_counter()
         acc = self.coco.evaluate(onnx_path)
         timings["evaluate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lat = self.latency.evaluate(onnx_path)
+        lat = (self.latency.evaluate(onnx_path, reference=ref_onnx) if ref_onnx is not None
+               else self.latency.evaluate(onnx_path))
         timings["latency"] = time.perf_counter() - t0
         cost = self.cost(assignment)
+        latency: dict[str, Any] = {"latency_ms": lat.median_ms, "latency_p90_ms": lat.p90_ms,
+                                   "latency_measured_ms": lat.median_ms}
+        if base_ms is not None and "ratio" in lat.extra:
+            ratio = float(lat.extra["ratio"])
+            scale = base_ms / float(lat.extra["reference_median_ms"])
+            latency = {"latency_ms": ratio * base_ms, "latency_p90_ms": lat.p90_ms * scale,
+                       "latency_measured_ms": lat.median_ms, "latency_ratio": ratio,
+                       "latency_float_same_window_ms": float(lat.extra["reference_median_ms"])}
         return {
             "map50_95": acc.map50_95, "map50": acc.map50, "map75": acc.map75,
             "per_class": acc.per_class, "images_per_s": acc.images_per_s, "provider": acc.provider,
-            "latency_ms": lat.median_ms, "latency_p90_ms": lat.p90_ms, "latency_provider": lat.provider,
-            "latency_device": lat.device, "latency_batch": lat.batch_size,
+            **latency, "latency_provider": lat.provider, "latency_device": lat.device,
+            "latency_batch": lat.batch_size,
             "weight_bytes": cost["weight_bytes"], "size_ratio": cost["size_ratio"], "bops": cost["bops"],
             "w4_weight_share": cost["w4_weight_share"], "onnx_bytes": onnx_path.stat().st_size,
         }
@@ -273,7 +294,8 @@ class RunContext:
         """What, besides the assignment, decides a trial's result."""
         return {"model": self.model_digest, "data": self.data_digest, "imgsz": self.spec.imgsz,
                 "backend": self.spec.backend.model_dump(mode="json"),
-                "eval": self.spec.evaluation.model_dump(mode="json")}
+                "eval": self.spec.evaluation.model_dump(mode="json"),
+                "latency": self.spec.latency.model_dump(mode="json")}
 
 
 def precision_label(p: Precision) -> str:

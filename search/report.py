@@ -269,6 +269,7 @@ def row_values(r: TrialRow) -> dict[str, Any]:
     m = r.metrics
     return {"number": r.number, "label": r.label, "policy": r.policy, "map50_95": m.get("map50_95"),
             "map_drop": m.get("map_drop"), "map50": m.get("map50"), "latency_ms": m.get("latency_ms"),
+            "latency_ratio": m.get("latency_ratio"), "latency_measured_ms": m.get("latency_measured_ms"),
             "weight_mb": float(m.get("weight_bytes", 0)) / 1e6, "size_ratio": m.get("size_ratio"),
             "w4_weight_share": m.get("w4_weight_share"), "a8_layers": r.summary.get("a8_layers"),
             "gbops": float(m.get("bops", 0)) / 1e9, "artifact": r.artifact, "digest": r.digest,
@@ -336,9 +337,11 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     rep.files["pareto.csv"] = out / "pareto.csv"
     rep.files["trials.csv"] = out / "trials.csv"
     images: dict[str, str] = {}
+    relative = any("latency_ratio" in r.metrics for r in rows)
+    lat_label = ("latency (ms: median ratio to float, timed alongside, x float's ms; "
+                 if relative else "latency (ms, median, ") + str(base.get("latency_provider", "")) + ")"
     images["map_vs_latency"] = plot_pareto(rows, pareto_front(rows, ["map", "latency"]), base, "latency_ms",
-                                           "latency (ms, median, " + str(base.get("latency_provider", "")) + ")",
-                                           out / "pareto_map_latency.png")
+                                           lat_label, out / "pareto_map_latency.png")
     images["map_vs_size"] = plot_pareto(rows, pareto_front(rows, ["map", "size"]), base, "weight_bytes",
                                         "weight size (MB, log scale)", out / "pareto_map_size.png", x_scale=1e-6,
                                         log_x=True)
@@ -364,7 +367,8 @@ def _layer_sort_key(name: str) -> tuple[Any, ...]:
 def _write_csv(path: Path, rows: Sequence[TrialRow]) -> None:
     from search.runs import atomic_path
 
-    keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "weight_mb", "size_ratio",
+    keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "latency_ratio",
+            "latency_measured_ms", "weight_mb", "size_ratio",
             "w4_weight_share", "a8_layers", "gbops", "feasible", "digest", "artifact"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -457,6 +461,11 @@ def html_page(rep: Report, images: dict[str, str]) -> str:
     if base:
         base_txt = (f"Float baseline: mAP50-95 <b>{base['map50_95']:.4f}</b>, latency {base['latency_ms']:.3g} ms "
                     f"({esc(str(base.get('latency_provider', '')))}), weights {base['weight_bytes'] / 1e6:.2f} MB.")
+        if any("latency_ratio" in r.metrics for r in rep.rows):
+            base_txt += (" Each trial's model was timed in alternation with the float model; its latency is "
+                         "its median ratio to float times the float baseline's milliseconds, so a CPU whose "
+                         "speed drifts during the search does not reorder trials (raw milliseconds: "
+                         "<code>latency_measured_ms</code> in trials.csv).")
     t = _timing_means(rep.rows)
     timing = (f"<p>Mean time per evaluated trial: materialize {t['materialize']:.2f} s, export {t['export']:.2f} s, "
               f"COCO eval {t['evaluate']:.2f} s, latency {t['latency']:.2f} s (total {t['total']:.2f} s).</p>"

@@ -149,6 +149,11 @@ class LatencySpec(_Base):
     batch_size: int = Field(default=1, gt=0)
     threads: int | None = Field(default=None, gt=0)
     fp16: bool = Field(default=True, description="TensorRT: allow FP16 kernels beside INT8.")
+    reference: Literal["float", "none"] = Field(
+        default="float", description="ort: time every trial's model in alternation with the float model and "
+        "report its latency as (its ratio to float, measured in the same window) x the float baseline's "
+        "milliseconds, so that a CPU whose speed drifts (shared machines, frequency boosting) does not "
+        "reorder trials measured minutes apart; the raw milliseconds are kept too. none: raw only.")
 
 
 class BrevitasOptions(_Base):

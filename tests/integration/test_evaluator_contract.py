@@ -297,6 +297,32 @@ def test_latency_contract(engine, float_onnx, demo_model):
     _strict_json(r.to_dict())
 
 
+def _tiny_onnx(path, imgsz: int):
+    """A model with the detector's input and almost no compute (a global mean)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["images"], ["out"], keepdims=1)], "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_latency_interleaved_with_a_reference_gives_the_ratio(float_onnx, demo_model, tmp_path):
+    """Timed runs alternate candidate / reference; the ratio is the median of per-pair ratios."""
+    ev = _latency_evaluator("ort", demo_model.imgsz)
+    same = ev.evaluate(float_onnx, reference=float_onnx)
+    assert same.extra["reference"] == str(float_onnx) and same.extra["reference_median_ms"] > 0
+    assert 0.6 < same.extra["ratio"] < 1.6  # the same model in the same window
+    tiny = _tiny_onnx(tmp_path / "tiny.onnx", demo_model.imgsz)
+    r = ev.evaluate(float_onnx, reference=tiny)
+    assert r.extra["ratio"] > 3.0 and r.extra["reference_median_ms"] < r.median_ms
+    assert "ratio" not in ev.evaluate(float_onnx).extra
+    _strict_json(r.to_dict())
+
+
 @pytest.mark.parametrize("engine", ["ort", pytest.param("tensorrt", marks=pytest.mark.gpu)])
 def test_latency_wrong_input_size_is_named(engine, float_onnx):
     with pytest.raises(ModelFormatError, match="expected"):

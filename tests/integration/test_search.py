@@ -70,6 +70,10 @@ def test_run_writes_the_run_directory_and_trials(finished_run: tuple[Path, Path]
         assert json.loads((trial_dir / "assignment.json").read_text())["digest"] == ua["digest"]
         m = ua["metrics"]
         assert 0.0 <= m["map50_95"] <= 1.0 and m["latency_ms"] > 0 and m["weight_bytes"] > 0
+        # latency timed in alternation with the float model, expressed in the float baseline's frame
+        base_ms = json.loads((run_dir / "float" / "baseline.json").read_text())["metrics"]["latency_ms"]
+        assert m["latency_ratio"] > 0 and m["latency_float_same_window_ms"] > 0 and m["latency_measured_ms"] > 0
+        assert m["latency_ms"] == pytest.approx(m["latency_ratio"] * base_ms)
         assert t.values == [m["map50_95"], m["weight_bytes"]]
         assert set(ua["timings"]) >= {"materialize", "export", "evaluate", "latency", "total"}
 
