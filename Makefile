@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 
 # The main job on the bundled offline demo (synthetic shapes + a YOLOv10n trained on them):
 # the layers, the float baseline, the search (sweep + 50 trials + report in runs/demo/report),
-# and the Pareto front exported as QCDQ ONNX, re-verified (runs/demo/export). About 5.5 minutes
+# and the Pareto front exported as QCDQ ONNX, re-verified (runs/demo/export). About 5 minutes
 # on a 2-core CPU after the install.
 demo: install
 	$(BIN)/search inspect
