@@ -150,3 +150,39 @@ def count_qdq_nodes(onnx_path: Path | str) -> dict[str, int]:
                             "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def export_metadata(proto: Any, path: Path, qmodel: QuantizedModel, *, backend: str, fmt: str, exporter: str,
+                    options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export metadata every backend writes, as (graph part, provenance part).
+
+    Graph: format, backend, exporter, opset, input/output layout, Q/DQ node counts (read
+    back from the saved file at ``path``) and op counts of ``proto``. Provenance: the
+    assignment (digest, label, summary, layers), the backend options, library versions,
+    materialize timings, file size and source model. Backends put their own keys between.
+    """
+    from search.runs import versions
+
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    base = qmodel.base
+    layers = base.layers
+    graph = {
+        "format": fmt, "backend": backend, "exporter": exporter,
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "input": {"name": "images", "shape": ["batch", 3, base.imgsz, base.imgsz]},
+        "output": {"name": "output0", "layout": base.layout, "shape": ["batch", *base.output_shape(1)[1:]]},
+        "node_counts": count_qdq_nodes(path),
+        "op_counts": dict(sorted(ops.items())),
+    }
+    provenance = {
+        "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
+                       "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
+        "options": options.model_dump(mode="json"),
+        "versions": versions(),
+        "materialize_seconds": dict(qmodel.timings),
+        "file_bytes": path.stat().st_size,
+        "source_model": str(base.source),
+    }
+    return graph, provenance

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes
+from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
 from search.assignment import Assignment, Precision
 from search.errors import UserError
 
@@ -414,7 +414,7 @@ class BrevitasBackend:
         import torch
         from brevitas.export import export_onnx_qcdq
 
-        from search.runs import atomic_path, versions, write_json
+        from search.runs import atomic_path, write_json
 
         if qmodel.module is None:
             raise BrevitasError("this QuantizedModel has no torch module to export")
@@ -439,22 +439,13 @@ class BrevitasBackend:
             _stamp(graph, qmodel)
             onnx.save(graph, str(tmp))
         seconds = time.perf_counter() - start
-        counts = count_qdq_nodes(path)
-        all_ops: dict[str, int] = {}
-        for node in graph.graph.node:
-            all_ops[node.op_type] = all_ops.get(node.op_type, 0) + 1
-        layers = qmodel.base.layers
+        graph_meta, provenance = export_metadata(
+            graph, path, qmodel, backend=self.name, fmt="QCDQ", options=self.options,
+            exporter="brevitas.export.export_onnx_qcdq (torch legacy TorchScript exporter, dynamo=False)")
+        counts = graph_meta["node_counts"]
         metadata = {
-            "format": "QCDQ",
-            "backend": self.name,
-            "exporter": "brevitas.export.export_onnx_qcdq (torch legacy TorchScript exporter, dynamo=False)",
-            "opset": OPSET,
-            "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz]},
-            "output": {"name": "output0", "layout": qmodel.base.layout,
-                       "shape": ["batch", *qmodel.base.output_shape(1)[1:]]},
-            "node_counts": counts,
+            **graph_meta,
             "node_counts_before_optimizer": counts_raw,
-            "op_counts": dict(sorted(all_ops.items())),
             "onnxoptimizer": optimizer_info,
             "weight_containers": {
                 "4": "int8 initializer -> Clip[-7, 7] -> DequantizeLinear (per-channel float scale, zero point 0)",
@@ -464,15 +455,9 @@ class BrevitasBackend:
             "activations": ("A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, "
                             + ("int8, zero point 0" if self.options.act_quant_type == "sym"
                                else "uint8 with zero point")),
-            "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
-                           "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
-            "options": self.options.model_dump(mode="json"),
-            "versions": versions(),
+            **provenance,
             "device": str(device),
-            "materialize_seconds": dict(qmodel.timings),
             "export_seconds": {"torch_export": round(t_export, 4), "total": round(seconds, 4)},
-            "file_bytes": path.stat().st_size,
-            "source_model": str(qmodel.base.source),
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes
+from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, export_metadata
 from search.assignment import Assignment, Precision
 from search.errors import UserError
 
@@ -406,7 +406,7 @@ class ModelOptBackend:
         import onnx
         import torch
 
-        from search.runs import atomic_path, versions, write_json
+        from search.runs import atomic_path, write_json
 
         if qmodel.module is None:
             raise ModelOptError("this QuantizedModel has no torch module to export")
@@ -433,39 +433,23 @@ class ModelOptBackend:
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
-        counts = count_qdq_nodes(path)
-        ops: dict[str, int] = {}
-        for node in proto.graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        final_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        layers = qmodel.base.layers
+        graph_meta, provenance = export_metadata(
+            proto, path, qmodel, backend=self.name, fmt="QDQ", options=self.options,
+            exporter="torch.onnx.export (legacy TorchScript exporter, dynamo=False) with ModelOpt's Q/DQ "
+                     "symbolics; quantized weights rewritten as integer initializers + DequantizeLinear")
+        counts = graph_meta["node_counts"]
         metadata = {
-            "format": "QDQ",
-            "backend": self.name,
-            "exporter": "torch.onnx.export (legacy TorchScript exporter, dynamo=False) with ModelOpt's Q/DQ "
-                        "symbolics; quantized weights rewritten as integer initializers + DequantizeLinear",
-            "opset": final_opset,
-            "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz]},
-            "output": {"name": "output0", "layout": qmodel.base.layout,
-                       "shape": ["batch", *qmodel.base.output_shape(1)[1:]]},
-            "node_counts": counts,
-            "op_counts": dict(sorted(ops.items())),
+            **graph_meta,
             "weight_storage": WEIGHT_STORAGE[w4_format],
             "w4_format": w4_format,
             "modelopt_w4_export": MODELOPT_W4_EXPORT,
             "weight_rewrite": rewrite,
             "activations": "A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, int8, zero point 0, "
                            f"scale amax/127 ({self.options.calibration} calibration)",
-            "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
-                           "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
-            "options": self.options.model_dump(mode="json"),
-            "versions": versions(),
+            **provenance,
             "device": str(device),
-            "materialize_seconds": dict(qmodel.timings),
             "export_seconds": {"torch_export": round(t_export, 4), "weight_rewrite": round(t_rewrite, 4),
                                "total": round(seconds, 4)},
-            "file_bytes": path.stat().st_size,
-            "source_model": str(qmodel.base.source),
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)

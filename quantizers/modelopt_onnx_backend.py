@@ -63,7 +63,7 @@ from quantizers.base import (
     ExportResult,
     QuantizedModel,
     UnsupportedPrecisionError,
-    count_qdq_nodes,
+    export_metadata,
 )
 from search.assignment import Assignment, LayerInfo, Precision
 from search.errors import UserError
@@ -251,7 +251,7 @@ class ModelOptOnnxBackend:
         import onnx
 
         from quantizers.modelopt_backend import stamp
-        from search.runs import atomic_path, versions, write_json
+        from search.runs import atomic_path, write_json
 
         if qmodel.onnx_path is None or not Path(qmodel.onnx_path).is_file():
             raise ModelOptOnnxError(f"this QuantizedModel has no ONNX file to export ({qmodel.onnx_path})")
@@ -262,24 +262,13 @@ class ModelOptOnnxBackend:
         with atomic_path(path) as tmp:
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
-        counts = count_qdq_nodes(path)
-        ops: dict[str, int] = {}
-        for node in proto.graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        imgsz = qmodel.base.imgsz
-        layers = qmodel.base.layers
+        graph_meta, provenance = export_metadata(
+            proto, path, qmodel, backend=self.name, fmt="QDQ", options=self.options,
+            exporter="modelopt.onnx.quantization.quantize (quantize_mode int8) on the float ONNX of "
+                     "search.model.export_onnx (legacy exporter, dynamo=False)")
+        counts = graph_meta["node_counts"]
         metadata = {
-            "format": "QDQ",
-            "backend": self.name,
-            "exporter": "modelopt.onnx.quantization.quantize (quantize_mode int8) on the float ONNX of "
-                        "search.model.export_onnx (legacy exporter, dynamo=False)",
-            "opset": opset,
-            "input": {"name": "images", "shape": ["batch", 3, imgsz, imgsz]},
-            "output": {"name": "output0", "layout": qmodel.base.layout,
-                       "shape": ["batch", *qmodel.base.output_shape(1)[1:]]},
-            "node_counts": counts,
-            "op_counts": dict(sorted(ops.items())),
+            **graph_meta,
             "weight_storage": {
                 "8": ("int8 initializer -> DequantizeLinear (ModelOpt dq_only" if self.options.dq_only else
                       "float initializer -> QuantizeLinear -> DequantizeLinear (ModelOpt default")
@@ -290,14 +279,8 @@ class ModelOptOnnxBackend:
                            f"({self.options.calibration} calibration); one Q/DQ pair per tensor, shared by the "
                            "quantized consumers of that tensor",
             "graph_check": qmodel.info.get("graph_check", {}),
-            "assignment": {"digest": qmodel.assignment.digest(), "label": qmodel.assignment.label(layers),
-                           "summary": qmodel.assignment.summary(layers), "layers": qmodel.assignment.to_dict()},
-            "options": self.options.model_dump(mode="json"),
-            "versions": versions(),
-            "materialize_seconds": dict(qmodel.timings),
+            **provenance,
             "export_seconds": {"total": round(seconds, 4)},
-            "file_bytes": path.stat().st_size,
-            "source_model": str(qmodel.base.source),
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
