@@ -73,3 +73,22 @@ def match_detections(ref: np.ndarray, out: np.ndarray, conf: float = 0.25) -> tu
             ious.append(float(iou[k]))
             dscores.append(float(abs(same[k, 4] - det[4])))
     return np.array(ious), np.array(dscores)
+
+
+def sanity_evaluation(spec: Any, model: Any, subset: Any, out: Path) -> tuple[Any, Any, float, Path]:
+    """What the uniform-PTQ sanity tests share: the study's COCO evaluator, its calibration set
+    (as the search builds it) and the float model's mAP50-95, with exports under ``out``."""
+    from evaluators.coco import CocoEvaluator
+    from quantizers.base import CalibrationSet
+    from search.data import preprocess_many, read_calibration_list
+    from search.model import export_onnx
+
+    cal = spec.calibration
+    paths = read_calibration_list(cal.source, cal.max_images)
+    images, _ = preprocess_many(paths, model.imgsz, progress=False)
+    calib = CalibrationSet(images=images, paths=paths, batch_size=cal.batch_size)
+    coco = CocoEvaluator(subset=subset, names=model.names, imgsz=model.imgsz, settings=spec.evaluation,
+                         cache_dir=out, progress=False)
+    float_map = coco.evaluate(export_onnx(model.module, out / "float.onnx", model.imgsz)).map50_95
+    assert float_map > 0.1, "the demo model should detect shapes"
+    return coco, calib, float_map, out

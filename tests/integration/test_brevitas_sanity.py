@@ -18,27 +18,14 @@ is in docs/benchmarks.md, "Brevitas backend" (``benchmarks/bench_brevitas.py``).
 from __future__ import annotations
 
 import pytest
+from quantizer_helpers import sanity_evaluation
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def evaluation(demo_spec, demo_model, demo_subset, tmp_path_factory):
-    from evaluators.coco import CocoEvaluator
-    from quantizers.base import CalibrationSet
-    from search.data import preprocess_many, read_calibration_list
-    from search.model import export_onnx
-
-    cal = demo_spec.calibration
-    paths = read_calibration_list(cal.source, cal.max_images)
-    images, _ = preprocess_many(paths, demo_model.imgsz, progress=False)
-    calib = CalibrationSet(images=images, paths=paths, batch_size=cal.batch_size)
-    out = tmp_path_factory.mktemp("brevitas-sanity")
-    coco = CocoEvaluator(subset=demo_subset, names=demo_model.names, imgsz=demo_model.imgsz,
-                         settings=demo_spec.evaluation, cache_dir=out, progress=False)
-    float_map = coco.evaluate(export_onnx(demo_model.module, out / "float.onnx", demo_model.imgsz)).map50_95
-    assert float_map > 0.1, "the demo model should detect shapes"
-    return coco, calib, float_map, out
+    return sanity_evaluation(demo_spec, demo_model, demo_subset, tmp_path_factory.mktemp("brevitas-sanity"))
 
 
 def _map(demo_model, evaluation, precision: str, **options) -> float:
