@@ -115,8 +115,9 @@ def trial_line(t) -> str:  # noqa: ANN001
     pol = f" [cyan]{ua['policy']}[/]" if ua.get("policy") else ""
     times = (f" [dim]mat {tm.get('materialize', 0):.1f}s exp {tm.get('export', 0):.1f}s "
              f"eval {tm.get('evaluate', 0):.1f}s lat {tm.get('latency', 0):.1f}s[/]") if tm and not dup else ""
+    ratio = f" (x{m['latency_ratio']:.2f} float)" if "latency_ratio" in m else ""
     return (f"  #{t.number:<3} W4 {100 * m.get('w4_weight_share', 0):3.0f}%  mAP {m.get('map50_95', 0):.4f} "
-            f"({-100 * m.get('map_drop', 0):+.2f} pt)  {m.get('latency_ms', 0):.2f} ms  "
+            f"({-100 * m.get('map_drop', 0):+.2f} pt)  {m.get('latency_ms', 0):.2f} ms{ratio}  "
             f"{m.get('weight_bytes', 0) / 1e6:.2f} MB{dup}{pol}{times}")
 
 
