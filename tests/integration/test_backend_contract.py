@@ -39,7 +39,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from quantizer_helpers import cached, calibration_set, match_detections, workdir
+from quantizer_helpers import cached, match_detections, workdir
 
 from quantizers import Capabilities, UnsupportedPrecisionError, count_qdq_nodes, get_backend
 from quantizers.onnx_inspect import layer_precisions
@@ -52,25 +52,25 @@ CONTRACT_BACKENDS = ["brevitas", "modelopt", "modelopt-onnx"]
 ALL_LOW = [Precision(w, a) for w in WEIGHT_BITS for a in ACT_BITS if (w, a) != (16, 16)]
 
 
+# Backends that materialize a torch fake-quant model (modelopt-onnx quantizes the ONNX graph).
+TORCH_BACKENDS = ["brevitas", "modelopt"]
+
+
+def _backend(name: str):
+    try:
+        return cached(f"backend:{name}", lambda: get_backend(name, device="cpu"))
+    except UserError as exc:  # a backend whose framework is not installed here
+        pytest.skip(f"backend '{name}' unavailable: {exc}")
+
+
 @pytest.fixture(scope="module", params=CONTRACT_BACKENDS)
 def backend(request):
-    try:
-        return get_backend(request.param, device="cpu")
-    except UserError as exc:  # a backend whose framework is not installed here
-        pytest.skip(f"backend '{request.param}' unavailable: {exc}")
+    return _backend(request.param)
 
 
-@pytest.fixture(scope="module")
-def calib(demo_calib, demo_model):
-    return calibration_set(demo_calib, demo_model.imgsz, n=8, batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def images(demo_subset, demo_model):
-    from search.data import preprocess_many
-
-    return cached("eval-images-16", lambda: preprocess_many(demo_subset.paths[:16], demo_model.imgsz,
-                                                            progress=False)[0])
+@pytest.fixture(scope="module", params=TORCH_BACKENDS)
+def torch_backend(request):
+    return _backend(request.param)
 
 
 def conv_precisions(backend) -> list[Precision]:
@@ -219,12 +219,12 @@ def test_empty_assignment_stays_float(backend, demo_model, calib, images):
     assert ious.min() > 0.999 and dscore.max() < 1e-3
 
 
-def test_torch_and_onnx_agree_on_real_images(backend, demo_model, calib, images):
+def test_torch_and_onnx_agree_on_real_images(torch_backend, demo_model, calib, images):
     import torch
 
+    backend = torch_backend
     qmodel, result = build(backend, demo_model, mixed_assignment(demo_model, backend), calib, "mixed")
-    if qmodel.module is None:
-        pytest.skip(f"backend '{backend.name}' builds ONNX only (no torch fake-quant model)")
+    assert qmodel.module is not None, f"backend '{backend.name}' should build a torch fake-quant model"
     torch_out = run_torch(qmodel.module, images)
     onnx_out = run_onnx(result.path, images)
     with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):

@@ -17,12 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from evaluator_helpers import export, workdir
-
-
-@pytest.fixture(scope="module")
-def float_onnx(demo_model):
-    return export(demo_model.module, "float", demo_model.imgsz)
+from evaluator_helpers import workdir
 
 
 @pytest.fixture(scope="module")

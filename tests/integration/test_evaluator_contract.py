@@ -36,11 +36,6 @@ def _frozen(result: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def float_onnx(demo_model):
-    return export(demo_model.module, "float", demo_model.imgsz)
-
-
-@pytest.fixture(scope="module")
 def coco(demo_spec, demo_model, demo_subset):
     from evaluators.coco import CocoEvaluator
 

@@ -25,26 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import cached, calibration_set, match_detections, workdir
+from quantizer_helpers import cached, match_detections, workdir
 
 pytest.importorskip("modelopt.torch.quantization", reason="the 'modelopt' extra is not installed")
 
 from quantizers.modelopt_backend import ModelOptBackend, integer_weight, quant_config  # noqa: E402
 from search.assignment import Assignment, Precision  # noqa: E402
 from search.spec import ModelOptOptions  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def calib(demo_calib, demo_model):
-    return calibration_set(demo_calib, demo_model.imgsz, n=8, batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def images(demo_subset, demo_model):
-    from search.data import preprocess_many
-
-    return cached("eval-images-16", lambda: preprocess_many(demo_subset.paths[:16], demo_model.imgsz,
-                                                            progress=False)[0])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import calibration_set, workdir
+from quantizer_helpers import workdir
 
 pytest.importorskip("modelopt.onnx.quantization", reason="the 'modelopt' extra is not installed")
 
@@ -19,11 +19,6 @@ from quantizers.modelopt_onnx_backend import (  # noqa: E402
 from quantizers.onnx_inspect import layer_precisions  # noqa: E402
 from search.assignment import Assignment, LayerInfo, Precision  # noqa: E402
 from search.spec import ModelOptOnnxOptions  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def calib(demo_calib, demo_model):
-    return calibration_set(demo_calib, demo_model.imgsz, n=8, batch_size=8)
 
 
 @pytest.fixture(scope="module")
