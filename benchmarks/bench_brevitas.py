@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -31,6 +30,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from machine_info import machine  # noqa: E402  (benchmarks/ is the script folder)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "naive": dict(weight_scale="max", weight_scale_8bit="max", act_calibration="max", bias_correction=False),
@@ -72,21 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-demo", action="store_true", help="skip the demo table (only the yolov10m timing)")
     p.add_argument("--yolov10m-images", type=int, default=16, help="calibration images for the yolov10m timing")
     return p.parse_args(argv)
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    from search.runs import versions
-
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "versions": versions(),
-                            "cuda": torch.cuda.is_available()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    if info["cuda"]:
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:

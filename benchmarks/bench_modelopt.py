@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -34,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from machine_info import machine  # noqa: E402  (benchmarks/ is the script folder)
 
 #: row name -> (backend, precision, options)
 ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -59,19 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-yolov10m", action="store_true", help="skip the yolov10m.yaml timing")
     p.add_argument("--yolov10m-images", type=int, default=16, help="calibration images for the yolov10m timing")
     return p.parse_args(argv)
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    from search.runs import versions
-
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "versions": versions(),
-                            "cuda": torch.cuda.is_available()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
 
 
 def options(backend: str, kw: dict[str, Any]) -> Any:
