@@ -11,7 +11,11 @@ The evaluation contract (``../shared/seeds/README.md``), which
   with NMS (:mod:`evaluators.decode`), conf 0.001, IoU 0.7, at most 300 detections;
 - boxes mapped back through the exact letterbox of each image, classes mapped to the
   dataset's category ids (by name, else COCO's 80 -> 91 order or sorted ids);
-- ``COCOeval(iouType="bbox")`` restricted to the subset's image ids.
+- ``COCOeval(iouType="bbox")`` restricted to the subset's image ids;
+- what COCOeval decided per image (:class:`evaluators.bootstrap.PerImageEval`) is kept for
+  each evaluated file, in ``cache_dir/per-image/<onnx digest>-<subset and settings key>.npz``,
+  so a paired bootstrap interval of a mAP change costs no extra inference
+  (:meth:`CocoEvaluator.per_image`).
 
 Batches of ``settings.batch_size`` images go through one ``session.run`` when the model's
 batch dimension is dynamic; a model exported with a fixed batch gets batches of that size
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evaluators.base import AccuracyResult
+from evaluators.bootstrap import PerImageEval
 from evaluators.decode import Detections, decode, to_coco_json, to_original
 from evaluators.errors import ModelFormatError
 from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, file_digest, open_session
@@ -97,6 +102,29 @@ def run_batches(sess: Any, io: ModelIO, images: np.ndarray, batch_size: int, fix
     return results
 
 
+def postprocess_info(layout: str, settings: EvaluationSpec, multi_label: bool = True) -> dict[str, Any]:
+    """How detections were made from a model's output (for tables and metadata files)."""
+    if layout == "end2end":
+        return {"kind": "topk", "head": "one2one", "conf": settings.conf, "max_det": settings.max_det,
+                "label": f"NMS-free top-k (one-to-one head), conf > {settings.conf:g}, max_det {settings.max_det}"}
+    return {"kind": "nms", "head": "one2many", "conf": settings.conf, "iou": settings.iou,
+            "max_det": settings.max_det, "multi_label": multi_label, "class_aware": True,
+            "label": f"NMS (one-to-many head), conf > {settings.conf:g}, IoU {settings.iou:g}, "
+                     f"max_det {settings.max_det}{', multi-label' if multi_label else ''}"}
+
+
+def _empty_results(gt: Any) -> Any:
+    """A pycocotools result set with no detections (``loadRes`` refuses an empty list)."""
+    from pycocotools.coco import COCO
+
+    res = COCO()
+    res.dataset["images"] = list(gt.dataset["images"])
+    res.dataset["categories"] = list(gt.dataset["categories"])
+    res.dataset["annotations"] = []
+    res.createIndex()
+    return res
+
+
 class CocoEvaluator:
     """COCO mAP of ONNX models on a study's evaluation subset.
 
@@ -124,6 +152,8 @@ class CocoEvaluator:
         self.category_ids = class_to_category(self.names, subset.categories)
         self._images: tuple[np.ndarray, list[LetterboxMeta]] | None = None
         self.preprocess_seconds = 0.0
+        self._per_image: dict[str, PerImageEval] = {}
+        self._records_key: str | None = None
 
     # -- data -------------------------------------------------------------------------------
     @property
@@ -180,16 +210,19 @@ class CocoEvaluator:
         """COCO-format results of detections in original pixels (one entry per subset image)."""
         return to_coco_json(dets, self.subset.image_ids, self.category_ids)
 
-    def score(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        """pycocotools COCOeval of COCO-format results on the subset: stats and per-class AP."""
+    def score(self, results: list[dict[str, Any]], *, per_image: bool = False) -> dict[str, Any]:
+        """pycocotools COCOeval of COCO-format results on the subset: stats and per-class AP.
+
+        With ``per_image``, also what COCOeval decided per image (``"per_image"``, a
+        :class:`~evaluators.bootstrap.PerImageEval`).
+        """
         from pycocotools.cocoeval import COCOeval
 
         gt = self.subset.coco()
         cat_to_name = {cat: self.names[i] for i, cat in enumerate(self.category_ids)}
-        if not results:
-            return {"stats": [0.0] * 12, "per_class": {}, "classes_without_gt": []}
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(results)
+            # no results: COCOeval on an empty result set (every category with GT scores 0)
+            dt = gt.loadRes(results) if results else _empty_results(gt)
             ev = COCOeval(gt, dt, iouType="bbox")
             ev.params.imgIds = list(self.subset.image_ids)
             ev.evaluate()
@@ -207,7 +240,50 @@ class CocoEvaluator:
             else:
                 without_gt.append(cat_to_name[cat])
         stats = [float(x) for x in ev.stats]  # -1: no ground truth in that area range (pycocotools)
-        return {"stats": stats, "per_class": per_class, "classes_without_gt": without_gt}
+        if not results:
+            stats = [0.0] * 12
+        out: dict[str, Any] = {"stats": stats, "per_class": per_class, "classes_without_gt": without_gt}
+        if per_image:
+            out["per_image"] = PerImageEval.from_cocoeval(ev)
+        return out
+
+    # -- per-image records (bootstrap) --------------------------------------------------------
+    @property
+    def records_key(self) -> str:
+        """What, besides the model file, decides the per-image records: images, annotations, settings."""
+        if self._records_key is None:
+            s = self.settings
+            ann = self.subset.annotations_path
+            payload = "\n".join([str(self.subset.image_ids), str(ann), file_digest(ann), str(self.imgsz),
+                                  str(self.category_ids), f"{s.conf} {s.iou} {s.max_det} {self.multi_label}"])
+            self._records_key = hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return self._records_key
+
+    def per_image_file(self, onnx_digest: str) -> Path | None:
+        """Where the per-image records of the file with digest ``onnx_digest`` are kept (None: no cache_dir)."""
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / "per-image" / f"{onnx_digest}-{self.records_key}.npz"
+
+    def per_image(self, onnx_path: str | os.PathLike[str]) -> PerImageEval:
+        """What COCOeval decided per image for ``onnx_path`` on the subset.
+
+        Read from the cache that :meth:`evaluate` writes (or from memory); evaluated only
+        when neither has it.
+        """
+        digest = file_digest(onnx_path)
+        if digest in self._per_image:
+            return self._per_image[digest]
+        path = self.per_image_file(digest)
+        if path is not None and path.is_file():
+            try:
+                pe = PerImageEval.load(path)
+                self._per_image[digest] = pe
+                return pe
+            except (OSError, ValueError, KeyError):
+                pass
+        self.evaluate(onnx_path)
+        return self._per_image[digest]
 
     def evaluate(self, onnx_path: str | os.PathLike[str]) -> AccuracyResult:
         """COCO mAP of ``onnx_path`` on the subset (see the module docstring for the contract).
@@ -222,8 +298,14 @@ class CocoEvaluator:
         pred = self.predict(onnx_path)
         t_pred = time.perf_counter()
         results = self.coco_results(pred.detections)
-        scored = self.score(results)
+        scored = self.score(results, per_image=True)
         t_end = time.perf_counter()
+        digest = file_digest(onnx_path)
+        pe: PerImageEval = scored["per_image"]
+        self._per_image = {digest: pe, **{k: v for k, v in list(self._per_image.items())[-7:] if k != digest}}
+        records = self.per_image_file(digest)
+        if records is not None:
+            pe.save(records)
         stats = scored["stats"]
         n = len(self.subset)
         trial_s = t_end - t_ready
@@ -235,7 +317,9 @@ class CocoEvaluator:
             map_large=stats[5], per_class=scored["per_class"], num_images=n, num_detections=len(results),
             images_per_s=n / trial_s if trial_s > 0 else 0.0, seconds=t_end - start,
             provider=pred.report.provider, batch_size=pred.batch_size,
-            extra={"onnx": str(onnx_path), "onnx_sha256": file_digest(onnx_path), "layout": pred.layout,
+            extra={"onnx": str(onnx_path), "onnx_sha256": digest, "layout": pred.layout,
+                   "postprocess": postprocess_info(pred.layout, s, self.multi_label),
+                   "per_image": str(records) if records is not None else None,
                    "input_shape": [d if isinstance(d, int) else str(d) for d in pred.io.input_shape],
                    "imgsz": self.imgsz, "conf": s.conf, "iou": s.iou, "max_det": s.max_det,
                    "multi_label": self.multi_label, "session": pred.report.to_dict(),
