@@ -172,7 +172,9 @@ def export_metadata(proto: Any, path: Path, qmodel: QuantizedModel, *, backend: 
         "format": fmt, "backend": backend, "exporter": exporter,
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "input": {"name": "images", "shape": ["batch", 3, base.imgsz, base.imgsz]},
-        "output": {"name": "output0", "layout": base.layout, "shape": ["batch", *base.output_shape(1)[1:]]},
+        "output": {"name": "output0", "layout": base.layout, "shape": ["batch", *base.output_shape(1)[1:]],
+                   "head": base.head, "postprocess": base.postprocess,
+                   "head_selected_by": base.head_selected_by},
         "node_counts": count_qdq_nodes(path),
         "op_counts": dict(sorted(ops.items())),
     }

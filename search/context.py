@@ -101,11 +101,13 @@ class RunContext:
     def model(self) -> LoadedModel:
         from search.model import load_model
 
-        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det)
+        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det, head=self.spec.head)
 
     @cached_property
     def model_digest(self) -> str:
-        return file_digest(self.spec.model) if self.spec.model.is_file() else str(self.spec.model)
+        """The model file's digest and the spec's head (every cache key built on it changes with the head)."""
+        digest = file_digest(self.spec.model) if self.spec.model.is_file() else str(self.spec.model)
+        return f"{digest}:head={self.spec.head}"
 
     @cached_property
     def groups(self) -> list[LayerGroup]:
@@ -148,6 +150,16 @@ class RunContext:
 
         ds = self.spec.dataset
         return load_coco_subset(ds.images, ds.annotations, max_images=ds.max_images, image_ids=ds.image_ids)
+
+    @cached_property
+    def verify_subset(self) -> CocoSubset | None:
+        """The held-out verification split (``dataset.verify``), or None when the spec has none."""
+        from search.data import load_verification_subset
+
+        v = self.spec.dataset.verify
+        if v is None:
+            return None
+        return load_verification_subset(self.subset, max_images=v.max_images, image_ids=v.image_ids)
 
     @cached_property
     def data_digest(self) -> str:

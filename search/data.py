@@ -2,7 +2,9 @@
 
 - :func:`load_coco_subset` reads an images folder + instances json and picks a
   deterministic subset (the first ``max_images`` ids in sorted order, or the ids of an
-  id-list file), checking that every picked image exists.
+  id-list file), checking that every picked image exists;
+  :func:`load_verification_subset` picks a held-out split disjoint from it (the next N
+  sorted ids, or an id list), for re-measuring results on images the search never saw.
 - :func:`read_calibration_list` reads a text list of image paths (relative to the list's
   folder, like the seeds' ``quant100.txt``) or every image of a folder, in sorted order.
 - :func:`letterbox` is Ultralytics' ``LetterBox(auto=False, scaleup=True, center=True)``:
@@ -220,12 +222,8 @@ def read_image_ids(path: str | os.PathLike[str]) -> list[int]:
     return ids
 
 
-def load_coco_subset(images_dir: str | os.PathLike[str], annotations: str | os.PathLike[str], *,
-                     max_images: int | None = None, image_ids: str | os.PathLike[str] | None = None,
-                     check_files: bool = True) -> CocoSubset:
-    """Read the annotations and select the subset (sorted ids, first ``max_images``)."""
-    images_dir = Path(images_dir)
-    annotations = Path(annotations)
+def _read_instances(images_dir: Path, annotations: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The parsed instances json and its images by id (errors name the file)."""
     if not annotations.is_file():
         raise DataError(f"annotations file not found: {annotations}")
     if not images_dir.is_dir():
@@ -243,18 +241,20 @@ def load_coco_subset(images_dir: str | os.PathLike[str], annotations: str | os.P
             by_id[int(im["id"])] = im
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{annotations}: an image entry lacks an integer 'id': {im!r}"[:300]) from None
-    if image_ids is not None:
-        ids = read_image_ids(image_ids)
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise DataError(f"{image_ids}: image ids not in {annotations.name}: {missing[:10]}"
-                            + (" ..." if len(missing) > 10 else ""))
-    else:
-        ids = sorted(by_id)
-        if max_images is not None:
-            ids = ids[:max_images]
-    if not ids:
-        raise DataError(f"{annotations}: the subset is empty (no images)")
+    return data, by_id
+
+
+def _ids_from_file(image_ids: str | os.PathLike[str], by_id: dict[int, Any], annotations: Path) -> list[int]:
+    ids = read_image_ids(image_ids)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(f"{image_ids}: image ids not in {annotations.name}: {missing[:10]}"
+                        + (" ..." if len(missing) > 10 else ""))
+    return ids
+
+
+def _subset(images_dir: Path, annotations: Path, data: dict[str, Any], by_id: dict[int, dict[str, Any]],
+            ids: list[int], check_files: bool) -> CocoSubset:
     records = []
     for i in ids:
         im = by_id[i]
@@ -266,6 +266,59 @@ def load_coco_subset(images_dir: str | os.PathLike[str], annotations: str | os.P
             raise DataError(f"{annotations}: image {i} points at a missing file: {path}")
         records.append(ImageRecord(i, path, int(im.get("width", 0)), int(im.get("height", 0))))
     return CocoSubset(annotations, images_dir, records, list(data["categories"]), len(data["annotations"]))
+
+
+def load_coco_subset(images_dir: str | os.PathLike[str], annotations: str | os.PathLike[str], *,
+                     max_images: int | None = None, image_ids: str | os.PathLike[str] | None = None,
+                     check_files: bool = True) -> CocoSubset:
+    """Read the annotations and select the subset (sorted ids, first ``max_images``)."""
+    images_dir = Path(images_dir)
+    annotations = Path(annotations)
+    data, by_id = _read_instances(images_dir, annotations)
+    if image_ids is not None:
+        ids = _ids_from_file(image_ids, by_id, annotations)
+    else:
+        ids = sorted(by_id)
+        if max_images is not None:
+            ids = ids[:max_images]
+    if not ids:
+        raise DataError(f"{annotations}: the subset is empty (no images)")
+    return _subset(images_dir, annotations, data, by_id, ids, check_files)
+
+
+def load_verification_subset(search: CocoSubset, *, max_images: int | None = None,
+                             image_ids: str | os.PathLike[str] | None = None, check_files: bool = True,
+                             where: str = "dataset.verify") -> CocoSubset:
+    """The held-out verification split of ``search``'s dataset, disjoint from ``search``.
+
+    ``max_images``: the first N image ids, in sorted order, that are not in ``search``
+    (for a search subset of the first M sorted ids: ids M+1 .. M+N). ``image_ids``: the
+    ids of a list file, none of which may be in ``search``. Asking for more images than
+    remain, or listing a search image, is an error naming ``where``.
+    """
+    if (max_images is None) == (image_ids is None):
+        raise DataError(f"{where}: give exactly one of max_images or image_ids")
+    annotations, images_dir = search.annotations_path, search.images_dir
+    data, by_id = _read_instances(images_dir, annotations)
+    taken = set(search.image_ids)
+    if image_ids is not None:
+        ids = _ids_from_file(image_ids, by_id, annotations)
+        overlap = sorted(set(ids) & taken)
+        if overlap:
+            raise DataError(f"{where}.image_ids: {image_ids}: {len(overlap)} image id(s) are also in the search "
+                            f"subset: {overlap[:10]}{' ...' if len(overlap) > 10 else ''} (the verification "
+                            "split must hold images the search never scores)")
+        dupes = len(ids) - len(set(ids))
+        if dupes:
+            raise DataError(f"{where}.image_ids: {image_ids}: {dupes} image id(s) listed twice")
+    else:
+        assert max_images is not None
+        rest = [i for i in sorted(by_id) if i not in taken]
+        if len(rest) < max_images:
+            raise DataError(f"{where}.max_images: {max_images} images asked, but {annotations.name} has only "
+                            f"{len(rest)} images outside the search subset of {len(taken)}")
+        ids = rest[:max_images]
+    return _subset(images_dir, annotations, data, by_id, ids, check_files)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,12 +2,22 @@
 
 :func:`load_model` turns a ``.pt`` checkpoint or a ``.yaml`` architecture into a
 :class:`LoadedModel`: a float32, eval-mode :class:`YoloDetector` (BatchNorm folded into the
-convolutions as deployment does; for YOLOv10 the one-to-many training branch dropped) with
-a single output tensor:
+convolutions as deployment does) with a single output tensor, from the head the user deploys:
 
-- YOLOv10 (end-to-end): ``(N, max_det, 6)`` rows ``[x1, y1, x2, y2, score, class]`` in
-  input-pixel coordinates;
-- other YOLO detectors: raw ``(N, 4 + classes, anchors)`` rows ``[cx, cy, w, h, scores...]``.
+- ``head="auto"`` (default) follows the checkpoint, as Ultralytics does: a YOLOv10 head
+  carries two branches, and the one the checkpoint selects (``DetectionModel.end2end``) is
+  kept, the other one dropped by Ultralytics' own ``fuse``. ``"one2one"`` / ``"one2many"``
+  choose explicitly (a model without a one-to-one branch has only ``"one2many"``).
+- one-to-one (YOLOv10 end-to-end, NMS-free): ``(N, max_det, 6)`` rows
+  ``[x1, y1, x2, y2, score, class]`` in input-pixel coordinates, decoded by a top-k
+  (:data:`LAYOUT_END2END`);
+- one-to-many (every other YOLO detector, and a YOLOv10 whose checkpoint selects it): raw
+  ``(N, 4 + classes, anchors)`` rows ``[cx, cy, w, h, scores...]``, decoded with NMS
+  (:data:`LAYOUT_RAW`).
+
+A checkpoint trained with Ultralytics 8.4 stores its YOLOv10 head with the one-to-one
+branch *not* selected, and Ultralytics' ``val``/``predict``/``export`` then use the
+one-to-many branch with NMS; the seeds' ``(1, 300, 6)`` contract is ``head="one2one"``.
 
 Layer names are the module names of the Ultralytics ``DetectionModel``
 (``model.8.m.0.cv1.conv``), stable across loads and identical in every backend.
@@ -31,6 +41,22 @@ if TYPE_CHECKING:
 
 LAYOUT_END2END = "end2end"
 LAYOUT_RAW = "raw"
+
+HEAD_AUTO = "auto"
+HEAD_ONE2ONE = "one2one"
+HEAD_ONE2MANY = "one2many"
+HEAD_CHOICES = (HEAD_AUTO, HEAD_ONE2ONE, HEAD_ONE2MANY)
+
+
+def head_postprocess(head: str) -> str:
+    """How a head's output becomes detections: ``"topk"`` (NMS-free) or ``"nms"``."""
+    return "topk" if head == HEAD_ONE2ONE else "nms"
+
+
+def head_label(head: str) -> str:
+    """A short human description of a head and its post-processing."""
+    return ("one-to-one head, NMS-free (top-k)" if head == HEAD_ONE2ONE
+            else "one-to-many head + NMS")
 
 
 class ModelLoadError(UserError):
@@ -91,6 +117,22 @@ class LoadedModel:
     dropped_convs: int
     load_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    head: str = HEAD_ONE2ONE
+    """The branch kept: ``one2one`` (NMS-free, end-to-end layout) or ``one2many`` (raw layout, NMS)."""
+    head_selected_by: str = "checkpoint"
+    """``checkpoint`` (``head: auto``) or ``spec`` (an explicit ``head``)."""
+    checkpoint_head: str = HEAD_ONE2ONE
+    """The branch the checkpoint itself selects (what Ultralytics' own predict/val would use)."""
+
+    @property
+    def postprocess(self) -> str:
+        """``topk`` (NMS-free) or ``nms``."""
+        return head_postprocess(self.head)
+
+    def head_info(self) -> dict[str, Any]:
+        """The head and post-processing, for metadata files and tables."""
+        return {"head": self.head, "postprocess": self.postprocess, "selected_by": self.head_selected_by,
+                "checkpoint_head": self.checkpoint_head, "layout": self.layout, "label": head_label(self.head)}
 
     @property
     def num_classes(self) -> int:
@@ -228,8 +270,11 @@ def _read_model(path: Path) -> Any:
 
 
 def load_model(path: str | os.PathLike[str], imgsz: int = 640, *, max_det: int = 300,
-               end2end: bool = True) -> LoadedModel:
-    """Load, fuse and wrap a detector. ``end2end`` keeps YOLOv10's NMS-free head."""
+               head: str = HEAD_AUTO, end2end: bool | None = None) -> LoadedModel:
+    """Load, fuse and wrap a detector with the head ``head`` (see the module docstring).
+
+    ``end2end`` is the older spelling: True means ``head="one2one"``, False ``"one2many"``.
+    """
     import torch
     from ultralytics.nn.modules.head import Detect
 
@@ -237,39 +282,58 @@ def load_model(path: str | os.PathLike[str], imgsz: int = 640, *, max_det: int =
     path = Path(path)
     det = _read_model(path)
     det = det.float().eval()
-    head = det.model[-1]
-    if not isinstance(head, Detect):
-        raise ModelLoadError(f"{path}: the last layer is {type(head).__name__}, not a YOLO Detect head "
+    det_head = det.model[-1]
+    if not isinstance(det_head, Detect):
+        raise ModelLoadError(f"{path}: the last layer is {type(det_head).__name__}, not a YOLO Detect head "
                              "(only detection models are supported)")
-    if type(head).__name__ not in ("Detect", "v10Detect"):
-        raise ModelLoadError(f"{path}: head {type(head).__name__} is not a plain detection head "
+    if type(det_head).__name__ not in ("Detect", "v10Detect"):
+        raise ModelLoadError(f"{path}: head {type(det_head).__name__} is not a plain detection head "
                              "(segmentation, pose and OBB models are not supported)")
+    if end2end is not None:
+        choice = HEAD_ONE2ONE if end2end else HEAD_ONE2MANY
+    else:
+        choice = head
+    if choice not in HEAD_CHOICES:
+        raise ModelLoadError(f"head: {choice!r} is not one of {', '.join(HEAD_CHOICES)}")
     total_convs = sum(isinstance(m, torch.nn.Conv2d) for m in det.modules())
-    has_one2one = getattr(head, "one2one_cv2", None) is not None
+    has_one2one = getattr(det_head, "one2one_cv2", None) is not None
+    has_one2many = getattr(det_head, "cv2", None) is not None
+    checkpoint_head = HEAD_ONE2ONE if getattr(det_head, "end2end", False) else HEAD_ONE2MANY
+    chosen = checkpoint_head if choice == HEAD_AUTO else choice
+    if chosen == HEAD_ONE2ONE and not has_one2one:
+        raise ModelLoadError(f"{path}: head: one2one asked, but this {type(det_head).__name__} head has no "
+                             "one-to-one (NMS-free) branch; use head: auto or one2many")
+    if chosen == HEAD_ONE2MANY and not has_one2many:
+        raise ModelLoadError(f"{path}: head: one2many asked, but this checkpoint's one-to-many branch was removed "
+                             "(fused for export); use head: auto or one2one")
     if has_one2one:
-        head.end2end = bool(end2end)
+        det_head.end2end = chosen == HEAD_ONE2ONE
     with torch.no_grad():
-        det.fuse(verbose=False)
+        det.fuse(verbose=False)  # Ultralytics' fuse drops the branch not selected
     for p in det.parameters():
         p.requires_grad_(False)
-    head.export = True
-    head.format = "onnx"  # type: ignore[assignment]
-    head.dynamic = False
-    head.max_det = max_det
-    layout = LAYOUT_END2END if getattr(head, "end2end", False) else LAYOUT_RAW
+    det_head.export = True
+    det_head.format = "onnx"  # type: ignore[assignment]
+    det_head.dynamic = False
+    det_head.max_det = max_det
+    layout = LAYOUT_END2END if getattr(det_head, "end2end", False) else LAYOUT_RAW
+    if (layout == LAYOUT_END2END) != (chosen == HEAD_ONE2ONE):
+        raise ModelLoadError(f"{path}: could not select the {chosen} head (Ultralytics kept the other branch)")
     module = _detector_class()(det.model, list(det.save)).eval()
     fused_convs = sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
     names = det.names if isinstance(getattr(det, "names", None), dict) else {}
-    if len(names) != head.nc:
-        names = {i: str(i) for i in range(head.nc)}
+    if len(names) != det_head.nc:
+        names = {i: str(i) for i in range(det_head.nc)}
     layers = layer_table(module, imgsz)
     return LoadedModel(
         module=module, source=path, imgsz=imgsz, names={int(k): str(v) for k, v in names.items()},
         layout=layout, max_det=max_det, layers=layers, total_convs=total_convs,
         dropped_convs=total_convs - fused_convs, load_seconds=time.perf_counter() - start,
-        info={"head": type(head).__name__, "stride": [int(s) for s in head.stride.tolist()],
+        info={"head": type(det_head).__name__, "stride": [int(s) for s in det_head.stride.tolist()],
               "yaml": getattr(det, "yaml", {}).get("yaml_file", ""), "params": int(sum(
                   p.numel() for p in module.parameters()))},
+        head=chosen, head_selected_by="checkpoint" if choice == HEAD_AUTO else "spec",
+        checkpoint_head=checkpoint_head,
     )
 
 

@@ -107,6 +107,28 @@ class _Base(BaseModel):
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
+class VerifySpec(_Base):
+    """A held-out verification split of the same dataset: images the search never scores.
+
+    Give exactly one of ``max_images`` (the first N image ids, in sorted order, that are
+    not in the search subset: with ``dataset.max_images`` the next N after it) or
+    ``image_ids`` (an id-list file, disjoint from the search subset).
+    """
+
+    max_images: int | None = Field(
+        default=None, gt=0, description="The first N sorted image ids not in the search subset.")
+    image_ids: SpecPath | None = Field(
+        default=None, description="Text file of image ids (one per line, '#' comments), disjoint from the "
+        "search subset.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VerifySpec:
+        if (self.max_images is None) == (self.image_ids is None):
+            raise ValueError("give exactly one of max_images (the next N sorted ids after the search subset) "
+                             "or image_ids (an id-list file)")
+        return self
+
+
 class DatasetSpec(_Base):
     """COCO-format evaluation data: an images folder and an instances json."""
 
@@ -116,6 +138,10 @@ class DatasetSpec(_Base):
         default=None, gt=0, description="Keep the first N image ids in sorted order (seeds: 100).")
     image_ids: SpecPath | None = Field(
         default=None, description="Text file of image ids (one per line, '#' comments); overrides max_images.")
+    verify: VerifySpec | None = Field(
+        default=None, description="Held-out verification split (same images folder and json): the search "
+        "scores trials on the subset above, and the Pareto front is re-measured on these images. "
+        "Without it, every reported number is in-sample.")
 
 
 class CalibrationSpec(_Base):
@@ -261,6 +287,12 @@ class StudySpec(_Base):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the run directory.")
     model: SpecPath = Field(description="Ultralytics checkpoint (.pt) or architecture (.yaml).")
     imgsz: int = Field(default=640, ge=32, description="Square input size (multiple of 32).")
+    head: Literal["auto", "one2one", "one2many"] = Field(
+        default="auto", description="The detection head the float baseline, every trial and every export use. "
+        "auto: the one the checkpoint selects, as Ultralytics' own predict/val/export do (a YOLOv10 trained "
+        "with Ultralytics 8.4 selects one2many); one2one: YOLOv10's NMS-free head, output (N, max_det, 6) "
+        "decoded by a top-k (the seeds' contract); one2many: the dense head, output (N, 4 + classes, anchors) "
+        "decoded with NMS (evaluation.conf/iou/max_det, Ultralytics' val defaults).")
     granularity: Literal["layer", "block"] = "layer"
     candidates: list[PrecisionField] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1)
     keep_float: list[str] = Field(
@@ -400,6 +432,8 @@ def _check_files(spec: StudySpec) -> list[str]:
     need("dataset.images", spec.dataset.images, "dir")
     need("dataset.annotations", spec.dataset.annotations, "file", " (a COCO instances json)")
     need("dataset.image_ids", spec.dataset.image_ids, "file")
+    if spec.dataset.verify is not None:
+        need("dataset.verify.image_ids", spec.dataset.verify.image_ids, "file")
     need("calibration.source", spec.calibration.source, "any", " (a text list of image paths, or a folder)")
     if spec.search.storage and not re.match(r"^[a-z0-9+]+://", spec.search.storage):
         problems.append(f"search.storage: {spec.search.storage!r} is not a database URL "
