@@ -10,6 +10,9 @@
   its saved predictions, plus its images/s. Stock val rounds resized image sides up where
   predict rounds to nearest; ``letterbox="predict"`` runs the same validator with predict's
   rounding (see :func:`ultralytics_val`).
+- :func:`ultralytics_val_checkpoint` runs the same validator on the ``.pt`` checkpoint
+  itself, with a chosen head (or Ultralytics' default one, :func:`checkpoint_heads`), so a
+  difference between the checkpoint and our export (or our choice of head) cannot hide.
 - :func:`ultralytics_predict` runs ``YOLO(onnx).predict`` at the same fixed input size
   (predict letterboxes exactly as we do).
 
@@ -185,6 +188,63 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
     (only the image loading differs), so its predictions are ours up to its 3-decimal JSON
     rounding: that is the exact check of our decoding, mapping and scoring.
     """
+    workdir = Path(workdir)
+    model_path = ultralytics_onnx(onnx_path, workdir / "model" / "model.onnx", names=evaluator.names,
+                                  imgsz=evaluator.imgsz, layout=layout)
+    head = "one2one" if layout == LAYOUT_END2END else "one2many"
+    return _run_val(str(model_path), {}, evaluator=evaluator, workdir=workdir, batch_size=batch_size,
+                    letterbox=letterbox, name=f"val-{letterbox}",
+                    extra={"model": str(model_path), "source": "onnx", "head": head})
+
+
+def checkpoint_heads(pt_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Which heads a checkpoint has and which one Ultralytics' own ``val``/``predict`` use by default.
+
+    Ultralytics 8.4's validator and predictor pass ``end2end=(nms is False)`` to the model
+    loader, so with the default ``nms=None`` they run the one-to-many branch with NMS
+    whenever the head has one, and the one-to-one (NMS-free) branch only with ``nms=False``.
+    """
+    from search._env import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.nn.tasks import load_checkpoint
+
+    with _quiet():
+        model, _ = load_checkpoint(str(pt_path), device="cpu", fuse=False)
+    head = model.model[-1]
+    has_one2one = getattr(head, "one2one_cv2", None) is not None
+    has_one2many = getattr(head, "cv2", None) is not None
+    return {"one2one": has_one2one, "one2many": has_one2many,
+            "checkpoint": "one2one" if getattr(head, "end2end", False) else "one2many",
+            "ultralytics_default": "one2many" if has_one2many else "one2one"}
+
+
+def ultralytics_val_checkpoint(pt_path: str | os.PathLike[str], *, evaluator: CocoEvaluator, workdir: Path,
+                               head: str | None = None, batch_size: int | None = None,
+                               letterbox: str = "val") -> UltralyticsValResult:
+    """Ultralytics' validator on the ``.pt`` checkpoint itself (its torch model, fused, fp32, CPU).
+
+    ``head``: ``"one2one"`` runs it with ``nms=False`` (the NMS-free branch), ``"one2many"``
+    or ``None`` with Ultralytics' default (``nms=None``: the one-to-many branch with NMS
+    whenever the head has one; see :func:`checkpoint_heads`). The result's ``extra["head"]``
+    says which one ran. ``letterbox`` as in :func:`ultralytics_val`.
+    """
+    heads = checkpoint_heads(pt_path)
+    if head == "one2one" and not heads["one2one"]:
+        raise ValueError(f"{pt_path}: the checkpoint has no one-to-one head")
+    used = head or heads["ultralytics_default"]
+    if used == "one2many" and not heads["one2many"]:
+        used = "one2one"
+    kwargs: dict[str, Any] = {"nms": False} if used == "one2one" else {}
+    tag = f"pt-{used}-{letterbox}"
+    return _run_val(str(pt_path), kwargs, evaluator=evaluator, workdir=Path(workdir), batch_size=batch_size,
+                    letterbox=letterbox, name=tag,
+                    extra={"model": str(pt_path), "source": "checkpoint", "head": used,
+                           "checkpoint_head": heads["checkpoint"], "nms_arg": kwargs.get("nms")})
+
+
+def _run_val(model_arg: str, val_kwargs: dict[str, Any], *, evaluator: CocoEvaluator, workdir: Path,
+             batch_size: int | None, letterbox: str, name: str, extra: dict[str, Any]) -> UltralyticsValResult:
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     from search._env import import_ultralytics
 
@@ -193,20 +253,16 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
 
     if letterbox not in ("val", "predict"):
         raise ValueError(f"letterbox must be 'val' or 'predict', got {letterbox!r}")
-
     s = evaluator.settings
-    workdir = Path(workdir)
     data = yolo_dataset(evaluator.subset, evaluator.names, evaluator.category_ids, workdir / "dataset")
-    model_path = ultralytics_onnx(onnx_path, workdir / "model" / "model.onnx", names=evaluator.names,
-                                  imgsz=evaluator.imgsz, layout=layout)
     t0 = time.perf_counter()
     with _quiet():
-        model = YOLO(str(model_path), task="detect")
+        model = YOLO(model_arg, task="detect")
         validator = _predict_letterbox_validator() if letterbox == "predict" else None
         metrics = model.val(validator=validator, data=str(data), imgsz=evaluator.imgsz,
                             batch=batch_size or s.batch_size, conf=s.conf, iou=s.iou, max_det=s.max_det,
                             save_json=True, rect=False, plots=False, device="cpu", workers=0, project=str(workdir),
-                            name=f"val-{letterbox}", exist_ok=True, verbose=False, half=False)
+                            name=name, exist_ok=True, verbose=False, half=False, **val_kwargs)
     seconds = time.perf_counter() - t0
     pred_file = Path(metrics.save_dir) / "predictions.json"
     raw = json.loads(pred_file.read_text()) if pred_file.is_file() else []
@@ -225,7 +281,7 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
         map50_95=float(metrics.box.map), map50=float(metrics.box.map50), coco_map50_95=scored["stats"][0],
         coco_map50=scored["stats"][1], num_images=n, num_detections=len(results), images_per_s=n / seconds,
         seconds=seconds, speed_ms={k: float(v) for k, v in metrics.speed.items()}, predictions=str(pred_file),
-        extra={"data": str(data), "model": str(model_path), "letterbox": letterbox, "per_class_map": {
+        extra={"data": str(data), "letterbox": letterbox, **extra, "per_class_map": {
             evaluator.names[int(i)]: float(metrics.box.maps[int(i)]) for i in range(len(evaluator.names))}})
 
 

@@ -23,10 +23,19 @@ def demo_spec():
 
 @pytest.fixture(scope="session")
 def demo_model(demo_spec):
-    """The fused float demo detector (do not modify; use ``.fresh()`` for a copy)."""
+    """The fused float demo detector with the study's head (``head: auto``: the one-to-many
+    head with NMS, which the checkpoint selects); do not modify; use ``.fresh()`` for a copy."""
     from search.model import load_model
 
-    return load_model(demo_spec.model, demo_spec.imgsz, max_det=demo_spec.evaluation.max_det)
+    return load_model(demo_spec.model, demo_spec.imgsz, max_det=demo_spec.evaluation.max_det, head=demo_spec.head)
+
+
+@pytest.fixture(scope="session")
+def demo_model_one2one(demo_spec):
+    """The demo detector with YOLOv10's NMS-free one-to-one head: output (N, 300, 6)."""
+    from search.model import load_model
+
+    return load_model(demo_spec.model, demo_spec.imgsz, max_det=demo_spec.evaluation.max_det, head="one2one")
 
 
 @pytest.fixture(scope="session")

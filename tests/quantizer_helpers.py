@@ -1,5 +1,6 @@
 """Shared helpers for the quantizer backend tests: a small calibration set, session-cached
-builds, and detection matching between two end-to-end outputs (N, max_det, 6)."""
+builds, and detection matching between two outputs of the same head (end-to-end
+(N, max_det, 6) rows, or raw (N, 4 + nc, anchors) decoded with NMS first)."""
 
 from __future__ import annotations
 
@@ -49,13 +50,32 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+def as_rows(x: np.ndarray) -> np.ndarray:
+    """Detections as (N, D, 6) rows ``[x1, y1, x2, y2, score, class]``: end-to-end outputs as
+    they are, raw one-to-many outputs (N, 4 + nc, anchors) decoded with NMS (conf 0.001, IoU 0.7)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim == 3 and x.shape[-1] == 6:
+        return x
+    from evaluators.decode import decode_raw
+
+    dets = decode_raw(x, conf=0.001, iou=0.7, max_det=300)
+    out = np.zeros((len(dets), max(max((len(d) for d in dets), default=0), 1), 6), np.float32)
+    for i, d in enumerate(dets):
+        out[i, :len(d), :4] = d.boxes
+        out[i, :len(d), 4] = d.scores
+        out[i, :len(d), 5] = d.classes
+    return out
+
+
 def match_detections(ref: np.ndarray, out: np.ndarray, conf: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """For every confident detection of ``ref`` (rows ``[x1, y1, x2, y2, score, class]``),
     the IoU of the best same-class detection of ``out`` and the score difference to it.
 
-    Works per image on (N, D, 6) arrays; the order of rows may differ (top-k ties).
-    Returns two flat arrays (IoU, |score difference|), one entry per confident ``ref`` row.
+    Works per image on (N, D, 6) arrays (raw outputs are decoded first, :func:`as_rows`); the
+    order of rows may differ (top-k ties). Returns two flat arrays (IoU, |score difference|),
+    one entry per confident ``ref`` row.
     """
+    ref, out = as_rows(ref), as_rows(out)
     ious: list[float] = []
     dscores: list[float] = []
     assert ref.shape[0] == out.shape[0], "different batch sizes"

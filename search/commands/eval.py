@@ -1,11 +1,15 @@
 """``search eval [STUDY] [--onnx PATH]``: COCO mAP of an ONNX model through ONNX Runtime.
 
 Without ``--onnx`` it evaluates the study's float model, exported once to
-``runs/<study>/float/model.onnx`` (reused while the source model and image size are
-unchanged), and by default runs Ultralytics' own validator on the same ONNX beside it:
-Ultralytics' internal mAP and pycocotools on its saved predictions, side by side with
-ours. Results are printed as tables and written to ``metrics.json`` (in the float
-folder, beside the given ONNX, or in ``--out``).
+``runs/<study>/float/model.onnx`` with the study's head (reused while the source model,
+head and image size are unchanged), and by default runs Ultralytics' own validator beside
+it, on the same ONNX and on the ``.pt`` checkpoint itself (as ``model.val()`` runs it, and
+with the study's head when Ultralytics' default head is another): Ultralytics' internal
+mAP and pycocotools on its saved predictions, side by side with ours. Every table names
+the head and the post-processing. ``--split verify`` scores the study's held-out
+verification split (``dataset.verify``) instead of the search subset. Results are printed
+as tables and written to ``metrics.json`` (in the float folder, beside the given ONNX, or
+in ``--out``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from search.commands import add_study_arg
 if TYPE_CHECKING:
     from evaluators.base import AccuracyResult, LatencyResult
     from evaluators.reference import UltralyticsValResult
+    from search.spec import StudySpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="folder for metrics.json (default: runs/<study>/float/ or beside --onnx)")
     p.add_argument("--compare-ultralytics", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run Ultralytics' validator on the same ONNX (default: on for the float model)")
+                   help="also run Ultralytics' validator on the same ONNX and on the .pt checkpoint "
+                        "(default: on for the float model)")
+    p.add_argument("--split", choices=("search", "verify"), default="search",
+                   help="search: the subset trials are scored on (default); verify: the held-out "
+                        "verification split (dataset.verify)")
     p.add_argument("--latency", action="store_true", help="also measure latency with the study's latency settings")
     p.add_argument("--batch-size", type=int, default=None, help="override evaluation.batch_size")
     p.set_defaults(handler=run)
@@ -91,6 +100,35 @@ def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any
     return t
 
 
+def checkpoint_table(acc: AccuracyResult, runs: list[UltralyticsValResult], model_name: str) -> Any:
+    """Ultralytics' validator on the .pt checkpoint itself, beside our mAP of the exported ONNX."""
+    from rich.table import Table
+
+    t = Table(title=f"Ultralytics' own validation of the checkpoint {model_name} (torch, fp32, CPU)",
+              caption="Ultralytics: its validator's own mAP; COCO(UL): pycocotools on its save_json predictions; "
+                      "vs ours: COCO(UL) mAP50-95 minus ours")
+    for col in ("run", "head / post-processing", "Ultralytics mAP50-95", "COCO(UL) mAP50-95", "COCO(UL) mAP50",
+                "detections", "vs ours"):
+        t.add_column(col, justify="left" if col in ("run", "head / post-processing") else "right")
+    for r in runs:
+        head = r.extra.get("head", "?")
+        call = "model.val(nms=False)" if r.extra.get("nms_arg") is False else "model.val()"
+        t.add_row(call, "one-to-one, NMS-free" if head == "one2one" else "one-to-many + NMS",
+                  _fmt(r.map50_95), _fmt(r.coco_map50_95), _fmt(r.coco_map50), str(r.num_detections),
+                  f"{r.coco_map50_95 - acc.map50_95:+.4f}")
+    return t
+
+
+def _head_line(acc: AccuracyResult, spec: StudySpec, kind: str) -> str:
+    post = acc.extra.get("postprocess") or {}
+    head = post.get("head", "?")
+    if kind != "float":
+        return f"head: {head} ({post.get('label', '')}), read from the file's output layout"
+    how = ("the one the checkpoint selects (spec head: auto)" if spec.head == "auto"
+           else f"chosen by the spec (head: {spec.head})")
+    return f"head: {head}, {how}; post-processing: {post.get('label', '')}"
+
+
 def latency_line(lat: LatencyResult) -> str:
     return (f"latency ({lat.engine}, {lat.provider}, {lat.device}, batch {lat.batch_size}, "
             f"{lat.runs} runs): median {lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms, {lat.fps:.1f} images/s")
@@ -119,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out or ctx.float_dir
         compare = args.compare_ultralytics is not False
         kind = "float"
+    subset = ctx.subset
+    if args.split == "verify":
+        if ctx.verify_subset is None:
+            raise UserError(f"--split verify: the study {spec.name} has no verification split "
+                            "(add dataset.verify: {max_images: N} or {image_ids: FILE})")
+        subset = ctx.verify_subset
 
     from evaluators.onnx_graph import names_from_metadata, read_metadata
 
@@ -128,16 +172,19 @@ def run(args: argparse.Namespace) -> int:
             names = ctx.model.names
     from evaluators.coco import CocoEvaluator
 
-    ev = CocoEvaluator(subset=ctx.subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
+    ev = CocoEvaluator(subset=subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
                        cache_dir=ctx.cache_dir, progress=True)
     acc = ev.evaluate(onnx_path)
     ul = None
+    ckpt: list[UltralyticsValResult] = []
     if compare:
         from evaluators.reference import ultralytics_val
 
         with console_err.status("Ultralytics' validator on the same ONNX ..."):
             ul = ultralytics_val(onnx_path, evaluator=ev, workdir=Path(out_dir) / "ultralytics",
                                  layout=acc.extra["layout"])
+        if kind == "float" and spec.model.suffix == ".pt":
+            ckpt = _validate_checkpoint(spec, ev, acc, Path(out_dir) / "ultralytics")
     lat = None
     if args.latency:
         from evaluators import make_latency_evaluator
@@ -145,26 +192,55 @@ def run(args: argparse.Namespace) -> int:
         with console_err.status("latency ..."):
             lat = make_latency_evaluator(spec, cache_dir=ctx.cache_dir).evaluate(onnx_path)
 
-    title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {acc.num_images} images of "
-             f"{ctx.subset.annotations_path.name}, imgsz {spec.imgsz}")
+    split = "" if args.split == "search" else "verification split: "
+    title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {split}{acc.num_images} images of "
+             f"{subset.annotations_path.name}, imgsz {spec.imgsz}")
     console.print(metrics_table(acc, ul, title))
+    console.print(_head_line(acc, spec, kind), highlight=False)
     console.print(per_class_table(acc, ul))
     if ul is not None:
         console.print(f"Ultralytics' own mAP uses its matching and interpolation, and its val rounds resized image "
                       f"sides up where predict (and we) round to nearest; "
                       f"pycocotools on its predictions differs from ours by "
                       f"{acc.map50_95 - ul.coco_map50_95:+.4f} mAP50-95.", highlight=False)
+    if ckpt:
+        console.print(checkpoint_table(acc, ckpt, spec.model.name))
+        ours = acc.extra["postprocess"]["head"]
+        default = ckpt[0]
+        if default.extra.get("head") != ours:
+            console.print(f"[yellow]note:[/] this study scores the {ours} head; Ultralytics' own model.val() of the "
+                          f"checkpoint uses the {default.extra.get('head')} head (pycocotools "
+                          f"{default.coco_map50_95:.4f} vs ours {acc.map50_95:.4f}); set the spec's head to choose.",
+                          highlight=False)
     if lat is not None:
         console.print(latency_line(lat), highlight=False)
     summary = {"mAP_50_95": acc.map50_95, "mAP_50": acc.map50, "mAP_75": acc.map75, "mAP_small": acc.map_small,
                "mAP_medium": acc.map_medium, "mAP_large": acc.map_large, "num_images": acc.num_images,
-               "num_detections": acc.num_detections, "images_per_s": acc.images_per_s, "provider": acc.provider}
+               "num_detections": acc.num_detections, "images_per_s": acc.images_per_s, "provider": acc.provider,
+               "head": acc.extra["postprocess"]["head"], "postprocess": acc.extra["postprocess"]["label"],
+               "split": args.split}
     if lat is not None:
         summary.update({"latency_mean_ms": lat.mean_ms, "latency_median_ms": lat.median_ms,
                         "latency_p90_ms": lat.p90_ms, "fps": lat.fps, "latency_provider": lat.provider})
-    out = write_json(Path(out_dir) / "metrics.json", {
-        "study": spec.name, "onnx": str(onnx_path), "kind": kind, "summary": summary,
+    out = write_json(Path(out_dir) / ("metrics.json" if args.split == "search" else "metrics-verify.json"), {
+        "study": spec.name, "onnx": str(onnx_path), "kind": kind, "split": args.split,
+        "head": {"spec": spec.head, **acc.extra["postprocess"]}, "summary": summary,
         "accuracy": acc.to_dict(), "ultralytics": ul.to_dict() if ul else None,
+        "ultralytics_checkpoint": [r.to_dict() for r in ckpt],
         "latency": lat.to_dict() if lat else None, "versions": versions()})
     console.print(f"wrote {out}", highlight=False)
     return 0
+
+
+def _validate_checkpoint(spec: StudySpec, ev: Any, acc: AccuracyResult, workdir: Path) -> list[UltralyticsValResult]:
+    """Ultralytics' ``model.val()`` of the .pt as a user runs it, and with our head when its default is another."""
+    from evaluators.reference import checkpoint_heads, ultralytics_val_checkpoint
+    from search.console import console_err
+
+    ours = acc.extra["postprocess"]["head"]
+    with console_err.status("Ultralytics' validator on the .pt checkpoint ..."):
+        heads = checkpoint_heads(spec.model)
+        runs = [ultralytics_val_checkpoint(spec.model, evaluator=ev, workdir=workdir, head=None)]
+        if heads["ultralytics_default"] != ours and heads.get(ours):
+            runs.append(ultralytics_val_checkpoint(spec.model, evaluator=ev, workdir=workdir, head=ours))
+    return runs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the demo study)")
     p.add_argument("--imgsz", type=int, default=None, help="image size for MACs (default: the study's, else 640)")
     p.add_argument("--granularity", "-g", choices=("layer", "block"), default=None)
+    p.add_argument("--head", choices=("auto", "one2one", "one2many"), default=None,
+                   help="detection head (default: the study's 'head', else auto: the one the checkpoint selects)")
     p.add_argument("--json", type=Path, default=None, help="also write the layer table as JSON here")
     p.set_defaults(handler=run)
 
@@ -33,7 +36,7 @@ def _is_study(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from search.commands import load_study
     from search.console import console
-    from search.model import load_model
+    from search.model import head_label, load_model
     from search.report_tables import layer_table_view
 
     target: Path | None = args.target
@@ -43,21 +46,23 @@ def run(args: argparse.Namespace) -> int:
         model_path, imgsz = spec.model, args.imgsz or spec.imgsz
         granularity = granularity or spec.granularity
         max_det = spec.evaluation.max_det
+        head = args.head or spec.head
     else:
         model_path, imgsz, max_det = target, args.imgsz or 640, 300
         granularity = granularity or "layer"
+        head = args.head or "auto"
     with console.status(f"loading {model_path.name} (imgsz {imgsz}) ..."):
-        model = load_model(model_path, imgsz, max_det=max_det)
+        model = load_model(model_path, imgsz, max_det=max_det, head=head)
     console.print(layer_table_view(model, granularity))
     quant = model.quantizable_layers
     skipped = [lay for lay in model.layers if not lay.quantizable]
     console.print(
-        f"[bold]{model.source.name}[/]: {model.info['head']} head, output {model.layout} "
-        f"{tuple(model.output_shape())}, {len(model.names)} classes, loaded and fused in {model.load_seconds:.1f} s",
-        highlight=False)
+        f"[bold]{model.source.name}[/]: {model.info['head']}, {head_label(model.head)} ({_selected(model)}), "
+        f"output {model.layout} {tuple(model.output_shape())}, {len(model.names)} classes, loaded and fused in "
+        f"{model.load_seconds:.1f} s", highlight=False)
     console.print(
         f"{model.total_convs} Conv2d in the model as built; {model.dropped_convs} dropped by fusion "
-        "(the one-to-many training head of YOLOv10, merged re-parameterized branches); "
+        "(the YOLOv10 branch not used, merged re-parameterized branches); "
         f"{len(model.layers)} remain, {len(quant)} quantizable"
         + ("; not quantized: " + ", ".join(f"{lay.name} ({lay.reason})" for lay in skipped) if skipped else ""),
         highlight=False)
@@ -66,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         args.json.write_text(json.dumps({"model": str(model.source), "imgsz": imgsz, "layout": model.layout,
+                                         "head": model.head_info(),
                                          "layers": [dataclasses.asdict(lay) for lay in model.layers]}, indent=2))
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _selected(model: Any) -> str:
+    if model.head_selected_by == "checkpoint":
+        return "selected by the checkpoint"
+    return f"chosen by the spec; the checkpoint selects {model.checkpoint_head}"

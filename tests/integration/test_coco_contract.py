@@ -6,7 +6,11 @@
    predictions (``save_json``) within 0.005 when the validator loads images with predict's
    rounding; the stock validator (resized sides rounded up) and Ultralytics' internal mAP
    are reported beside, with looser bounds.
-3. ``search eval`` prints the tables and writes ``metrics.json``; bad input exits non-zero.
+3. With the head the checkpoint selects (the demo's: one-to-many with NMS, as Ultralytics'
+   own val/predict use it), our float mAP50-95 equals pycocotools on Ultralytics' own
+   predictions of the ``.pt`` checkpoint within 0.005; with ``head: one2one`` the seeds'
+   NMS-free numbers come back (0.7609 on the demo).
+4. ``search eval`` prints the tables and writes ``metrics.json``; bad input exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 import numpy as np
 import pytest
-from evaluator_helpers import workdir
+from evaluator_helpers import export, workdir
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +36,16 @@ def test_detections_match_ultralytics_predict(coco, float_onnx, demo_subset, tmp
     from evaluators.reference import ultralytics_predict
 
     n = 20
-    ours = coco.predict(float_onnx).detections[:n]
+    from evaluators.coco import CocoEvaluator
+
+    # Ultralytics' predictor keeps one class per box in NMS (its validator, and our evaluator, every class)
+    single = CocoEvaluator(subset=coco.subset, names=coco.names, imgsz=coco.imgsz, settings=coco.settings,
+                           cache_dir=coco.cache_dir, progress=False, multi_label=False)
+    pred = single.predict(float_onnx)
+    ours = pred.detections[:n]
     s = coco.settings
     theirs = ultralytics_predict(float_onnx, demo_subset.paths[:n], names=coco.names, imgsz=coco.imgsz,
-                                 conf=s.conf, iou=s.iou, max_det=s.max_det, workdir=tmp_path)
+                                 conf=s.conf, iou=s.iou, max_det=s.max_det, workdir=tmp_path, layout=pred.layout)
     assert sum(len(d) for d in ours) > n
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         assert len(a) == len(b), f"image {demo_subset.paths[i].name}: {len(a)} vs {len(b)} detections"
@@ -66,6 +76,34 @@ def test_map_equals_pycocotools_on_ultralytics_predictions(coco, float_onnx, tmp
     assert {int(r["image_id"]) for r in saved} <= set(coco.subset.image_ids)
 
 
+def test_float_map_equals_pycocotools_on_ultralytics_predictions_of_the_checkpoint(coco, float_onnx, demo_model,
+                                                                                   demo_spec, tmp_path):
+    from evaluators.reference import checkpoint_heads, ultralytics_val_checkpoint
+
+    assert demo_spec.head == "auto" and demo_model.head == "one2many"  # what the checkpoint selects
+    assert checkpoint_heads(demo_spec.model) == {"one2one": True, "one2many": True, "checkpoint": "one2many",
+                                                  "ultralytics_default": "one2many"}
+    ours = coco.evaluate(float_onnx)
+    theirs = ultralytics_val_checkpoint(demo_spec.model, evaluator=coco, workdir=tmp_path, letterbox="predict")
+    print(f"\nmAP50-95 of the one-to-many head: ours {ours.map50_95:.4f} | pycocotools on Ultralytics' .pt "
+          f"predictions {theirs.coco_map50_95:.4f} | Ultralytics' internal {theirs.map50_95:.4f}")
+    assert theirs.extra["head"] == "one2many" and ours.extra["postprocess"]["kind"] == "nms"
+    assert abs(ours.map50_95 - theirs.coco_map50_95) <= 0.005
+    assert abs(ours.map50 - theirs.coco_map50) <= 0.005
+
+
+def test_the_one2one_option_gives_the_nms_free_numbers_back(coco, demo_model_one2one, demo_spec, tmp_path):
+    from evaluators.reference import ultralytics_val_checkpoint
+
+    ours = coco.evaluate(export(demo_model_one2one.module, "float-one2one", demo_model_one2one.imgsz))
+    assert ours.extra["layout"] == "end2end" and ours.extra["postprocess"]["kind"] == "topk"
+    assert (round(ours.map50_95, 4), round(ours.map50, 4)) == (0.7609, 0.8857)  # the demo's numbers before the head option
+    theirs = ultralytics_val_checkpoint(demo_spec.model, evaluator=coco, workdir=tmp_path, head="one2one",
+                                        letterbox="predict")
+    assert theirs.extra["head"] == "one2one" and theirs.extra["nms_arg"] is False
+    assert abs(ours.map50_95 - theirs.coco_map50_95) <= 0.005
+
+
 def test_search_eval_on_a_given_onnx_writes_metrics(coco, float_onnx, tmp_path, monkeypatch):
     from search.cli import main
 
@@ -85,10 +123,16 @@ def test_search_eval_exports_the_float_model_once(tmp_path, monkeypatch):
     onnx = tmp_path / "runs" / "demo" / "float" / "model.onnx"
     metrics = json.loads((onnx.parent / "metrics.json").read_text())
     assert metrics["kind"] == "float" and 0 < metrics["summary"]["mAP_50_95"] <= 1
+    assert metrics["head"]["spec"] == "auto" and metrics["head"]["head"] == "one2many"
+    assert metrics["head"]["kind"] == "nms" and metrics["summary"]["postprocess"].startswith("NMS")
     assert metrics["latency"]["median_ms"] > 0
     mtime = onnx.stat().st_mtime_ns
     assert main(["eval", "--no-compare-ultralytics"]) == 0
     assert onnx.stat().st_mtime_ns == mtime  # reused: the source model did not change
+    assert main(["eval", "--no-compare-ultralytics", "--split", "verify"]) == 0
+    verify = json.loads((onnx.parent / "metrics-verify.json").read_text())
+    assert verify["split"] == "verify" and verify["summary"]["num_images"] == 100
+    assert verify["summary"]["mAP_50_95"] != metrics["summary"]["mAP_50_95"]  # other images
 
 
 def test_search_eval_rejects_a_corrupt_onnx(tmp_path):

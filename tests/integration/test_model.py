@@ -7,12 +7,13 @@ from search.model import LAYOUT_END2END, LAYOUT_RAW, ModelLoadError, export_onnx
 
 
 def test_yolov10m_architecture_layers():
-    m = load_model("yolov10m.yaml", 640)
-    assert m.total_convs == 142  # as built, with the one-to-many training head
+    m = load_model("yolov10m.yaml", 640, head="one2one")  # the seeds' contract
+    assert m.total_convs == 142  # as built, with both branches of the head
     assert len(m.layers) == 118  # after end-to-end fusion: the seeds' 118 DequantizeLinear
     assert len(m.quantizable_layers) == 117
     assert [lay.name for lay in m.layers if not lay.quantizable] == ["model.23.dfl.conv"]
     assert m.layout == LAYOUT_END2END and m.output_shape() == (1, 300, 6)
+    assert m.head == "one2one" and m.head_selected_by == "spec"
     assert 20 <= len(m.groups("block")) <= 26
     params = sum(lay.params for lay in m.layers)
     assert 15e6 < params < 17e6
@@ -22,10 +23,30 @@ def test_yolov10m_architecture_layers():
     assert m.layer("model.8.m.0.cv1.2.conv").kind == "Conv2d"
 
 
-def test_demo_model_loads_end2end(demo_model):
+def test_the_head_follows_the_checkpoint_unless_the_spec_chooses(demo_model, demo_model_one2one):
+    """The demo checkpoint (Ultralytics 8.4.190) selects its one-to-many head, as Ultralytics'
+    own predict/val use it; one2one is the NMS-free head. Both keep 82 quantizable convs
+    (each branch has the same structure; fusion drops the other one), the DFL conv stays float."""
+    assert demo_model.head == "one2many" and demo_model.head_selected_by == "checkpoint"
+    assert demo_model.checkpoint_head == "one2many" and demo_model.postprocess == "nms"
+    assert demo_model.layout == LAYOUT_RAW and demo_model.output_shape(2) == (2, 4 + 6, 756)
+    assert demo_model_one2one.layout == LAYOUT_END2END and demo_model_one2one.output_shape(2) == (2, 300, 6)
+    assert demo_model_one2one.head_info()["postprocess"] == "topk"
+    for m, branch in ((demo_model, "model.23.cv2."), (demo_model_one2one, "model.23.one2one_cv2.")):
+        assert len(m.quantizable_layers) == 82 and len(m.layers) == 83
+        assert [lay.name for lay in m.layers if not lay.quantizable] == ["model.23.dfl.conv"]
+        assert sum(lay.name.startswith(branch) for lay in m.quantizable_layers) == 9
+    fresh = load_model("yolov10m.yaml", 64)  # a fresh v10 head does not select its one-to-one branch either
+    assert fresh.head == "one2many" and len(fresh.layers) == 118
+    with pytest.raises(ModelLoadError, match="no one-to-one"):
+        load_model("yolov8n.yaml", 64, head="one2one")
+    with pytest.raises(ModelLoadError, match="head: 'nms'"):
+        load_model("yolov8n.yaml", 64, head="nms")
+
+
+def test_demo_model_loads_fused(demo_model):
     import torch
 
-    assert demo_model.layout == LAYOUT_END2END
     assert demo_model.names[0] == "circle" and demo_model.num_classes == 6
     with torch.no_grad():
         out = demo_model.module(demo_model.dummy_input(2))
@@ -45,23 +66,28 @@ def test_raw_layout_for_non_end2end_models():
     assert tuple(out.shape) == m.output_shape() == (1, 84, 64 + 16 + 4)
 
 
-def test_float_onnx_matches_torch(demo_model, demo_calib, tmp_path):
+@pytest.mark.parametrize("head", ["one2many", "one2one"])
+def test_float_onnx_matches_torch(head, demo_model, demo_model_one2one, demo_calib, tmp_path):
     import onnxruntime as ort
     import torch
 
     from search.data import preprocess_many
 
-    images, _ = preprocess_many(demo_calib[:4], demo_model.imgsz, progress=False)
-    path = export_onnx(demo_model.module, tmp_path / "float.onnx", demo_model.imgsz)
+    model = demo_model if head == "one2many" else demo_model_one2one
+    images, _ = preprocess_many(demo_calib[:4], model.imgsz, progress=False)
+    path = export_onnx(model.module, tmp_path / "float.onnx", model.imgsz)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "images"
     onnx_out = sess.run(None, {"images": images})[0]
     with torch.no_grad():
-        torch_out = demo_model.module(torch.from_numpy(images)).numpy()
-    assert onnx_out.shape == torch_out.shape == (4, 300, 6)
-    keep = torch_out[..., 4] > 0.25  # confident detections: same boxes, scores, classes
-    assert keep.sum() > 0
-    np.testing.assert_allclose(onnx_out[keep], torch_out[keep], atol=1e-2, rtol=1e-3)
+        torch_out = model.module(torch.from_numpy(images)).numpy()
+    assert onnx_out.shape == torch_out.shape == model.output_shape(4)
+    if head == "one2one":
+        keep = torch_out[..., 4] > 0.25  # confident detections: same boxes, scores, classes
+        assert keep.sum() > 0
+        np.testing.assert_allclose(onnx_out[keep], torch_out[keep], atol=1e-2, rtol=1e-3)
+    else:  # the dense head: every anchor's box and class scores
+        np.testing.assert_allclose(onnx_out, torch_out, atol=1e-2, rtol=1e-3)
 
 
 def test_bad_model_files_are_named(tmp_path):
