@@ -1,9 +1,10 @@
 """Gradient-based sensitivity: a diagonal-Fisher (second-order Taylor) score.
 
-The loss is the YOLO detection loss of the one-to-one (deployed) head, computed by
-Ultralytics' own ``v8DetectionLoss`` (``tal_topk=7, tal_topk2=1`` as its end-to-end loss
-does), against the float model's confident detections as pseudo-labels, so no labels are
-needed. For each layer and candidate precision, the expected loss increase is estimated
+The loss is the YOLO detection loss of the deployed head (the study's ``head``), computed
+by Ultralytics' own ``v8DetectionLoss`` with the settings its end-to-end loss uses for
+that branch (one-to-one: ``tal_topk=7, tal_topk2=1``; one-to-many: ``tal_topk=10``),
+against the float model's confident detections as pseudo-labels (the one-to-many head's
+after NMS), so no labels are needed. For each layer and candidate precision, the expected loss increase is estimated
 as in ModelOpt's AutoQuantize and HAWQ-style methods::
 
     score = 1/2 * E_x[ sum_i (g_i * d_i)^2 ]
@@ -58,6 +59,21 @@ def quantize_activation(x: torch.Tensor, amax: float, bits: int = 8) -> torch.Te
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
+def _nms_rows(out: torch.Tensor, iou: float, conf: float = 0.25) -> torch.Tensor:
+    """Raw one-to-many outputs (N, 4 + nc, anchors) -> NMS detections as (N, K, 6) rows (zero-padded)."""
+    import torch
+
+    from evaluators.decode import decode_raw
+
+    dets = decode_raw(out.detach().cpu().numpy(), conf=conf, iou=iou, max_det=300, multi_label=False)
+    rows = torch.zeros(len(dets), max(max((len(d) for d in dets), default=0), 1), 6)
+    for i, d in enumerate(dets):
+        rows[i, :len(d), :4] = torch.from_numpy(d.boxes)
+        rows[i, :len(d), 4] = torch.from_numpy(d.scores)
+        rows[i, :len(d), 5] = torch.from_numpy(d.classes.astype("float32"))
+    return rows
+
+
 def _pseudo_labels(out: torch.Tensor, imgsz: int, conf: float = 0.25) -> dict[str, torch.Tensor]:
     """End-to-end detections (N, K, 6) -> an Ultralytics training batch (normalized xywh)."""
     import torch
@@ -89,8 +105,7 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
 
     from search.errors import UserError
 
-    if ctx.model.layout != "end2end":
-        raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
+    one2one = ctx.model.layout == "end2end"
     model: Any = ctx.model.fresh().module
     device = torch.device(ctx.device)
     model.to(device)
@@ -112,10 +127,13 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
         h.remove()
     act_range = {n: float(np.max(v)) for n, v in amax.items()}
 
-    # the detection loss of the one-to-one head
+    # the detection loss of the deployed head, as Ultralytics' end-to-end loss sets it for that branch
     hyp = get_cfg()
     shim = types.SimpleNamespace(args=hyp, model=model.model, parameters=model.parameters)
-    crit = v8DetectionLoss(shim, tal_topk=7, tal_topk2=1)  # type: ignore[arg-type]
+    crit = (v8DetectionLoss(shim, tal_topk=7, tal_topk2=1) if one2one  # type: ignore[arg-type]
+            else v8DetectionLoss(shim, tal_topk=10))  # type: ignore[arg-type]
+    if not one2one:
+        outs = [_nms_rows(o, ctx.spec.evaluation.iou) for o in outs]
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -131,9 +149,10 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
             x.retain_grad()
             captured[n] = x
 
-    # the deployed (one-to-one) head's raw outputs, without the detach that training mode applies
+    # the deployed head's raw outputs, without the detach that training mode applies
     head = model.model[-1]
-    head.forward = lambda feats: head.forward_head(feats, **head.one2one)
+    branch = head.one2one if one2one else head.one2many
+    head.forward = lambda feats: head.forward_head(feats, **branch)
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: capture(mod, inp, n)) for n, m in layers.items()]
     used = 0
     iterator = range(len(images))
@@ -184,4 +203,6 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
             a = sum(act_score[n] / used for n in group.layers) if prec.a_bits < 16 else 0.0
             per[str(prec)] = {"damage": w + a, "weight_term": w, "act_term": a}
         scores[group.name] = per
-    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels"}
+    loss = ("v8DetectionLoss one2one (tal_topk=7, tal_topk2=1)" if one2one
+            else "v8DetectionLoss one2many (tal_topk=10)")
+    return scores, {"images": used, "loss": f"{loss}, pseudo-labels", "head": ctx.model.head}
