@@ -203,6 +203,6 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
             a = sum(act_score[n] / used for n in group.layers) if prec.a_bits < 16 else 0.0
             per[str(prec)] = {"damage": w + a, "weight_term": w, "act_term": a}
         scores[group.name] = per
-    loss = ("v8DetectionLoss one2one (tal_topk=7, tal_topk2=1)" if one2one
-            else "v8DetectionLoss one2many (tal_topk=10)")
-    return scores, {"images": used, "loss": f"{loss}, pseudo-labels", "head": ctx.model.head}
+    loss_name = ("v8DetectionLoss one2one (tal_topk=7, tal_topk2=1)" if one2one
+                 else "v8DetectionLoss one2many (tal_topk=10)")
+    return scores, {"images": used, "loss": f"{loss_name}, pseudo-labels", "head": ctx.model.head}

@@ -97,7 +97,8 @@ def test_the_one2one_option_gives_the_nms_free_numbers_back(coco, demo_model_one
 
     ours = coco.evaluate(export(demo_model_one2one.module, "float-one2one", demo_model_one2one.imgsz))
     assert ours.extra["layout"] == "end2end" and ours.extra["postprocess"]["kind"] == "topk"
-    assert (round(ours.map50_95, 4), round(ours.map50, 4)) == (0.7609, 0.8857)  # the demo's numbers before the head option
+    # the demo's numbers before the head option existed
+    assert (round(ours.map50_95, 4), round(ours.map50, 4)) == (0.7609, 0.8857)
     theirs = ultralytics_val_checkpoint(demo_spec.model, evaluator=coco, workdir=tmp_path, head="one2one",
                                         letterbox="predict")
     assert theirs.extra["head"] == "one2one" and theirs.extra["nms_arg"] is False
