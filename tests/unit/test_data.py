@@ -152,3 +152,65 @@ def test_class_to_category_mappings():
     assert class_to_category({i: str(i) for i in range(80)}, coco) == list(COCO80_TO_91)
     with pytest.raises(DataError, match="cannot map"):
         class_to_category({0: "x", 1: "y", 2: "z"}, cats)
+
+
+def _coco_files(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(n):
+        (images / f"{i}.jpg").write_bytes(b"x")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 100 + 7 * i, "file_name": f"{i}.jpg"} for i in reversed(range(n))],
+                               "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    return images, ann
+
+
+def test_verification_split_is_the_next_sorted_ids_after_the_search_subset(tmp_path: Path):
+    from search.data import load_verification_subset
+
+    images, ann = _coco_files(tmp_path)
+    search = load_coco_subset(images, ann, max_images=4)
+    assert search.image_ids == [100, 107, 114, 121]
+    verify = load_verification_subset(search, max_images=3)
+    assert verify.image_ids == [128, 135, 142] and not set(verify.image_ids) & set(search.image_ids)
+    assert verify.annotations_path == ann and verify.paths[0] == images / "4.jpg"
+    with pytest.raises(DataError, match=r"dataset.verify.max_images: 7 images asked, but ann.json has only 6"):
+        load_verification_subset(search, max_images=7)
+    # with an id-list search subset: the first sorted ids outside it
+    ids = tmp_path / "search.txt"
+    ids.write_text("107\n121\n")
+    assert load_verification_subset(load_coco_subset(images, ann, image_ids=ids), max_images=2).image_ids == [100, 114]
+
+
+def test_verification_id_list_must_not_overlap_the_search_subset(tmp_path: Path):
+    from search.data import load_verification_subset
+
+    images, ann = _coco_files(tmp_path)
+    search = load_coco_subset(images, ann, max_images=4)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("# held out\n142\n128\n")
+    assert load_verification_subset(search, image_ids=ok).image_ids == [142, 128]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("128\n107\n")
+    with pytest.raises(DataError, match=r"bad.txt: 1 image id\(s\) are also in the search subset: \[107\]"):
+        load_verification_subset(search, image_ids=bad)
+    twice = tmp_path / "twice.txt"
+    twice.write_text("128\n128\n")
+    with pytest.raises(DataError, match="listed twice"):
+        load_verification_subset(search, image_ids=twice)
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("999\n")
+    with pytest.raises(DataError, match=r"unknown.txt: image ids not in ann.json: \[999\]"):
+        load_verification_subset(search, image_ids=unknown)
+
+
+def test_demo_study_ships_a_verification_split():
+    from search.data import load_verification_subset
+    from search.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "studies" / "demo.yaml")
+    ds = spec.dataset
+    search = load_coco_subset(ds.images, ds.annotations, max_images=ds.max_images)
+    assert ds.verify is not None and ds.verify.max_images == 100
+    verify = load_verification_subset(search, max_images=ds.verify.max_images)
+    assert len(search) == len(verify) == 100 and min(verify.image_ids) > max(search.image_ids)

@@ -110,3 +110,27 @@ def test_validate_command_exit_codes(files: Path):
     assert out.returncode == 1 and "did you mean 'search'" in out.stdout
     out = subprocess.run([*run, str(good), "--no-files"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_head_and_verification_split_keys(files: Path):
+    spec = load_spec(_write(files, _minimal()))
+    assert spec.head == "auto" and spec.dataset.verify is None
+    data = _minimal()
+    data["head"] = "one2one"
+    (files / "verify.txt").write_text("7\n8\n")
+    data["dataset"]["verify"] = {"image_ids": "verify.txt"}
+    spec = load_spec(_write(files, data))
+    assert spec.head == "one2one" and spec.dataset.verify.image_ids == files / "verify.txt"
+    data["head"] = "nms"
+    data["dataset"]["verify"] = {"max_images": 10, "image_ids": "verify.txt"}
+    result = validate_spec_file(_write(files, data))
+    text = "\n".join(result.problems)
+    assert "head: Input should be 'auto', 'one2one' or 'one2many'" in text
+    assert "dataset.verify: give exactly one of max_images" in text
+    data["head"] = "one2many"
+    data["dataset"]["verify"] = {"max_image": 10}
+    text = "\n".join(validate_spec_file(_write(files, data)).problems)
+    assert "dataset.verify.max_image: unknown key; did you mean 'max_images'?" in text
+    data["dataset"]["verify"] = {"image_ids": "missing.txt"}
+    text = "\n".join(validate_spec_file(_write(files, data)).problems)
+    assert "dataset.verify.image_ids: file not found" in text
