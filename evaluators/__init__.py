@@ -8,6 +8,7 @@ returning a frozen result from :mod:`evaluators.base`::
     from evaluators.latency import OrtLatencyEvaluator      # evaluate(onnx) -> LatencyResult
     from evaluators.tensorrt import TensorRTLatencyEvaluator, tensorrt_available
     from evaluators.cost import analytic_cost               # (layers, assignment) -> CostResult
+    from evaluators.bootstrap import PairedBootstrap        # interval(per-image records) -> BootstrapInterval
     from evaluators import make_latency_evaluator           # from a study's latency settings
 
 Names are resolved lazily, so ``import evaluators`` loads neither onnxruntime nor torch.
@@ -29,6 +30,8 @@ _LAZY = {
     "CostResult": "evaluators.base", "CocoEvaluator": "evaluators.coco", "FidelityEvaluator": "evaluators.fidelity",
     "OrtLatencyEvaluator": "evaluators.latency", "TensorRTLatencyEvaluator": "evaluators.tensorrt",
     "tensorrt_available": "evaluators.tensorrt", "analytic_cost": "evaluators.cost",
+    "PerImageEval": "evaluators.bootstrap", "PairedBootstrap": "evaluators.bootstrap",
+    "BootstrapInterval": "evaluators.bootstrap",
     "EvaluatorError": "evaluators.errors", "EvaluatorUnavailable": "evaluators.errors",
     "ModelFormatError": "evaluators.errors", "ProviderError": "evaluators.errors",
 }

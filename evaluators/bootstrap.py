@@ -17,7 +17,8 @@ category are sorted once (pycocotools' own order: images in id order, then a sta
 by descending score) and every resample is a weighted cumulative sum over that order,
 vectorized over resamples and IoU thresholds. The recall thresholds are found with integer
 arithmetic (the smallest true-positive count whose recall ``tp / npig`` reaches each
-threshold, as pycocotools' float comparison decides), so with unit weights the result is
+threshold, as pycocotools' float comparison decides, then the first position whose
+cumulative count reaches it), so with unit weights the result is
 pycocotools' to the last bit of every precision value (the final mean may differ in the
 last place from summation order). With other weights it equals pycocotools run on the
 resampled image list up to the order of exactly equal scores of *different* images.
@@ -314,15 +315,17 @@ def weighted_map(pe: PerImageEval, weights: np.ndarray, *, max_cells: int = 4_00
             pr = tp / (fp + tp + np.spacing(1))
             pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # precision envelope
             need = _need_counts(pe.rec_thrs, npig_w[b0:b0 + nb, k])  # (nb, R)
-            # first kept position with tp >= need, per (b, t) row: one searchsorted over rows offset apart
+            # first kept position with tp >= need, per (b, t) row: tp is a nondecreasing integer
+            # sequence, so that index is the number of its values below need (a per-row histogram)
             rows = nb * n_t
             tpi = np.rint(tp).astype(np.int64).reshape(rows, nk)
             top = int(max(int(tpi.max(initial=0)), int(need.max(initial=0)))) + 1
-            offs = np.arange(rows, dtype=np.int64) * top
-            keys = (tpi + offs[:, None]).ravel()
+            hist = np.bincount((tpi + (np.arange(rows, dtype=np.int64) * top)[:, None]).ravel(),
+                               minlength=rows * top).reshape(rows, top)
+            below = np.zeros((rows, top + 1), np.int64)
+            np.cumsum(hist, axis=1, out=below[:, 1:])  # below[:, k]: values < k
             q_need = np.broadcast_to(need[:, None, :], (nb, n_t, n_r)).reshape(rows, n_r)
-            idx = np.searchsorted(keys, (q_need + offs[:, None]).ravel(), side="left").reshape(rows, n_r)
-            idx -= (np.arange(rows, dtype=np.int64) * nk)[:, None]
+            idx = np.take_along_axis(below, q_need, axis=1)
             inside = idx < nk
             q = np.where(inside, np.take_along_axis(pr.reshape(rows, nk), np.minimum(idx, nk - 1), axis=1), 0.0)
             sums[b0:b0 + nb] += np.where(has_gt[b0:b0 + nb, None], q.reshape(nb, n_t, n_r).sum(-1), 0.0)
