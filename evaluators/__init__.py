@@ -54,7 +54,7 @@ def make_latency_evaluator(spec: StudySpec | LatencySpec, *, imgsz: int | None =
     (``latency.providers`` or else ``evaluation.providers``) and ``disable_cpu_fallback``
     come from it; given only a ``LatencySpec``, pass ``imgsz`` (and providers).
     """
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     lat: Any = getattr(spec, "latency", spec)
     if hasattr(spec, "latency"):

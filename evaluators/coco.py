@@ -36,10 +36,10 @@ from evaluators.base import AccuracyResult
 from evaluators.decode import Detections, decode, to_coco_json, to_original
 from evaluators.errors import ModelFormatError
 from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, file_digest, open_session
-from search.data import LetterboxMeta, class_to_category
+from mpq.data import LetterboxMeta, class_to_category
 
 if TYPE_CHECKING:
-    from search.data import CocoSubset
+    from mpq.data import CocoSubset
     from search.spec import EvaluationSpec
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -101,7 +101,7 @@ class CocoEvaluator:
     """COCO mAP of ONNX models on a study's evaluation subset.
 
     Args:
-        subset: the evaluation images and annotations (:func:`search.data.load_coco_subset`).
+        subset: the evaluation images and annotations (:func:`mpq.data.load_coco_subset`).
         names: the model's class names (index -> name), mapped to the dataset's categories.
         imgsz: the square input size the models were exported at.
         settings: providers, thresholds, batch size, threads (``spec.evaluation``).
@@ -136,7 +136,7 @@ class CocoEvaluator:
     def images(self) -> tuple[np.ndarray, list[LetterboxMeta]]:
         """The preprocessed subset ``(N, 3, S, S)`` and letterbox metas (computed once, cached)."""
         if self._images is None:
-            from search.data import preprocess_many
+            from mpq.data import preprocess_many
 
             t = time.perf_counter()
             self._images = preprocess_many(self.subset.paths, self.imgsz, cache=self.cache_file,

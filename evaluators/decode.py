@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.data import LetterboxMeta, unletterbox_boxes
+from mpq.data import LetterboxMeta, unletterbox_boxes
 
 MAX_WH = 7680
 MAX_NMS = 30000

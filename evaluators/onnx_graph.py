@@ -66,7 +66,7 @@ def write_metadata(src: str | os.PathLike[str], meta: Mapping[str, str], dst: st
     """Write ``meta`` into the ONNX file's ``metadata_props`` (replacing same keys), atomically."""
     import onnx
 
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     model = load(src)
     existing = {p.key: p.value for p in model.metadata_props}

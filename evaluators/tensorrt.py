@@ -115,7 +115,7 @@ class TensorRTLatencyEvaluator:
         if runs < 1 or warmup < 0 or batch_size < 1:
             raise ValueError("runs and batch_size must be >= 1, warmup >= 0")
         if cache_dir is None:
-            from search._env import cache_dir as project_cache
+            from mpq.env import cache_dir as project_cache
 
             cache_dir = project_cache()
         self.cache_dir = Path(cache_dir) / "tensorrt"
@@ -134,7 +134,7 @@ class TensorRTLatencyEvaluator:
         import tensorrt as trt
         import torch
 
-        from search.runs import atomic_path
+        from mpq.files import atomic_path
 
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114
@@ -141,7 +141,7 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
         arr[i], meta = preprocess(p, imgsz)
         metas.append(meta)
     if cache is not None:
-        from search.runs import atomic_path
+        from mpq.files import atomic_path
 
         meta_arr = np.array([[m.orig_shape[0], m.orig_shape[1], m.ratio, m.pad_left, m.pad_top] for m in metas],
                             dtype=np.float64).reshape(-1, 5)

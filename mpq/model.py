@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import LayerGroup, LayerInfo, group_layers
-from search.errors import UserError
+from mpq.assignment import LayerGroup, LayerInfo, group_layers
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +196,7 @@ def layer_table(module: nn.Module, imgsz: int) -> list[LayerInfo]:
 
 def _read_model(path: Path) -> Any:
     """Return an Ultralytics DetectionModel from a .pt or .yaml file, offline."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     suffix = path.suffix.lower()
@@ -279,7 +279,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike[str], imgsz: int, *, 
     output ``output0``; written atomically."""
     import torch
 
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     path = Path(path)
     dummy = torch.zeros(1, 3, imgsz, imgsz)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mpq.errors import UserError
 from quantizers.base import (
     CalibrationSet,
     Capabilities,
@@ -18,7 +19,6 @@ from quantizers.base import (
     UnsupportedPrecisionError,
     count_qdq_nodes,
 )
-from search.errors import UserError
 
 BACKENDS: dict[str, str] = {
     "brevitas": "quantizers.brevitas_backend:BrevitasBackend",

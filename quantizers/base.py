@@ -1,6 +1,6 @@
 """The quantizer backend contract.
 
-A backend turns the fused float model and an :class:`~search.assignment.Assignment` into a
+A backend turns the fused float model and an :class:`~mpq.assignment.Assignment` into a
 :class:`QuantizedModel` (``materialize``) and writes it as a Q/DQ ONNX file with the same
 input/output layout as the float ONNX (``export``). Each backend declares its
 :class:`Capabilities` (which precisions per op type) so the search never asks for what it
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
+from mpq.assignment import Assignment, LayerInfo, Precision
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
 
 
 class UnsupportedPrecisionError(UserError):
@@ -53,7 +53,7 @@ class Capabilities:
     notes: str = ""
 
     def allowed(self, kind: str) -> frozenset[Precision]:
-        from search.assignment import FLOAT
+        from mpq.assignment import FLOAT
 
         return frozenset(self.precisions.get(kind, frozenset())) | {FLOAT}
 
@@ -100,7 +100,7 @@ class QuantizedModel:
     """The result of ``materialize``.
 
     ``module`` is a runnable torch fake-quant model (same input and output as the float
-    :class:`search.model.YoloDetector`), or ``None`` for backends that work on ONNX only
+    :class:`mpq.model.YoloDetector`), or ``None`` for backends that work on ONNX only
     (those set ``onnx_path`` to the built artifact instead).
     """
 
@@ -161,7 +161,7 @@ def export_metadata(proto: Any, path: Path, qmodel: QuantizedModel, *, backend: 
     assignment (digest, label, summary, layers), the backend options, library versions,
     materialize timings, file size and source model. Backends put their own keys between.
     """
-    from search.runs import versions
+    from mpq.files import versions
 
     ops: dict[str, int] = {}
     for node in proto.graph.node:

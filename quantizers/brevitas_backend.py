@@ -1,7 +1,7 @@
 """Brevitas backend: per-layer mixed-precision PTQ exported to QCDQ ONNX.
 
 :meth:`BrevitasBackend.materialize` replaces each layer an
-:class:`~search.assignment.Assignment` names with a Brevitas ``QuantConv2d`` (or
+:class:`~mpq.assignment.Assignment` names with a Brevitas ``QuantConv2d`` (or
 ``QuantLinear``) carrying that layer's precision, on a copy of the fused float model:
 
 - weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
@@ -52,15 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpq.assignment import Assignment, Precision
+from mpq.errors import UserError
 from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
-from search.assignment import Assignment, Precision
-from search.errors import UserError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
     from search.spec import BrevitasOptions
 
 NAME = "brevitas"
@@ -327,7 +327,7 @@ class BrevitasBackend:
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
                  progress: bool = False) -> None:
-        from search.runs import resolve_device
+        from mpq.device import resolve_device
         from search.spec import BrevitasOptions
 
         _quiet_imports()
@@ -414,7 +414,7 @@ class BrevitasBackend:
         import torch
         from brevitas.export import export_onnx_qcdq
 
-        from search.runs import atomic_path, write_json
+        from mpq.files import atomic_path, write_json
 
         if qmodel.module is None:
             raise BrevitasError("this QuantizedModel has no torch module to export")

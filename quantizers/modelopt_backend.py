@@ -74,16 +74,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpq.assignment import Assignment, Precision
+from mpq.errors import UserError
 from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, export_metadata
-from search.assignment import Assignment, Precision
-from search.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
     from torch import nn
 
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
     from search.spec import ModelOptOptions
 
 NAME = "modelopt"
@@ -334,7 +334,7 @@ class ModelOptBackend:
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
-        from search.runs import resolve_device
+        from mpq.device import resolve_device
         from search.spec import ModelOptOptions
 
         if options is None:
@@ -406,7 +406,7 @@ class ModelOptBackend:
         import onnx
         import torch
 
-        from search.runs import atomic_path, write_json
+        from mpq.files import atomic_path, write_json
 
         if qmodel.module is None:
             raise ModelOptError("this QuantizedModel has no torch module to export")

@@ -9,7 +9,7 @@ per-tensor int8 input, symmetric), so W8A16, W4 or W16A8 cannot be asked of it;
 ``None``; ``onnx_path`` is the built file in a private temporary folder):
 
 1. the float model is exported once per backend instance and model
-   (:func:`search.model.export_onnx`: legacy exporter, input ``images``, output
+   (:func:`mpq.model.export_onnx`: legacy exporter, input ``images``, output
    ``output0``, dynamic batch), and every layer is mapped to its ``Conv`` node by
    :func:`quantizers.onnx_names.map_layers_to_nodes` (weight names and scopes must agree);
 2. ModelOpt quantizes exactly the Conv nodes of the assignment's W8A8 layers:
@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpq.assignment import Assignment, LayerInfo, Precision
+from mpq.errors import UserError
 from quantizers.base import (
     CalibrationSet,
     Capabilities,
@@ -65,14 +67,12 @@ from quantizers.base import (
     UnsupportedPrecisionError,
     export_metadata,
 )
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
 
 if TYPE_CHECKING:
     import onnx
 
+    from mpq.model import LoadedModel
     from quantizers.onnx_names import LayerNodeMap
-    from search.model import LoadedModel
     from search.spec import ModelOptOnnxOptions
 
 NAME = "modelopt-onnx"
@@ -250,8 +250,8 @@ class ModelOptOnnxBackend:
         """Write ``qmodel``'s QDQ ONNX at ``path`` (atomically) and its metadata at ``<path>.json``."""
         import onnx
 
+        from mpq.files import atomic_path, write_json
         from quantizers.modelopt_backend import stamp
-        from search.runs import atomic_path, write_json
 
         if qmodel.onnx_path is None or not Path(qmodel.onnx_path).is_file():
             raise ModelOptOnnxError(f"this QuantizedModel has no ONNX file to export ({qmodel.onnx_path})")
@@ -265,7 +265,7 @@ class ModelOptOnnxBackend:
         graph_meta, provenance = export_metadata(
             proto, path, qmodel, backend=self.name, fmt="QDQ", options=self.options,
             exporter="modelopt.onnx.quantization.quantize (quantize_mode int8) on the float ONNX of "
-                     "search.model.export_onnx (legacy exporter, dynamo=False)")
+                     "mpq.model.export_onnx (legacy exporter, dynamo=False)")
         counts = graph_meta["node_counts"]
         metadata = {
             **graph_meta,
@@ -293,8 +293,8 @@ class ModelOptOnnxBackend:
             return fg, True
         import onnx
 
+        from mpq.model import export_onnx
         from quantizers.onnx_names import map_layers_to_nodes
-        from search.model import export_onnx
 
         t = time.perf_counter()
         path = Path(tempfile.mkdtemp(prefix="float-", dir=self._workdir)) / "float.onnx"

@@ -7,7 +7,7 @@ guess from one clue: it collects up to three independent ones per node and check
 result is a one-to-one map covering every requested layer, with matching weight shapes.
 
 1. **Weight initializer name.** The legacy TorchScript exporter (``dynamo=False``, what
-   :func:`search.model.export_onnx` and the torch backends use) keeps parameter names:
+   :func:`mpq.model.export_onnx` and the torch backends use) keeps parameter names:
    the weight input of the node for ``model.0.conv`` is the initializer
    ``model.0.conv.weight``, possibly behind ``QuantizeLinear``/``DequantizeLinear``/
    ``Clip``/``Cast``/``Reshape`` (quantized graphs), which :func:`weight_source` walks
@@ -35,13 +35,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from search.assignment import LayerInfo
+    from mpq.assignment import LayerInfo
 
 #: ONNX op types that compute a layer of each kind.
 OP_TYPES: Mapping[str, tuple[str, ...]] = {"Conv2d": ("Conv",), "Linear": ("Gemm", "MatMul")}
@@ -263,7 +263,7 @@ def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise OnnxNameError(f"{where}: cannot map layers to ONNX nodes one-to-one:\n"
                             + "\n".join(f"  - {p}" for p in shown)
-                            + "\n(export with search.model.export_onnx, the legacy exporter, which keeps module "
+                            + "\n(export with mpq.model.export_onnx, the legacy exporter, which keeps module "
                               "scopes and parameter names)")
     return LayerNodeMap(matches)
 

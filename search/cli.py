@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     try:
         return int(args.handler(args) or 0)

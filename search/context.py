@@ -19,13 +19,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import FLOAT, Assignment, LayerGroup, Precision
-from search.runs import environment, read_json, write_json, write_text
+from mpq.assignment import FLOAT, Assignment, LayerGroup, Precision
+from mpq.files import environment, read_json, write_json, write_text
 
 if TYPE_CHECKING:
+    from mpq.data import CocoSubset
+    from mpq.model import LoadedModel
     from quantizers.base import CalibrationSet, QuantizedModel, QuantizerBackend
-    from search.data import CocoSubset
-    from search.model import LoadedModel
     from search.spec import StudySpec
 
 
@@ -92,14 +92,14 @@ class RunContext:
 
     @cached_property
     def device(self) -> str:
-        from search.runs import resolve_device
+        from mpq.device import resolve_device
 
         return resolve_device(self._device)
 
     # -- model and data -----------------------------------------------------------------------
     @cached_property
     def model(self) -> LoadedModel:
-        from search.model import load_model
+        from mpq.model import load_model
 
         return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det)
 
@@ -133,8 +133,8 @@ class RunContext:
 
     @cached_property
     def calibration(self) -> CalibrationSet:
+        from mpq.data import preprocess_many, read_calibration_list
         from quantizers.base import CalibrationSet
-        from search.data import preprocess_many, read_calibration_list
 
         cal = self.spec.calibration
         paths = read_calibration_list(cal.source, cal.max_images)
@@ -144,7 +144,7 @@ class RunContext:
 
     @cached_property
     def subset(self) -> CocoSubset:
-        from search.data import load_coco_subset
+        from mpq.data import load_coco_subset
 
         ds = self.spec.dataset
         return load_coco_subset(ds.images, ds.annotations, max_images=ds.max_images, image_ids=ds.image_ids)
@@ -176,7 +176,7 @@ class RunContext:
 
     def float_onnx(self) -> Path:
         """The float model's ONNX (exported once per model digest and image size)."""
-        from search.model import export_onnx
+        from mpq.model import export_onnx
 
         path = self.float_dir / "model.onnx"
         stamp = self.float_dir / "source.json"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import LayerGroup, Precision
+from mpq.assignment import LayerGroup, Precision
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +87,7 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
     from ultralytics.cfg import get_cfg
     from ultralytics.utils.loss import v8DetectionLoss
 
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     if ctx.model.layout != "end2end":
         raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
-from search.runs import read_json, write_text
+from mpq.errors import UserError
+from mpq.files import read_json, write_text
 
 if TYPE_CHECKING:
     import optuna
@@ -365,7 +365,7 @@ def _layer_sort_key(name: str) -> tuple[Any, ...]:
 
 
 def _write_csv(path: Path, rows: Sequence[TrialRow]) -> None:
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "latency_ratio",
             "latency_measured_ms", "weight_mb", "size_ratio",

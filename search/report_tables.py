@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
 
 
 def human(n: float) -> str:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from search.assignment import Assignment, LayerGroup, Precision
-from search.runs import read_json, write_json
+from mpq.assignment import Assignment, LayerGroup, Precision
+from mpq.files import read_json, write_json
 
 if TYPE_CHECKING:
     from search.context import RunContext
@@ -135,7 +135,7 @@ def run_sweep(ctx: RunContext, *, metric: str | None = None, fresh: bool = False
     """Load the cached table or compute it (and cache it); ``heartbeat`` is called after each probe."""
     metric = metric or ctx.spec.sensitivity.metric
     if metric not in METRICS:
-        from search.errors import UserError
+        from mpq.errors import UserError
 
         raise UserError(f"unknown sensitivity metric '{metric}'; choose one of {', '.join(METRICS)}")
     if not fresh:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from search.assignment import FLOAT, Assignment, LayerGroup, LayerInfo, Precision
+from mpq.assignment import FLOAT, Assignment, LayerGroup, LayerInfo, Precision
 from search.sensitivity import SensitivityTable
 
 COST_OBJECTIVES = ("size", "bops", "latency")

@@ -34,8 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from search.assignment import DEFAULT_CANDIDATES, Precision
-from search.errors import UserError
+from mpq.assignment import DEFAULT_CANDIDATES, Precision
+from mpq.errors import UserError
 
 DEMO_SCHEME = "demo://"
 

@@ -7,7 +7,7 @@ the policy configurations and publishes the table in the study's user attributes
 where every other worker, on any machine, reads it.
 
 A trial samples parameters of the search space (:mod:`search.space`), turns them into an
-:class:`~search.assignment.Assignment`, and builds and evaluates it through the backend
+:class:`~mpq.assignment.Assignment`, and builds and evaluates it through the backend
 (:meth:`search.context.RunContext.build_and_evaluate`). Its assignment, summary, metrics,
 provider, timings and artifact path are stored as user attributes (the dashboard shows
 them). An assignment already evaluated in the study is not rebuilt: the trial reuses its
@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import Assignment, Precision
+from mpq.assignment import Assignment, Precision
+from mpq.errors import UserError
 from search.context import RunContext, TrialOutcome, worker_id
-from search.errors import UserError
 from search.sensitivity import SensitivityTable, load_cached, run_sweep
 from search.space import SearchSpace, describe_params
 
@@ -260,7 +260,7 @@ class StudyRunner:
         return table
 
     def _save_local(self, table: SensitivityTable) -> None:
-        from search.runs import write_json
+        from mpq.files import write_json
         from search.sensitivity import table_path
 
         path = table_path(self.ctx, table.metric)
@@ -269,7 +269,7 @@ class StudyRunner:
             write_json(path, table.to_json())
 
     def make_space(self, table: SensitivityTable) -> SearchSpace:
-        from search.assignment import FLOAT
+        from mpq.assignment import FLOAT
 
         options = {g.name: [*self.ctx.candidates_for(g), FLOAT] for g in self.ctx.groups}
         empty = [g for g, opts in options.items() if len(opts) == 1]

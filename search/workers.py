@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import IO, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 WORKER_INDEX_ENV = "YOLO_MPQ_WORKER_INDEX"
 WORKERS_ENV = "YOLO_MPQ_WORKERS"

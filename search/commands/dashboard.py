@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage

@@ -97,11 +97,11 @@ def latency_line(lat: LatencyResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpq.errors import UserError
+    from mpq.files import versions, write_json
     from search.commands import load_study
     from search.console import console, console_err
     from search.context import RunContext
-    from search.errors import UserError
-    from search.runs import versions, write_json
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
     spec = load_study(args.study, **overrides)

@@ -28,11 +28,11 @@ def run(args: argparse.Namespace) -> int:
     import optuna
     from rich.table import Table
 
+    from mpq.errors import UserError
+    from mpq.files import versions, write_json
     from search.console import console, console_err
     from search.context import RunContext
-    from search.errors import UserError
     from search.report import collect, load_run, pareto_front, short_label
-    from search.runs import versions, write_json
     from search.study import assignment_of
 
     spec, study = load_run(args.run_dir, args.storage)

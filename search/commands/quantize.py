@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from search.commands import add_study_arg
 
 if TYPE_CHECKING:
-    from search.assignment import Assignment
+    from mpq.assignment import Assignment
     from search.context import RunContext, TrialOutcome
 
 
@@ -51,7 +51,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["backend.gptq=true", "imgsz=256"]`` -> ``{"backend.gptq": True, "imgsz": 256}`` (YAML values)."""
     import yaml
 
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     out: dict[str, Any] = {}
     for item in items:
@@ -67,8 +67,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def build_assignment(args: argparse.Namespace, ctx: RunContext) -> tuple[Assignment, str]:
     """The assignment to build and a short label for its folder."""
-    from search.assignment import Assignment, Precision
-    from search.errors import UserError
+    from mpq.assignment import Assignment, Precision
+    from mpq.errors import UserError
 
     if args.assignment is not None:
         if args.weights is not None or args.acts is not None:
@@ -96,11 +96,11 @@ def build_assignment(args: argparse.Namespace, ctx: RunContext) -> tuple[Assignm
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from mpq.errors import UserError
+    from mpq.files import read_json, write_json
     from search.commands import load_study
     from search.console import console, console_err
     from search.context import RunContext
-    from search.errors import UserError
-    from search.runs import read_json, write_json
 
     overrides: dict[str, Any] = {}
     if args.backend and args.backend != load_study(args.study).backend.name:

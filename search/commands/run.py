@@ -39,10 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mpq.errors import UserError
     from search.commands import load_study
     from search.console import console, console_err
     from search.context import RunContext
-    from search.errors import UserError
     from search.study import RunSettings, StudyRunner, redact
 
     if args.workers < 1:

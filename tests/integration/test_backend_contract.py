@@ -41,10 +41,10 @@ import numpy as np
 import pytest
 from quantizer_helpers import cached, match_detections, workdir
 
+from mpq.assignment import ACT_BITS, FLOAT, WEIGHT_BITS, Assignment, Precision
+from mpq.errors import UserError
 from quantizers import Capabilities, UnsupportedPrecisionError, count_qdq_nodes, get_backend
 from quantizers.onnx_inspect import layer_precisions
-from search.assignment import ACT_BITS, FLOAT, WEIGHT_BITS, Assignment, Precision
-from search.errors import UserError
 
 #: Backends that must pass this suite (others append theirs).
 CONTRACT_BACKENDS = ["brevitas", "modelopt", "modelopt-onnx"]

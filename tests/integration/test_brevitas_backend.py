@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from quantizer_helpers import calibration_set, match_detections, workdir
 
+from mpq.assignment import Assignment, Precision
 from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, metadata_path, quant_layer
 from quantizers.onnx_inspect import layer_precisions
-from search.assignment import Assignment, Precision
 from search.spec import BrevitasOptions
 
 
@@ -107,7 +107,7 @@ def test_weight_only_export_is_exact(demo_model, calib, demo_subset):
     import onnxruntime as ort
     import torch
 
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     b = BrevitasBackend()
     layers = demo_model.quantizable_layers[::3]
@@ -206,7 +206,7 @@ def test_quant_linear_layer():
 def test_wrong_device_and_options_are_user_errors(demo_model, calib):
     import torch
 
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     if not torch.cuda.is_available():
         with pytest.raises(BrevitasError, match="cuda"):

@@ -61,7 +61,7 @@ def _variant(name: str, demo_spec, demo_model):
         return export(demo_model.module, "float-b3", demo_model.imgsz, batch=3), "end2end", 3
 
     def raw_model():
-        from search.model import load_model
+        from mpq.model import load_model
 
         return load_model(demo_spec.model, demo_spec.imgsz, end2end=False)
 
@@ -172,7 +172,7 @@ def test_input_size_mismatch_says_what_was_expected(coco, demo_subset, demo_mode
 
 
 def test_wrong_output_layout_says_what_was_expected(coco, demo_subset):
-    from search.model import load_model
+    from mpq.model import load_model
 
     coco80 = cached("model:yolov8n", lambda: load_model("yolov8n.yaml", 192))  # 80 classes: (N, 84, 756)
     path = export(coco80.module, "yolov8n-80cls", 192)
@@ -186,7 +186,7 @@ def test_wrong_output_layout_says_what_was_expected(coco, demo_subset):
 @pytest.fixture(scope="module")
 def fidelity(demo_model, demo_calib, float_onnx):
     from evaluators.fidelity import FidelityEvaluator
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     images, _ = preprocess_many(demo_calib[:32], demo_model.imgsz, cache=workdir() / "calib32.npz", progress=False)
     return FidelityEvaluator(reference=float_onnx, images=images, names=demo_model.names)
@@ -329,7 +329,7 @@ def test_latency_wrong_input_size_is_named(engine, float_onnx):
 # --------------------------------------------------------------------------------------
 def test_cost_contract(demo_model):
     from evaluators.cost import analytic_cost
-    from search.assignment import Assignment
+    from mpq.assignment import Assignment
 
     layers = demo_model.layers
     quant = demo_model.quantizable_layers

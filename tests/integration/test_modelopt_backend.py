@@ -29,8 +29,8 @@ from quantizer_helpers import cached, match_detections, workdir
 
 pytest.importorskip("modelopt.torch.quantization", reason="the 'modelopt' extra is not installed")
 
+from mpq.assignment import Assignment, Precision  # noqa: E402
 from quantizers.modelopt_backend import ModelOptBackend, integer_weight, quant_config  # noqa: E402
-from search.assignment import Assignment, Precision  # noqa: E402
 from search.spec import ModelOptOptions  # noqa: E402
 
 
@@ -252,7 +252,7 @@ def test_entropy_calibration_runs(demo_model, calib, images):
 
 
 def test_wrong_options_type_is_an_error():
-    from search.errors import UserError
+    from mpq.errors import UserError
     from search.spec import BrevitasOptions
 
     with pytest.raises(UserError, match="ModelOptOptions"):

@@ -163,7 +163,7 @@ def test_make_latency_evaluator_dispatch(demo_spec, tmp_path):
     from evaluators import make_latency_evaluator
     from evaluators.latency import OrtLatencyEvaluator
     from evaluators.tensorrt import TensorRTLatencyEvaluator
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     ev = make_latency_evaluator(demo_spec, cache_dir=tmp_path)
     assert isinstance(ev, OrtLatencyEvaluator)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mpq.assignment import LayerInfo
 from quantizers.onnx_names import OnnxNameError, map_layers_to_nodes, module_name_from_node, weight_source
-from search.assignment import LayerInfo
 
 
 @pytest.mark.parametrize("node, module", [

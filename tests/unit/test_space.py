@@ -3,7 +3,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
+from mpq.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
 from search.sensitivity import SensitivityTable
 from search.space import SearchSpace
 
