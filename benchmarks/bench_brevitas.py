@@ -85,7 +85,8 @@ def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     from mpq.model import export_onnx, load_model
     from quantizers.base import CalibrationSet
     from quantizers.brevitas_backend import BrevitasBackend
-    from search.spec import BrevitasOptions, load_spec
+    from quantizers.brevitas_options import BrevitasOptions
+    from search.spec import load_spec
 
     spec = load_spec(args.study)
     out: Path = args.out

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options(backend: str, kw: dict[str, Any]) -> Any:
-    from search.spec import ModelOptOnnxOptions, ModelOptOptions
+    from quantizers.modelopt_onnx_options import ModelOptOnnxOptions
+    from quantizers.modelopt_options import ModelOptOptions
 
     return (ModelOptOptions if backend == "modelopt" else ModelOptOnnxOptions)(**kw)
 

@@ -35,8 +35,9 @@ import numpy as np
 from evaluators.base import AccuracyResult
 from evaluators.decode import Detections, decode, to_coco_json, to_original
 from evaluators.errors import ModelFormatError
-from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, file_digest, open_session
+from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, open_session
 from mpq.data import LetterboxMeta, class_to_category
+from mpq.files import file_digest
 
 if TYPE_CHECKING:
     from mpq.data import CocoSubset

@@ -26,7 +26,8 @@ import numpy as np
 
 from evaluators.base import LatencyResult
 from evaluators.errors import ModelFormatError
-from evaluators.session import CPU, check_image_input, file_digest, open_session
+from evaluators.session import CPU, check_image_input, open_session
+from mpq.files import file_digest
 
 
 def summarize_ms(times_ms: Sequence[float]) -> dict[str, float]:

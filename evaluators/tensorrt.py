@@ -40,7 +40,7 @@ from typing import Any
 from evaluators.base import LatencyResult
 from evaluators.errors import EvaluatorError, EvaluatorUnavailable, ModelFormatError
 from evaluators.latency import summarize_ms
-from evaluators.session import file_digest
+from mpq.files import file_digest
 
 
 def tensorrt_unavailable_reason() -> str | None:

@@ -300,6 +300,24 @@ def read_calibration_list(source: str | os.PathLike[str], max_images: int | None
     return paths
 
 
+@dataclass
+class CalibrationSet:
+    """Calibration images, preprocessed exactly as the evaluator does: ``(N, 3, S, S)`` float32 RGB in [0, 1]."""
+
+    images: np.ndarray
+    paths: list[Path]
+    batch_size: int = 16
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int | None = None) -> Iterable[np.ndarray]:
+        bs = batch_size or self.batch_size
+        for i in range(0, len(self), bs):
+            yield self.images[i:i + bs]
+
+
+
 # --------------------------------------------------------------------------------------
 # Class -> category id
 # --------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import time
 import warnings
@@ -54,28 +53,24 @@ from typing import TYPE_CHECKING, Any
 
 from mpq.assignment import Assignment, Precision
 from mpq.errors import UserError
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
+from quantizers.base import (
+    CalibrationSet,
+    ExportResult,
+    QuantizedModel,
+    count_qdq_nodes,
+    export_metadata,
+    metadata_path,
+    stamp_metadata,
+)
+from quantizers.brevitas_options import CAPABILITIES, NAME, BrevitasOptions
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from mpq.model import LoadedModel
-    from search.spec import BrevitasOptions
 
-NAME = "brevitas"
 OPSET = 17
-
-#: What this backend builds for every Conv2d and Linear (float W16A16 is always allowed).
-SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
-    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
-
-CAPABILITIES = Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="per-channel symmetric weights (4 or 8 bits, narrow range); per-tensor INT8 input quantizer "
-          "for A8; W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
-)
 
 #: onnxoptimizer passes that only remove no-ops and dead or duplicate nodes: none of them
 #: touches QuantizeLinear/DequantizeLinear/Clip (checked after the pass: node counts must not change).
@@ -296,18 +291,6 @@ class _StatsCache:
         return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
 
 
-def calibration_key(calib: CalibrationSet) -> str:
-    """A cheap fingerprint of a calibration set (shape, paths, a strided sample of pixels)."""
-    import numpy as np
-
-    h = hashlib.sha256()
-    h.update(str(calib.images.shape).encode())
-    h.update(str(int(calib.batch_size)).encode())
-    h.update("\n".join(str(p) for p in calib.paths).encode())
-    h.update(np.ascontiguousarray(calib.images[:, :, ::7, ::7]).tobytes())
-    return h.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------
@@ -328,7 +311,6 @@ class BrevitasBackend:
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
                  progress: bool = False) -> None:
         from mpq.device import resolve_device
-        from search.spec import BrevitasOptions
 
         _quiet_imports()
 
@@ -436,7 +418,7 @@ class BrevitasBackend:
             graph = onnx.load(str(tmp))
             if self.options.optimize_onnx:
                 graph, optimizer_info = _optimize(graph, counts_raw)
-            _stamp(graph, qmodel)
+            stamp_metadata(graph, qmodel)
             onnx.save(graph, str(tmp))
         seconds = time.perf_counter() - start
         graph_meta, provenance = export_metadata(
@@ -472,6 +454,8 @@ class BrevitasBackend:
         """The statistics cache for ``model`` and ``calib``, computing what is missing."""
         if len(calib) == 0:
             raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
+        from mpq.keys import calibration_key
+
         key = calibration_key(calib)
         cache = self._cache
         if cache is None or not cache.matches(model.module, key, self._act_key()):
@@ -628,12 +612,6 @@ class BrevitasBackend:
 # --------------------------------------------------------------------------------------
 # ONNX helpers
 # --------------------------------------------------------------------------------------
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`BrevitasBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
-
-
 def _optimize(graph: Any, counts_before: dict[str, int]) -> tuple[Any, dict[str, Any]]:
     """Run :data:`ONNX_PASSES`; keep the result only if every Q/DQ/Clip node survived."""
     import onnx
@@ -664,16 +642,3 @@ def _optimize(graph: Any, counts_before: dict[str, int]) -> tuple[Any, dict[str,
     onnx.checker.check_model(optimized)
     info["applied"] = True
     return optimized, info
-
-
-def _stamp(graph: Any, qmodel: QuantizedModel) -> None:
-    """Record the backend and the assignment digest in the ONNX file's metadata_props."""
-    props = {p.key: p for p in graph.metadata_props}
-    for key, value in (("yolo_mpq.backend", qmodel.backend),
-                       ("yolo_mpq.assignment_digest", qmodel.assignment.digest()),
-                       ("yolo_mpq.assignment", json.dumps(qmodel.assignment.to_dict(), sort_keys=True))):
-        if key in props:
-            props[key].value = value
-        else:
-            entry = graph.metadata_props.add()
-            entry.key, entry.value = key, value

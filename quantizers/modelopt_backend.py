@@ -62,7 +62,6 @@ dequantized to int32 at scale ``s_x * s_w`` and fuse a few convs into ``QLinearC
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -76,7 +75,15 @@ from typing import TYPE_CHECKING, Any
 
 from mpq.assignment import Assignment, Precision
 from mpq.errors import UserError
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, export_metadata
+from quantizers.base import (
+    CalibrationSet,
+    ExportResult,
+    QuantizedModel,
+    export_metadata,
+    metadata_path,
+    stamp_metadata,
+)
+from quantizers.modelopt_options import CAPABILITIES, INSTALL_HINT, NAME, ModelOptOptions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,21 +91,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mpq.model import LoadedModel
-    from search.spec import ModelOptOptions
-
-NAME = "modelopt"
-
-#: What ModelOpt can build here and ONNX Runtime can run from the export, per Conv2d/Linear.
-SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
-    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
-
-CAPABILITIES = Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="ModelOpt torch PTQ: per-channel symmetric weights (4 or 8 bits) as integer initializers + "
-          "DequantizeLinear, per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
-          "Layers marked not quantizable (the DFL conv) stay float.",
-)
 
 WEIGHT_STORAGE = {
     "int8": {
@@ -145,8 +137,7 @@ def import_mtq() -> Any:
         with quiet():
             import modelopt.torch.quantization as mtq
     except ImportError as exc:
-        raise ModelOptError(f"the modelopt backend needs NVIDIA ModelOpt: {exc} "
-                            "(install the 'modelopt' extra: pip install -e '.[modelopt]')") from exc
+        raise ModelOptError(f"the modelopt backend needs NVIDIA ModelOpt: {exc} ({INSTALL_HINT})") from exc
     return mtq
 
 
@@ -299,27 +290,6 @@ def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: Quantized
             "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
 
 
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`ModelOptBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
-
-
-def stamp(proto: onnx.ModelProto, qmodel: QuantizedModel, extra: dict[str, str] | None = None) -> None:
-    """Record the backend, the assignment and ``extra`` in the ONNX file's ``metadata_props``."""
-    import json
-
-    props = {p.key: p for p in proto.metadata_props}
-    values = {"yolo_mpq.backend": qmodel.backend, "yolo_mpq.assignment_digest": qmodel.assignment.digest(),
-              "yolo_mpq.assignment": json.dumps(qmodel.assignment.to_dict(), sort_keys=True), **(extra or {})}
-    for key, value in values.items():
-        if key in props:
-            props[key].value = value
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-
-
 class ModelOptBackend:
     """ModelOpt torch PTQ backend (see the module docstring).
 
@@ -335,7 +305,6 @@ class ModelOptBackend:
 
     def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
         from mpq.device import resolve_device
-        from search.spec import ModelOptOptions
 
         if options is None:
             options = ModelOptOptions()
@@ -429,7 +398,7 @@ class ModelOptBackend:
             t = time.perf_counter()
             rewrite = rewrite_weights(proto, module, qmodel, w4_format)
             t_rewrite = time.perf_counter() - t
-            stamp(proto, qmodel, {"yolo_mpq.weight_storage": w4_format})
+            stamp_metadata(proto, qmodel, {"yolo_mpq.weight_storage": w4_format})
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
@@ -489,6 +458,8 @@ class ModelOptBackend:
     def _stats_key(self, calib: CalibrationSet) -> str:
         o = self.options
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
+        from mpq.keys import calibration_key
+
         return json.dumps([method, calibration_key(calib)])
 
     def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
@@ -540,13 +511,3 @@ class _InputStats:
     key: str
     module: Callable[[], Any]
     amax: dict[str, Any] = field(default_factory=dict)
-
-
-def calibration_key(calib: CalibrationSet) -> str:
-    """A digest of the calibration images (their paths, shape and a sample of the pixels)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([str(p) for p in calib.paths]).encode())
-    h.update(str(tuple(calib.images.shape)).encode())
-    flat = calib.images.reshape(-1)
-    h.update(flat[:: max(1, flat.size // 65536)].tobytes())
-    return h.hexdigest()[:16]

@@ -52,12 +52,11 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpq.assignment import Assignment, LayerInfo, Precision
+from mpq.assignment import Assignment
 from mpq.errors import UserError
 from quantizers.base import (
     CalibrationSet,
@@ -66,6 +65,17 @@ from quantizers.base import (
     QuantizedModel,
     UnsupportedPrecisionError,
     export_metadata,
+    metadata_path,
+    stamp_metadata,
+)
+from quantizers.modelopt_onnx_options import (  # noqa: F401 - int8_conv_supported: part of this backend's API
+    CAPABILITIES,
+    INSTALL_HINT,
+    NAME,
+    W8A8,
+    ModelOptOnnxOptions,
+    OnnxInt8Capabilities,
+    int8_conv_supported,
 )
 
 if TYPE_CHECKING:
@@ -75,68 +85,8 @@ if TYPE_CHECKING:
     from quantizers.onnx_names import LayerNodeMap
     from search.spec import ModelOptOnnxOptions
 
-NAME = "modelopt-onnx"
-W8A8 = Precision(8, 8)
-
-
-def int8_conv_supported(layer: LayerInfo) -> tuple[bool, str]:
-    """ModelOpt's INT8 rule for Conv nodes (``find_nodes_from_convs_to_exclude``), on a
-    :class:`LayerInfo`: convolutions with fewer than 16 input (per group) or output channels
-    are quantized only in the shapes TensorRT has INT8 kernels for."""
-    if layer.kind != "Conv2d":
-        return False, f"{layer.kind}: this backend quantizes Conv nodes only"
-    oc = layer.out_channels
-    ic = layer.in_channels // max(layer.groups, 1)
-    if oc >= 16 and ic >= 16:
-        return True, ""
-    square = len(set(layer.kernel)) == 1
-    first = layer.index == 0  # the conv that reads the graph input
-    if layer.groups == 1 and (oc % 8 == 0 or ic % 8 == 0) and (first or oc >= 16 or ic >= 16) and square:
-        return True, ""
-    if layer.groups > 1 and oc % 8 == 0 and all(k >= 3 for k in layer.kernel):
-        return True, ""
-    return False, (f"ModelOpt does not quantize this Conv to INT8 ({ic} input channels per group, {oc} output "
-                   f"channels, groups {layer.groups}, kernel {'x'.join(map(str, layer.kernel))})")
-
-
-@dataclass(frozen=True)
-class OnnxInt8Capabilities(Capabilities):
-    """W8A8 for the Conv layers ModelOpt's INT8 mode accepts; float for everything else."""
-
-    def supports(self, layer: LayerInfo, precision: Precision) -> bool:
-        if precision.is_float:
-            return True
-        return super().supports(layer, precision) and int8_conv_supported(layer)[0]
-
-    def check(self, layers: Iterable[LayerInfo], assignment: Assignment) -> None:
-        layers = list(layers)
-        by_name = {lay.name: lay for lay in layers}
-        for name, precision in assignment.items():
-            lay = by_name.get(name)
-            if lay is not None and lay.quantizable and precision in self.allowed(lay.kind):
-                ok, why = int8_conv_supported(lay)
-                if not ok:
-                    raise UnsupportedPrecisionError(self.backend, name, precision, [], why)
-        super().check(layers, assignment)  # unknown names, other precisions, fixed layers
-
-
-CAPABILITIES = OnnxInt8Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": frozenset({W8A8})},
-    notes="ModelOpt ONNX INT8 PTQ: each Conv layer W8A8 (per-channel int8 weights, per-tensor int8 input) "
-          "or float; no 4-bit weights, no weight-only or activation-only INT8. Non-Conv ops and the DFL conv "
-          "stay float.",
-)
-
-
 class ModelOptOnnxError(UserError):
     """A ModelOpt ONNX backend problem the user can fix (options, environment, model)."""
-
-
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`ModelOptOnnxBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
 
 
 @contextlib.contextmanager
@@ -186,8 +136,6 @@ class ModelOptOnnxBackend:
     capabilities: Capabilities = CAPABILITIES
 
     def __init__(self, *, options: ModelOptOnnxOptions | None = None, device: str = "cpu") -> None:
-        from search.spec import ModelOptOnnxOptions
-
         if options is None:
             options = ModelOptOnnxOptions()
         if not isinstance(options, ModelOptOnnxOptions):
@@ -251,14 +199,13 @@ class ModelOptOnnxBackend:
         import onnx
 
         from mpq.files import atomic_path, write_json
-        from quantizers.modelopt_backend import stamp
 
         if qmodel.onnx_path is None or not Path(qmodel.onnx_path).is_file():
             raise ModelOptOnnxError(f"this QuantizedModel has no ONNX file to export ({qmodel.onnx_path})")
         path = Path(path)
         start = time.perf_counter()
         proto = onnx.load(str(qmodel.onnx_path))
-        stamp(proto, qmodel, {"yolo_mpq.calibration": self.options.calibration})
+        stamp_metadata(proto, qmodel, {"yolo_mpq.calibration": self.options.calibration})
         with atomic_path(path) as tmp:
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
@@ -312,8 +259,8 @@ class ModelOptOnnxBackend:
             import onnxruntime as ort
             from modelopt.onnx.quantization import quantize as mo_quantize
         except ImportError as exc:
-            raise ModelOptOnnxError(f"the modelopt-onnx backend needs NVIDIA ModelOpt's ONNX path: {exc} (install "
-                                    "the 'modelopt' extra: pip install -e '.[modelopt]')") from exc
+            raise ModelOptOnnxError(f"the modelopt-onnx backend needs NVIDIA ModelOpt's ONNX path: {exc} "
+                                    f"({INSTALL_HINT})") from exc
         # one image per calibration step, as ModelOpt does by default for a dynamic batch: its
         # entropy calibrator (ORT's, 128 histogram bins) only clips ranges when later batches
         # widen the histogram, so a single batch would give exactly the max ranges

@@ -10,8 +10,8 @@ from quantizer_helpers import calibration_set, match_detections, workdir
 
 from mpq.assignment import Assignment, Precision
 from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, metadata_path, quant_layer
+from quantizers.brevitas_options import BrevitasOptions
 from quantizers.onnx_inspect import layer_precisions
-from search.spec import BrevitasOptions
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_wrong_device_and_options_are_user_errors(demo_model, calib):
     if not torch.cuda.is_available():
         with pytest.raises(BrevitasError, match="cuda"):
             BrevitasBackend(device="cuda")
-    from search.spec import ModelOptOptions
+    from quantizers.modelopt_options import ModelOptOptions
 
     with pytest.raises(UserError, match="BrevitasOptions"):
         BrevitasBackend(options=ModelOptOptions())  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ pytest.importorskip("modelopt.torch.quantization", reason="the 'modelopt' extra 
 
 from mpq.assignment import Assignment, Precision  # noqa: E402
 from quantizers.modelopt_backend import ModelOptBackend, integer_weight, quant_config  # noqa: E402
-from search.spec import ModelOptOptions  # noqa: E402
+from quantizers.modelopt_options import ModelOptOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_entropy_calibration_runs(demo_model, calib, images):
 
 def test_wrong_options_type_is_an_error():
     from mpq.errors import UserError
-    from search.spec import BrevitasOptions
+    from quantizers.brevitas_options import BrevitasOptions
 
     with pytest.raises(UserError, match="ModelOptOptions"):
         ModelOptBackend(options=BrevitasOptions())  # type: ignore[arg-type]

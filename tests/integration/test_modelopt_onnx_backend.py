@@ -17,8 +17,8 @@ from quantizers.modelopt_onnx_backend import (  # noqa: E402
     _modelopt_unsupported_convs,
     int8_conv_supported,
 )
+from quantizers.modelopt_onnx_options import ModelOptOnnxOptions  # noqa: E402
 from quantizers.onnx_inspect import layer_precisions  # noqa: E402
-from search.spec import ModelOptOnnxOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from search.spec import BrevitasOptions
+from quantizers.brevitas_options import BrevitasOptions
 
 
 def test_defaults_are_the_good_ptq():
