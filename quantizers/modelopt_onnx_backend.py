@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 
     from mpq.model import LoadedModel
     from quantizers.onnx_names import LayerNodeMap
-    from search.spec import ModelOptOnnxOptions
+
 
 class ModelOptOnnxError(UserError):
     """A ModelOpt ONNX backend problem the user can fix (options, environment, model)."""

@@ -111,7 +111,7 @@ def backend_class(name: str) -> Any:
 def get_backend(options: BackendOptions | str, device: str = "cpu") -> QuantizerBackend:
     """Instantiate the backend for a spec's ``backend`` section (or a bare name: default options)."""
     if isinstance(options, str):
-        options = backend_info(options).options()
+        options = backend_info(options).options(name=options)
     cls = backend_class(options.name)
     backend: QuantizerBackend = cls(options=options, device=device)
     return backend

@@ -164,7 +164,7 @@ class StudySpec(Section):
         default_factory=list, description="Glob patterns of layer names never quantized.")
     dataset: DatasetSpec
     calibration: CalibrationSpec
-    backend: BackendSpec = Field(default_factory=lambda: backend_info("brevitas").options())
+    backend: BackendSpec = Field(default_factory=lambda: backend_info("brevitas").options(name="brevitas"))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
