@@ -41,7 +41,7 @@ from mpq.files import file_digest
 
 if TYPE_CHECKING:
     from mpq.data import CocoSubset
-    from search.spec import EvaluationSpec
+    from mpq.options import EvaluationSpec
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
@@ -62,7 +62,7 @@ class Prediction:
 def _settings(settings: EvaluationSpec | None) -> EvaluationSpec:
     if settings is not None:
         return settings
-    from search.spec import EvaluationSpec
+    from mpq.options import EvaluationSpec
 
     return EvaluationSpec()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,22 +59,39 @@ def _detector_class():  # noqa: ANN202 - returns a torch.nn.Module subclass
             self.save = sorted(set(save))
 
         def forward(self, x: Any) -> Any:
-            y: list[Any] = []
-            for m in self.model:
-                f: Any = m.f
-                if f != -1:
-                    x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
-                x = m(x)
-                y.append(x if m.i in self.save else None)
-            if isinstance(x, (tuple, list)):
-                x = x[0]
-            return x
+            out, _ = run_blocks(self.model, x, save=self.save)
+            return first_output(out)
 
     _DETECTOR_CLS = YoloDetector
     return YoloDetector
 
 
 _DETECTOR_CLS: Any = None
+
+
+def run_blocks(blocks: Iterable[Any], x: Any, outputs: list[Any] | None = None,
+               save: Container[int] | None = None) -> tuple[Any, list[Any]]:
+    """Run Ultralytics blocks in order, routing as ``DetectionModel._predict_once`` does.
+
+    Each block reads the previous output (``f == -1``) or the outputs of the blocks its
+    ``f`` names. ``outputs`` holds the outputs of the blocks before ``blocks`` (the routing
+    indexes it by block index) and is extended in place; with ``save``, only the outputs of
+    those block indices are kept (the others are ``None``). Returns the last output and
+    ``outputs``.
+    """
+    y = [] if outputs is None else outputs
+    for m in blocks:
+        f: Any = m.f
+        if f != -1:
+            x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
+        x = m(x)
+        y.append(x if save is None or m.i in save else None)
+    return x, y
+
+
+def first_output(out: Any) -> Any:
+    """The detector's output tensor: the head's first output when it returns several."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @dataclass

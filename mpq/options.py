@@ -1,7 +1,7 @@
 """Spec sections that the backends and evaluators read, and the base model of every section.
 
 Every section is a frozen pydantic model with ``extra="forbid"``, so a typo in a study file
-fails loudly and names the key. The search application's :class:`search.spec.StudySpec`
+fails loudly and names the key. The search application's study spec
 composes these with its own sections.
 """
 

@@ -298,7 +298,7 @@ class BrevitasBackend:
     """Brevitas PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.BrevitasOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.brevitas_options.BrevitasOptions`);
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto`` (CUDA when
             available), ``cpu``, ``cuda`` or ``cuda:N``.

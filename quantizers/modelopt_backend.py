@@ -294,7 +294,7 @@ class ModelOptBackend:
     """ModelOpt torch PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.ModelOptOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.modelopt_options.ModelOptOptions`);
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto``, ``cpu``,
             ``cuda`` or ``cuda:N``.

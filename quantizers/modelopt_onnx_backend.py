@@ -126,7 +126,7 @@ class ModelOptOnnxBackend:
     """ModelOpt ONNX INT8 PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.ModelOptOnnxOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.modelopt_onnx_options.ModelOptOnnxOptions`);
             defaults when ``None``.
         device: accepted for the common constructor; calibration runs on the ONNX Runtime
             providers of ``options.calibration_eps``.

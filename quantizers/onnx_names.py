@@ -16,7 +16,7 @@ result is a one-to-one map covering every requested layer, with matching weight 
    ``/model.8/m.1/cv1/cv1.0/conv/Conv`` for ``model.8.m.1.cv1.0.conv``. Each scope is the
    module's qualified name from its last non-numeric part on; a container that was called
    itself (a ``Sequential``) adds a scope that the next one repeats (``cv1`` then
-   ``cv1.0``). :func:`module_name_from_node` inverts this.
+   ``cv1.0``). :func:`mpq.onnx_nodes.module_name_from_node` inverts this.
 3. **Weight content** (optional, when the float weights are given): the node whose weight
    initializer holds exactly the layer's weight tensor. This survives renamed
    initializers (constant folding, other exporters).
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import UserError
+from mpq.onnx_nodes import OnnxGraph, module_name_from_node
 
 if TYPE_CHECKING:
     import numpy as np
@@ -92,49 +93,10 @@ class LayerNodeMap:
         return len(self.matches)
 
 
-def module_name_from_node(node_name: str) -> str | None:
-    """The module path a legacy-exporter node name was made from, or ``None``.
-
-    ``/model.8/m.1/cv1/cv1.0/conv/Conv`` -> ``model.8.m.1.cv1.0.conv``;
-    ``/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv`` -> ``model.23.one2one_cv2.0.2``.
-    Names without scopes (``Conv_12``, ``node_conv2d``) give ``None``.
-    """
-    parts = [p for p in node_name.split("/") if p]
-    if len(parts) < 2 or not node_name.startswith("/"):
-        return None
-    scopes = parts[:-1]
-    kept = [s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + "."))]
-    return ".".join(kept) or None
-
-
-class _Graph:
-    """Producer/initializer lookups over one ONNX graph."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
-        self.initializers = {i.name: i for i in model.graph.initializer}
-        self.producer: dict[str, Any] = {}
-        for node in model.graph.node:
-            for out in node.output:
-                self.producer[out] = node
-
-    def constant_array(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-        return None
-
-
-def weight_source(model_or_graph: onnx.ModelProto | _Graph, tensor: str) -> str | None:
+def weight_source(model_or_graph: onnx.ModelProto | OnnxGraph, tensor: str) -> str | None:
     """The initializer (or ``Constant`` output) a weight input comes from, walking back
     through Q/DQ, Clip, Cast, Reshape and similar ops along their first input."""
-    g = model_or_graph if isinstance(model_or_graph, _Graph) else _Graph(model_or_graph)
+    g = model_or_graph if isinstance(model_or_graph, OnnxGraph) else OnnxGraph(model_or_graph)
     seen = set()
     name = tensor
     while name not in g.initializers:
@@ -194,7 +156,7 @@ def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers:
 
     where = source or (str(model) if isinstance(model, (str, os.PathLike)) else "ONNX model")
     proto = _load(model)
-    g = _Graph(proto)
+    g = OnnxGraph(proto)
     layers = list(layers)
     wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
     candidates = [n for n in proto.graph.node if n.op_type in wanted_ops]
@@ -266,18 +228,3 @@ def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers:
                             + "\n(export with mpq.model.export_onnx, the legacy exporter, which keeps module "
                               "scopes and parameter names)")
     return LayerNodeMap(matches)
-
-
-def expose_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs (for per-layer checks)."""
-    import copy
-
-    import onnx
-
-    out = copy.deepcopy(model)
-    existing = {o.name for o in out.graph.output}
-    for t in tensors:
-        if t not in existing:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return out

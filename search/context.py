@@ -167,7 +167,8 @@ class RunContext:
     def latency(self) -> Any:
         from evaluators import make_latency_evaluator
 
-        return make_latency_evaluator(self.spec, cache_dir=self.cache_dir)
+        return make_latency_evaluator(self.spec.latency, imgsz=self.spec.imgsz, evaluation=self.spec.evaluation,
+                                      cache_dir=self.cache_dir)
 
     # -- float baseline -----------------------------------------------------------------------
     @property

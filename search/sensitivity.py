@@ -267,24 +267,19 @@ class BlockCache:
         self.module = module
         self.images = images
         self._outs: dict[int, list[Any]] = {}
+        from mpq.model import run_blocks
+
         x = torch.from_numpy(np.ascontiguousarray(images))
-        outs: list[Any] = []
         with torch.no_grad():
-            y: list[Any] = []
-            h: Any = x
-            for m in module.model:
-                f: Any = m.f
-                if f != -1:
-                    h = y[f] if isinstance(f, int) else [h if j == -1 else y[j] for j in f]
-                h = m(h)
-                y.append(h)
-                outs.append(h)
+            _, outs = run_blocks(module.model, x)
         self._outs[x.data_ptr()] = outs
 
     def tail(self, qmodule: Any, start: int) -> Any:
         """A module running ``qmodule`` from block ``start`` on, with cached float inputs."""
         import torch
         from torch import nn
+
+        from mpq.model import first_output, run_blocks
 
         cache = self._outs
 
@@ -298,15 +293,8 @@ class BlockCache:
                 outs = cache.get(x.data_ptr())
                 if outs is None or start == 0:
                     return qmodule(x)
-                y: list[Any] = [outs[j] for j in range(start)]
-                h: Any = outs[start - 1]
-                for m in list(self.model)[start:]:
-                    f: Any = m.f
-                    if f != -1:
-                        h = y[f] if isinstance(f, int) else [h if j == -1 else y[j] for j in f]
-                    h = m(h)
-                    y.append(h)
-                return h[0] if isinstance(h, (tuple, list)) else h
+                h, _ = run_blocks(list(self.model)[start:], outs[start - 1], outputs=list(outs[:start]))
+                return first_output(h)
 
         return Tail().eval()
 

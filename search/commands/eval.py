@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         from evaluators import make_latency_evaluator
 
         with console_err.status("latency ..."):
-            lat = make_latency_evaluator(spec, cache_dir=ctx.cache_dir).evaluate(onnx_path)
+            lat = make_latency_evaluator(spec.latency, imgsz=spec.imgsz, evaluation=spec.evaluation,
+                                         cache_dir=ctx.cache_dir).evaluate(onnx_path)
 
     title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {acc.num_images} images of "
              f"{ctx.subset.annotations_path.name}, imgsz {spec.imgsz}")

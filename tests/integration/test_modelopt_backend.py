@@ -58,7 +58,8 @@ def layer_outputs_onnx(path, demo_model, images, optimize=True):
     import onnx
     import onnxruntime as ort
 
-    from quantizers.onnx_names import expose_outputs, map_layers_to_nodes
+    from mpq.onnx_nodes import with_outputs
+    from quantizers.onnx_names import map_layers_to_nodes
 
     proto = onnx.load(str(path))
     nmap = map_layers_to_nodes(proto, demo_model.layers)
@@ -68,7 +69,7 @@ def layer_outputs_onnx(path, demo_model, images, optimize=True):
     so.log_severity_level = 3
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(expose_outputs(proto, tensors.values()).SerializeToString(), so,
+    sess = ort.InferenceSession(with_outputs(proto, tensors.values()).SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
     res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": images}), strict=True))
     return {name: res[t] for name, t in tensors.items()}, res["output0"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mpq.model import export_onnx, load_model
-from quantizers.onnx_names import map_layers_to_nodes, module_name_from_node
+from mpq.onnx_nodes import module_name_from_node
+from quantizers.onnx_names import map_layers_to_nodes
 
 
 def _check(model, path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mpq.assignment import LayerInfo
-from quantizers.onnx_names import OnnxNameError, map_layers_to_nodes, module_name_from_node, weight_source
+from mpq.onnx_nodes import module_name_from_node
+from quantizers.onnx_names import OnnxNameError, map_layers_to_nodes, weight_source
 
 
 @pytest.mark.parametrize("node, module", [
