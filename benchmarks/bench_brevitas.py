@@ -81,9 +81,8 @@ def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     from evaluators.coco import CocoEvaluator
     from evaluators.latency import OrtLatencyEvaluator
     from mpq.assignment import Assignment
-    from mpq.data import load_coco_subset, preprocess_many, read_calibration_list
+    from mpq.data import CalibrationSet, load_coco_subset, preprocess_many, read_calibration_list
     from mpq.model import export_onnx, load_model
-    from quantizers.base import CalibrationSet
     from quantizers.brevitas_backend import BrevitasBackend
     from quantizers.brevitas_options import BrevitasOptions
     from search.spec import load_spec
@@ -211,9 +210,8 @@ def yolov10m_timing(args: argparse.Namespace, console: Any) -> list[dict[str, An
     import torch
 
     from mpq.assignment import Assignment
-    from mpq.data import preprocess_many, read_calibration_list
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
     from mpq.model import load_model
-    from quantizers.base import CalibrationSet
     from quantizers.brevitas_backend import BrevitasBackend
     from search.spec import load_spec
 

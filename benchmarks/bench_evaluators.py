@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_brevitas:
         try:
             from mpq.assignment import Assignment
+            from mpq.data import CalibrationSet
             from quantizers import get_backend
-            from quantizers.base import CalibrationSet
 
             backend = get_backend(spec.backend, device="cpu")
             cal_images, _ = preprocess_many(calib[:spec.calibration.max_images], spec.imgsz, progress=False)

@@ -73,10 +73,9 @@ def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     from evaluators.coco import CocoEvaluator
     from evaluators.latency import OrtLatencyEvaluator
     from mpq.assignment import Assignment
-    from mpq.data import load_coco_subset, preprocess_many, read_calibration_list
+    from mpq.data import CalibrationSet, load_coco_subset, preprocess_many, read_calibration_list
     from mpq.model import export_onnx, load_model
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
     from search.spec import load_spec
 
     spec = load_spec(args.study)
@@ -157,10 +156,9 @@ def single_layer_timing(model: Any, calib: Any) -> dict[str, Any]:
 def yolov10m_timing(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     """Materialize + export of yolov10m.yaml (random init) at 640 on this CPU."""
     from mpq.assignment import Assignment
-    from mpq.data import preprocess_many, read_calibration_list
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
     from mpq.model import load_model
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
     from search.spec import load_spec
 
     spec = load_spec(args.study)

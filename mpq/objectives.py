@@ -48,7 +48,7 @@ ACCURACY = "map"
 DEFAULT_OBJECTIVES: tuple[ObjectiveName, ...] = ("map", "latency")
 
 
-def directions(names: Sequence[str]) -> list[str]:
+def directions(names: Sequence[str]) -> list[Literal["maximize", "minimize"]]:
     """Optuna study directions of ``names``, in order."""
     return [OBJECTIVES[n].direction for n in names]
 

@@ -25,7 +25,7 @@ from mpq.assignment import LayerGroup, Precision
 if TYPE_CHECKING:
     import torch
 
-    from search.context import RunContext
+    from search.resources import StudyResources
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _pseudo_labels(out: torch.Tensor, imgsz: int, conf: float = 0.25) -> dict[st
     return {"batch_idx": torch.cat(idx), "cls": torch.cat(cls).view(-1, 1), "bboxes": torch.cat(boxes)}
 
 
-def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress: bool = True,
+def fisher_sensitivity(res: StudyResources, candidates: list[Precision], *, progress: bool = True,
                        ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Fisher scores per (group, candidate) for the study's groups (see the module doc)."""
     import numpy as np
@@ -89,13 +89,13 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
 
     from mpq.errors import UserError
 
-    if ctx.model.layout != "end2end":
+    if res.model.layout != "end2end":
         raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
-    model: Any = ctx.model.fresh().module
-    device = torch.device(ctx.device)
+    model: Any = res.model.fresh().module
+    device = torch.device(res.device)
     model.to(device)
-    images = ctx.calibration.images[: ctx.spec.sensitivity.images]
-    names = [name for g in ctx.groups for name in g.layers]
+    images = res.calibration.images[: res.spec.sensitivity.images]
+    names = [name for g in res.groups for name in g.layers]
     modules = dict(model.named_modules())
     layers: dict[str, Any] = {n: modules[n] for n in names}
 
@@ -141,7 +141,7 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
         iterator = track(iterator, description="fisher: gradients", transient=True)  # type: ignore[assignment]
     try:
         for i in iterator:
-            batch = _pseudo_labels(outs[i].detach().cpu(), ctx.spec.imgsz)
+            batch = _pseudo_labels(outs[i].detach().cpu(), res.spec.imgsz)
             if not len(batch["cls"]):
                 continue
             x = torch.from_numpy(images[i:i + 1]).to(device).requires_grad_(True)
@@ -174,8 +174,8 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
                 weight_term[(n, bits)] = 0.5 * float((fisher * dw ** 2).sum())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     group: LayerGroup
-    for group in ctx.groups:
-        allowed = ctx.candidates_for(group)
+    for group in res.groups:
+        allowed = res.candidates_for(group)
         per: dict[str, dict[str, float]] = {}
         for prec in candidates:
             if prec not in allowed:

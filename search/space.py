@@ -26,12 +26,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpq.assignment import FLOAT, Assignment, LayerGroup, LayerInfo, Precision
+from mpq.errors import UserError
+from mpq.objectives import cost_objectives
 from search.sensitivity import SensitivityTable
 
-COST_OBJECTIVES = ("size", "bops", "latency")
+if TYPE_CHECKING:
+    from search.resources import StudyResources
+
 TRADEOFF_RANGE = (-3.0, 3.0)
 
 
@@ -240,10 +244,12 @@ class SearchSpace:
         return out
 
 
-def describe_params(params: dict[str, Any]) -> str:
-    parts = []
-    for k, v in params.items():
-        if k.startswith("g."):
-            continue
-        parts.append(f"{k}={v:.3g}" if isinstance(v, float) and not math.isnan(v) else f"{k}={v}")
-    return " ".join(parts) if parts else f"{len(params)} per-group choices"
+def space_for(res: StudyResources, table: SensitivityTable, kind: str, objectives: Sequence[str]) -> SearchSpace:
+    """The search space of a study: per group, the candidates its backend can build, plus float."""
+    options = {g.name: [*res.candidates_for(g), FLOAT] for g in res.groups}
+    empty = [g for g, opts in options.items() if len(opts) == 1]
+    if len(empty) == len(options):
+        raise UserError(f"backend '{res.backend.name}' can build none of the study's candidates "
+                        f"{[str(p) for p in res.spec.candidates]} ({res.backend.capabilities.notes})")
+    return SearchSpace(kind, res.groups, options, table, {lay.name: lay for lay in res.model.layers},
+                       cost_objectives(objectives) or ("size",))

@@ -29,8 +29,7 @@ def cached(key: str, build: Any) -> Any:
 
 def calibration_set(paths: list[Path], imgsz: int, n: int = 8, batch_size: int = 8) -> Any:
     """The first ``n`` demo calibration images, preprocessed as the evaluator does."""
-    from mpq.data import preprocess_many
-    from quantizers.base import CalibrationSet
+    from mpq.data import CalibrationSet, preprocess_many
 
     def build() -> Any:
         images, _ = preprocess_many(paths[:n], imgsz, progress=False)
@@ -79,9 +78,8 @@ def sanity_evaluation(spec: Any, model: Any, subset: Any, out: Path) -> tuple[An
     """What the uniform-PTQ sanity tests share: the study's COCO evaluator, its calibration set
     (as the search builds it) and the float model's mAP50-95, with exports under ``out``."""
     from evaluators.coco import CocoEvaluator
-    from mpq.data import preprocess_many, read_calibration_list
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
     from mpq.model import export_onnx
-    from quantizers.base import CalibrationSet
 
     cal = spec.calibration
     paths = read_calibration_list(cal.source, cal.max_images)

@@ -101,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from mpq.files import versions, write_json
     from search.commands import load_study
     from search.console import console, console_err
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
     spec = load_study(args.study, **overrides)
-    ctx = RunContext(spec)
+    pipeline = TrialPipeline.for_spec(spec)
+    res = pipeline.resources
     if args.onnx is not None:
         onnx_path = args.onnx
         if not onnx_path.is_file():
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         kind = "given"
     else:
         with console_err.status(f"float model {spec.model.name}: loading and exporting (reused when unchanged) ..."):
-            onnx_path = ctx.float_onnx()
-        out_dir = args.out or ctx.float_dir
+            onnx_path = pipeline.baseline.onnx()
+        out_dir = args.out or pipeline.baseline.dir
         compare = args.compare_ultralytics is not False
         kind = "float"
 
@@ -125,11 +126,11 @@ def run(args: argparse.Namespace) -> int:
     names = names_from_metadata(read_metadata(onnx_path))
     if names is None:
         with console_err.status(f"reading class names from {spec.model.name} ..."):
-            names = ctx.model.names
+            names = res.model.names
     from evaluators.coco import CocoEvaluator
 
-    ev = CocoEvaluator(subset=ctx.subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
-                       cache_dir=ctx.cache_dir, progress=True)
+    ev = CocoEvaluator(subset=res.subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
+                       cache_dir=res.paths.cache, progress=True)
     acc = ev.evaluate(onnx_path)
     ul = None
     if compare:
@@ -144,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
         with console_err.status("latency ..."):
             lat = make_latency_evaluator(spec.latency, imgsz=spec.imgsz, evaluation=spec.evaluation,
-                                         cache_dir=ctx.cache_dir).evaluate(onnx_path)
+                                         cache_dir=res.paths.cache).evaluate(onnx_path)
 
     title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {acc.num_images} images of "
-             f"{ctx.subset.annotations_path.name}, imgsz {spec.imgsz}")
+             f"{res.subset.annotations_path.name}, imgsz {spec.imgsz}")
     console.print(metrics_table(acc, ul, title))
     console.print(per_class_table(acc, ul))
     if ul is not None:

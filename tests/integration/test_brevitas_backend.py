@@ -9,7 +9,8 @@ import pytest
 from quantizer_helpers import calibration_set, match_detections, workdir
 
 from mpq.assignment import Assignment, Precision
-from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, metadata_path, quant_layer
+from quantizers.base import metadata_path
+from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, quant_layer
 from quantizers.brevitas_options import BrevitasOptions
 from quantizers.onnx_inspect import layer_precisions
 
