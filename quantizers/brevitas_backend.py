@@ -40,14 +40,10 @@ containers, options, versions, timings) is written beside it as ``<file>.json``.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import time
 import warnings
-import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +59,7 @@ from quantizers.base import (
     stamp_metadata,
 )
 from quantizers.brevitas_options import CAPABILITIES, NAME, BrevitasOptions
+from quantizers.brevitas_stats import InputStatistics, LayerStats, output_mean
 
 if TYPE_CHECKING:
     import torch
@@ -210,88 +207,6 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Input statistics (assignment-independent, cached per float model and calibration set)
-# --------------------------------------------------------------------------------------
-def unfolded_input_mean(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and output positions of the input patch each output sees.
-
-    For a Conv2d: ``(C_in, kh, kw)``, entry ``[c, i, j]`` = mean of the zero-padded input
-    at channel ``c``, offset ``(i, j)`` over every output position; the mean output of
-    the layer is then ``sum(W[o] * M[group(o)]) + b[o]``. For a Linear: the mean input
-    vector.
-    """
-    import torch.nn.functional as F
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).mean(dim=0)
-    assert isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple)
-    ph, pw = (int(p) for p in layer.padding)
-    sh, sw = layer.stride
-    dh, dw = layer.dilation
-    kh, kw = layer.kernel_size
-    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    H, W = xp.shape[-2:]
-    ho = (H - dh * (kh - 1) - 1) // sh + 1
-    wo = (W - dw * (kw - 1) - 1) // sw + 1
-    out = x.new_empty((x.shape[1], kh, kw))
-    for i in range(kh):
-        for j in range(kw):
-            sl = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            out[:, i, j] = sl.mean(dim=(0, 2, 3))
-    return out
-
-
-def output_mean(layer: Any, weight: torch.Tensor, mean_in: torch.Tensor) -> torch.Tensor:
-    """Mean output per channel (bias excluded) of ``layer`` with ``weight`` given the mean
-    unfolded input from :func:`unfolded_input_mean`."""
-    import torch
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return weight @ mean_in
-    g = layer.groups
-    o = weight.shape[0]
-    w = weight.reshape(g, o // g, weight.shape[1], -1)
-    m = mean_in.reshape(g, weight.shape[1], -1)
-    return torch.einsum("gock,gck->go", w, m).reshape(o)
-
-
-def _supports_analytic(layer: nn.Module) -> bool:
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return True
-    return (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
-            and isinstance(layer.padding, tuple))
-
-
-@dataclass
-class _LayerStats:
-    float_mean: torch.Tensor | None = None
-    quant_mean: torch.Tensor | None = None
-    input_quant_state: dict[str, Any] | None = None
-
-
-@dataclass
-class _StatsCache:
-    """Per-layer input statistics for one (float model, calibration set, options)."""
-
-    module_ref: Any
-    calib_key: str
-    act_key: str
-    layers: dict[str, _LayerStats] = field(default_factory=dict)
-    has_float_means: bool = False
-    has_act: bool = False
-    has_quant_means: bool = False
-    probes: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
-        return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
-
-
-# --------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------
 class BrevitasBackend:
@@ -325,7 +240,9 @@ class BrevitasBackend:
         except RuntimeError as exc:
             raise BrevitasError(str(exc)) from None
         self.progress = progress
-        self._cache: _StatsCache | None = None
+        self._stats = InputStatistics(act_quant=lambda: input_quantizer(options), device=self.device,
+                                      act_key=json.dumps([options.act_calibration, options.act_percentile,
+                                                          options.act_quant_type]))
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -345,8 +262,10 @@ class BrevitasBackend:
         cached = True
         if needs_act or needs_means:
             t = time.perf_counter()
-            cache, cached = self._stats(model, calib, act=needs_act, means=needs_means,
-                                        quant_means=needs_act and needs_means)
+            if len(calib) == 0:
+                raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
+            cache, cached = self._stats.get(model, calib, act=needs_act, means=needs_means,
+                                            quant_means=needs_act and needs_means, progress=self.progress)
             timings["calibrate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -445,130 +364,8 @@ class BrevitasBackend:
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
     # -- internals ------------------------------------------------------------------------
-    def _act_key(self) -> str:
-        o = self.options
-        return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type])
-
-    def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
-               ) -> tuple[_StatsCache, bool]:
-        """The statistics cache for ``model`` and ``calib``, computing what is missing."""
-        if len(calib) == 0:
-            raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
-        from mpq.keys import calibration_key
-
-        key = calibration_key(calib)
-        cache = self._cache
-        if cache is None or not cache.matches(model.module, key, self._act_key()):
-            cache = _StatsCache(module_ref=weakref.ref(model.module), calib_key=key, act_key=self._act_key())
-            self._cache = cache
-        need_means = means and not cache.has_float_means
-        need_act = act and not cache.has_act
-        need_qmeans = quant_means and not cache.has_quant_means
-        if not (need_means or need_act or need_qmeans):
-            return cache, True
-        start = time.perf_counter()
-        self._compute_stats(model, calib, cache, means=need_means, act=need_act, quant_means=need_qmeans)
-        cache.seconds += time.perf_counter() - start
-        return cache, False
-
-    def _batches(self, calib: CalibrationSet, description: str) -> Iterator[torch.Tensor]:
-        import torch
-
-        batches: Iterable[Any] = list(calib.batches())
-        if self.progress:
-            from rich.progress import track
-
-            batches = track(batches, description=description, transient=True)
-        for b in batches:
-            yield torch.from_numpy(b).to(self.device)
-
-    def _compute_stats(self, model: LoadedModel, calib: CalibrationSet, cache: _StatsCache, *,
-                       means: bool, act: bool, quant_means: bool) -> None:
-        """One or two float passes over ``calib`` with hooks on every quantizable layer.
-
-        Pass 1 averages each layer's unfolded input and calibrates one input quantizer per
-        layer (Brevitas ``calibration_mode``); pass 2 (A8 with bias correction) averages
-        the unfolded input after that quantizer.
-        """
-        import brevitas.nn as qnn
-        import torch
-        from brevitas.graph.calibrate import calibration_mode
-        from torch import nn
-
-        float_module = copy.deepcopy(model.module).to(self.device).eval()
-        names = [lay.name for lay in model.quantizable_layers]
-        mods = {n: float_module.get_submodule(n) for n in names}
-        for n in names:
-            cache.layers.setdefault(n, _LayerStats())
-        probes: dict[str, Any] = cache.probes
-        if act:
-            iq = input_quantizer(self.options)
-            probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
-                           for n in names})
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-
-        def pass1_hook(name: str):  # noqa: ANN202
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                x = inputs[0]
-                if means and _supports_analytic(mod):
-                    m = unfolded_input_mean(mod, x)
-                    sums[name] = sums[name] + m if name in sums else m
-                if act:
-                    probes[name](x)
-            return hook
-
-        if means or act:
-            hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
-            container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
-            try:
-                with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
-                    for x in self._batches(calib, "calibration: float statistics"):
-                        float_module(x)
-                        count += 1
-            finally:
-                for h in hooks:
-                    h.remove()
-        if means:
-            for n in names:
-                if n in sums:
-                    cache.layers[n].float_mean = sums[n] / count
-            cache.has_float_means = True
-        if act:
-            for n in names:
-                probes[n].eval()
-                cache.layers[n].input_quant_state = {k: v.detach().clone()
-                                                     for k, v in probes[n].act_quant.state_dict().items()}
-            cache.has_act = True
-        if not quant_means:
-            return
-        # pass 2: mean of the quantized input (only needed for bias correction of A8 layers)
-        qsums: dict[str, torch.Tensor] = {}
-        count = 0
-
-        def pass2_hook(name: str):  # noqa: ANN202
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                if _supports_analytic(mod):
-                    m = unfolded_input_mean(mod, probes[name](inputs[0]))
-                    qsums[name] = qsums[name] + m if name in qsums else m
-            return hook
-
-        hooks = [mods[n].register_forward_pre_hook(pass2_hook(n)) for n in names]
-        try:
-            with torch.no_grad():
-                for x in self._batches(calib, "calibration: quantized-input statistics"):
-                    float_module(x)
-                    count += 1
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in names:
-            if n in qsums:
-                cache.layers[n].quant_mean = qsums[n] / count
-        cache.has_quant_means = True
-
     def _correction(self, name: str, float_layer: Any, q: Any, precision: Precision,
-                    st: _LayerStats) -> torch.Tensor:
+                    st: LayerStats) -> torch.Tensor:
         """``E[float output] - E[quantized output]`` per channel, from the cached input means."""
         if st.float_mean is None or (precision.quantizes_inputs and st.quant_mean is None):
             raise BrevitasError(f"layer '{name}': no input statistics for bias correction (only zero padding "

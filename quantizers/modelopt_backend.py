@@ -290,6 +290,36 @@ def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: Quantized
             "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
 
 
+def enabled_quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The enabled weight and input quantizers, by layer name; checks every rule took."""
+    weights: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    for name, precision in assignment.items():
+        layer = work.get_submodule(name)
+        wq = getattr(layer, "weight_quantizer", None)
+        iq = getattr(layer, "input_quantizer", None)
+        if precision.quantizes_weights:
+            if wq is None or not wq.is_enabled or int(wq.num_bits) != precision.w_bits:
+                raise ModelOptError(f"layer '{name}': ModelOpt did not set up a {precision.w_bits}-bit weight "
+                                    f"quantizer (got {wq})")
+            weights[name] = wq
+        if precision.quantizes_inputs:
+            if iq is None or not iq.is_enabled or int(iq.num_bits) != precision.a_bits:
+                raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit input "
+                                    f"quantizer (got {iq})")
+            inputs[name] = iq
+    return weights, inputs
+
+
+def _calibration_pass(module: nn.Module, calib: CalibrationSet, device: str) -> None:
+    """One forward pass of ``module`` over the calibration images (the quantizers collect statistics)."""
+    import torch
+
+    with torch.no_grad():
+        for batch in calib.batches():
+            module(torch.from_numpy(batch).to(device))
+
+
 class ModelOptBackend:
     """ModelOpt torch PTQ backend (see the module docstring).
 
@@ -333,7 +363,7 @@ class ModelOptBackend:
         config = quant_config(assignment, self.options)
         with quiet():
             mtq.quantize(work, config)
-        weights, inputs = self._quantizers(work, assignment)
+        weights, inputs = enabled_quantizers(work, assignment)
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
@@ -424,37 +454,6 @@ class ModelOptBackend:
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
     # -- internals ------------------------------------------------------------------------
-    @staticmethod
-    def _quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The enabled weight and input quantizers, by layer name; checks every rule took."""
-        weights: dict[str, Any] = {}
-        inputs: dict[str, Any] = {}
-        for name, precision in assignment.items():
-            layer = work.get_submodule(name)
-            wq = getattr(layer, "weight_quantizer", None)
-            iq = getattr(layer, "input_quantizer", None)
-            if precision.quantizes_weights:
-                if wq is None or not wq.is_enabled or int(wq.num_bits) != precision.w_bits:
-                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up a {precision.w_bits}-bit weight "
-                                        f"quantizer (got {wq})")
-                weights[name] = wq
-            if precision.quantizes_inputs:
-                if iq is None or not iq.is_enabled or int(iq.num_bits) != precision.a_bits:
-                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit input "
-                                        f"quantizer (got {iq})")
-                inputs[name] = iq
-        return weights, inputs
-
-    def _forward_loop(self, calib: CalibrationSet) -> Callable[[nn.Module], None]:
-        import torch
-
-        def loop(model: nn.Module) -> None:
-            with torch.no_grad():
-                for batch in calib.batches():
-                    model(torch.from_numpy(batch).to(self.device))
-
-        return loop
-
     def _stats_key(self, calib: CalibrationSet) -> str:
         o = self.options
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
@@ -480,13 +479,13 @@ class ModelOptBackend:
         everything = Assignment({n: Precision(16, 8) for n in names})
         with quiet():
             mtq.quantize(work, quant_config(everything, self.options))
-        _, inputs = self._quantizers(work, everything)
+        _, inputs = enabled_quantizers(work, everything)
         for q in inputs.values():
             q.disable_quant()
             q.enable_calib()
         amax: dict[str, Any] = {}
         with quiet():
-            self._forward_loop(calib)(work)
+            _calibration_pass(work, calib, self.device)
             method = self.options.calibration
             for name, q in inputs.items():
                 try:

@@ -176,7 +176,7 @@ class ModelOptOnnxBackend:
             log_text = self._quantize(fg.path, out, sorted(quantized), others, calib, outdir / "modelopt.log")
             timings["quantize"] = time.perf_counter() - t
         t = time.perf_counter()
-        check = self._check_graph(out, model, assignment)
+        check = check_graph(out, model, assignment)
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         info = {
@@ -293,46 +293,6 @@ class ModelOptOnnxBackend:
                                     f"{buf.getvalue()[-1500:]}")
         return buf.getvalue()
 
-    def _check_graph(self, path: Path, model: LoadedModel, assignment: Assignment) -> dict[str, Any]:
-        """Check that exactly the W8A8 layers are quantized; rewire float layers fed by a
-        shared quantized input back to the float tensor. Rewrites ``path`` if needed."""
-        import onnx
-
-        from quantizers.onnx_names import map_layers_to_nodes
-
-        proto = onnx.load(str(path))
-        nmap = map_layers_to_nodes(proto, model.layers, source="ModelOpt INT8 output")
-        producer = {o: n for n in proto.graph.node for o in n.output}
-        nodes = {n.name: n for n in proto.graph.node}
-
-        def dq_of(tensor: str) -> Any:
-            p = producer.get(tensor)
-            return p if p is not None and p.op_type == "DequantizeLinear" else None
-
-        problems: list[str] = []
-        rewired: list[str] = []
-        for lay in model.layers:
-            node = nodes[nmap.node(lay.name)]
-            want = assignment.get(lay.name) == W8A8
-            w_dq = dq_of(node.input[1])
-            x_dq = dq_of(node.input[0])
-            x_q = producer.get(x_dq.input[0]) if x_dq is not None else None
-            has_w, has_x = w_dq is not None, x_q is not None and x_q.op_type == "QuantizeLinear"
-            if want and not (has_w and has_x):
-                problems.append(f"layer '{lay.name}' should be W8A8 but has weight DQ={has_w}, input Q/DQ={has_x}")
-            elif not want:
-                if has_w:
-                    problems.append(f"layer '{lay.name}' should be float but its weight is quantized")
-                if has_x and x_q is not None:
-                    node.input[0] = x_q.input[0]  # shared Q/DQ of a quantized neighbour
-                    rewired.append(lay.name)
-        if problems:
-            raise ModelOptOnnxError("ModelOpt's INT8 graph does not match the assignment:\n"
-                                    + "\n".join(f"  - {p}" for p in problems[:10]))
-        if rewired:
-            onnx.save(proto, str(path))
-        return {"layers": len(model.layers), "w8a8": len(assignment), "rewired_float_inputs": rewired}
-
 
 def _modelopt_unsupported_convs(proto: onnx.ModelProto) -> list[str]:
     """Conv nodes ModelOpt's INT8 mode would exclude on its own (its own function, quietly)."""
@@ -349,3 +309,43 @@ def _modelopt_unsupported_convs(proto: onnx.ModelProto) -> list[str]:
     finally:
         logger.setLevel(level)
 
+
+def check_graph(path: Path, model: LoadedModel, assignment: Assignment) -> dict[str, Any]:
+    """Check that exactly the W8A8 layers are quantized; rewire float layers fed by a
+    shared quantized input back to the float tensor. Rewrites ``path`` if needed."""
+    import onnx
+
+    from quantizers.onnx_names import map_layers_to_nodes
+
+    proto = onnx.load(str(path))
+    nmap = map_layers_to_nodes(proto, model.layers, source="ModelOpt INT8 output")
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {n.name: n for n in proto.graph.node}
+
+    def dq_of(tensor: str) -> Any:
+        p = producer.get(tensor)
+        return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+    problems: list[str] = []
+    rewired: list[str] = []
+    for lay in model.layers:
+        node = nodes[nmap.node(lay.name)]
+        want = assignment.get(lay.name) == W8A8
+        w_dq = dq_of(node.input[1])
+        x_dq = dq_of(node.input[0])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None else None
+        has_w, has_x = w_dq is not None, x_q is not None and x_q.op_type == "QuantizeLinear"
+        if want and not (has_w and has_x):
+            problems.append(f"layer '{lay.name}' should be W8A8 but has weight DQ={has_w}, input Q/DQ={has_x}")
+        elif not want:
+            if has_w:
+                problems.append(f"layer '{lay.name}' should be float but its weight is quantized")
+            if has_x and x_q is not None:
+                node.input[0] = x_q.input[0]  # shared Q/DQ of a quantized neighbour
+                rewired.append(lay.name)
+    if problems:
+        raise ModelOptOnnxError("ModelOpt's INT8 graph does not match the assignment:\n"
+                                + "\n".join(f"  - {p}" for p in problems[:10]))
+    if rewired:
+        onnx.save(proto, str(path))
+    return {"layers": len(model.layers), "w8a8": len(assignment), "rewired_float_inputs": rewired}

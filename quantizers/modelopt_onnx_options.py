@@ -89,4 +89,5 @@ class ModelOptOnnxOptions(BackendOptions):
 
 
 register(BackendInfo(name=NAME, options=ModelOptOnnxOptions, capabilities=CAPABILITIES,
-                     factory="quantizers.modelopt_onnx_backend:ModelOptOnnxBackend", install_hint=INSTALL_HINT))
+                     factory="quantizers.modelopt_onnx_backend:ModelOptOnnxBackend", install_hint=INSTALL_HINT,
+                     fake_quant=False))

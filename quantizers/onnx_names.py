@@ -138,6 +138,71 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
+@dataclass(frozen=True)
+class _Node:
+    """A candidate compute node: its weight initializer, that weight's shape, and its scope's module name."""
+
+    node: Any
+    weight: str | None
+    shape: tuple[int, ...] | None
+    scope: str | None
+
+
+def _candidate_nodes(proto: onnx.ModelProto, g: OnnxGraph, layers: list[LayerInfo]) -> dict[str, _Node]:
+    wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
+    out: dict[str, _Node] = {}
+    for i, node in enumerate(n for n in proto.graph.node if n.op_type in wanted_ops):
+        key = node.name or f"<unnamed {node.op_type} #{i}>"
+        wname = weight_source(g, node.input[1]) if len(node.input) > 1 else None
+        arr = g.constant_array(wname) if wname else None
+        shape = tuple(int(d) for d in arr.shape) if arr is not None else None
+        out[key] = _Node(node, wname, shape, module_name_from_node(node.name) if node.name else None)
+    return out
+
+
+def _clues(lay: LayerInfo, nodes: dict[str, _Node], g: OnnxGraph,
+           weights: Mapping[str, np.ndarray] | None) -> dict[str, set[str]]:
+    """Node key -> the clues (weight-name, scope, weight-content) that point from ``lay`` to it."""
+    import numpy as np
+
+    clues: dict[str, set[str]] = {}
+    for key, info in nodes.items():
+        if info.weight and info.weight == f"{lay.name}.weight":
+            clues.setdefault(key, set()).add("weight-name")
+        if info.scope and info.scope == lay.name:
+            clues.setdefault(key, set()).add("scope")
+    if weights is not None and lay.name in weights and not clues:
+        ref = np.asarray(weights[lay.name])
+        for key, info in nodes.items():
+            if info.shape == tuple(ref.shape) and info.weight:
+                arr = g.constant_array(info.weight)
+                if arr is not None and arr.dtype == ref.dtype and np.array_equal(arr, ref):
+                    clues.setdefault(key, set()).add("weight-content")
+    return clues
+
+
+def _pick(lay: LayerInfo, nodes: dict[str, _Node], clues: dict[str, set[str]]) -> tuple[str, set[str]] | str:
+    """The node of ``lay`` and the clues that agree on it, or the problem (a message)."""
+    ops = OP_TYPES.get(lay.kind, ())
+    fitting = {k: v for k, v in clues.items()
+               if k in nodes and _shape_ok(lay, nodes[k].shape, nodes[k].node.op_type) and nodes[k].node.op_type in ops}
+    if not fitting:
+        hint = ""
+        if clues:
+            shapes = {nodes[k].shape for k in clues if k in nodes}
+            hint = f" (nodes {sorted(clues)} have weight shapes {sorted(map(str, shapes))}, " \
+                   f"expected {_expected_shape(lay)})"
+        return f"layer '{lay.name}' ({lay.kind}) matches no {'/'.join(ops)} node{hint}"
+    if len(fitting) > 1:
+        # prefer the node on which most clues agree, if unique
+        best = max(len(v) for v in fitting.values())
+        top = [k for k, v in fitting.items() if len(v) == best]
+        if len(top) > 1:
+            return f"layer '{lay.name}' matches several nodes: {sorted(top)}"
+        fitting = {top[0]: fitting[top[0]]}
+    return next(iter(fitting.items()))
+
+
 def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers: Iterable[LayerInfo], *,
                         weights: Mapping[str, np.ndarray] | None = None, source: str = "") -> LayerNodeMap:
     """Match each layer to exactly one ONNX compute node (see the module docstring).
@@ -152,75 +217,26 @@ def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers:
         OnnxNameError: a layer with no node or several, a node claimed twice, or a weight
             shape that does not fit.
     """
-    import numpy as np
-
     where = source or (str(model) if isinstance(model, (str, os.PathLike)) else "ONNX model")
     proto = _load(model)
     g = OnnxGraph(proto)
     layers = list(layers)
-    wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
-    candidates = [n for n in proto.graph.node if n.op_type in wanted_ops]
-
-    # per node: its weight initializer, the shape of that weight, and the scope module name
-    node_info: dict[str, tuple[Any, str | None, tuple[int, ...] | None, str | None]] = {}
-    for i, node in enumerate(candidates):
-        key = node.name or f"<unnamed {node.op_type} #{i}>"
-        wname = weight_source(g, node.input[1]) if len(node.input) > 1 else None
-        arr = g.constant_array(wname) if wname else None
-        shape = tuple(int(d) for d in arr.shape) if arr is not None else None
-        node_info[key] = (node, wname, shape, module_name_from_node(node.name) if node.name else None)
-
-    by_weight: dict[str, list[str]] = {}
-    by_scope: dict[str, list[str]] = {}
-    for key, (_node, wname, _shape, scope) in node_info.items():
-        if wname:
-            by_weight.setdefault(wname, []).append(key)
-        if scope:
-            by_scope.setdefault(scope, []).append(key)
-
+    nodes = _candidate_nodes(proto, g, layers)
     problems: list[str] = []
     matches: dict[str, NodeMatch] = {}
     claimed: dict[str, str] = {}
     for lay in layers:
-        clues: dict[str, set[str]] = {}
-        for key in by_weight.get(f"{lay.name}.weight", []):
-            clues.setdefault(key, set()).add("weight-name")
-        for key in by_scope.get(lay.name, []):
-            clues.setdefault(key, set()).add("scope")
-        if weights is not None and lay.name in weights and not clues:
-            ref = np.asarray(weights[lay.name])
-            for key, (_node, wname, shape, _scope) in node_info.items():
-                if shape == tuple(ref.shape) and wname:
-                    arr = g.constant_array(wname)
-                    if arr is not None and arr.dtype == ref.dtype and np.array_equal(arr, ref):
-                        clues.setdefault(key, set()).add("weight-content")
-        fitting = {k: v for k, v in clues.items()
-                   if k in node_info and _shape_ok(lay, node_info[k][2], node_info[k][0].op_type)
-                   and node_info[k][0].op_type in OP_TYPES.get(lay.kind, ())}
-        if not fitting:
-            hint = ""
-            if clues:
-                shapes = {node_info[k][2] for k in clues if k in node_info}
-                hint = f" (nodes {sorted(clues)} have weight shapes {sorted(map(str, shapes))}, " \
-                       f"expected {_expected_shape(lay)})"
-            problems.append(f"layer '{lay.name}' ({lay.kind}) matches no {'/'.join(OP_TYPES.get(lay.kind, ()))} "
-                            f"node{hint}")
+        picked = _pick(lay, nodes, _clues(lay, nodes, g, weights))
+        if isinstance(picked, str):
+            problems.append(picked)
             continue
-        if len(fitting) > 1:
-            # prefer the node on which most clues agree, if unique
-            best = max(len(v) for v in fitting.values())
-            top = [k for k, v in fitting.items() if len(v) == best]
-            if len(top) > 1:
-                problems.append(f"layer '{lay.name}' matches several nodes: {sorted(top)}")
-                continue
-            fitting = {top[0]: fitting[top[0]]}
-        key, methods = next(iter(fitting.items()))
+        key, methods = picked
         if key in claimed:
             problems.append(f"node '{key}' matches both layer '{claimed[key]}' and layer '{lay.name}'")
             continue
         claimed[key] = lay.name
-        node, wname, _shape, _scope = node_info[key]
-        matches[lay.name] = NodeMatch(lay.name, node.name, node.op_type, wname, tuple(sorted(methods)))
+        info = nodes[key]
+        matches[lay.name] = NodeMatch(lay.name, info.node.name, info.node.op_type, info.weight, tuple(sorted(methods)))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise OnnxNameError(f"{where}: cannot map layers to ONNX nodes one-to-one:\n"

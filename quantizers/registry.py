@@ -42,6 +42,8 @@ class BackendInfo:
         capabilities: the precisions it builds per op kind.
         factory: ``"module:Class"`` of the backend class, imported when it is built.
         install_hint: what to install when that import fails.
+        fake_quant: ``materialize`` builds a runnable torch fake-quant model (else the
+            backend works on ONNX only and ``QuantizedModel.module`` is ``None``).
     """
 
     name: str
@@ -49,6 +51,7 @@ class BackendInfo:
     capabilities: Capabilities
     factory: str
     install_hint: str = ""
+    fake_quant: bool = True
 
 
 _REGISTRY: dict[str, BackendInfo] = {}

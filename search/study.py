@@ -172,7 +172,7 @@ class StudyRunner:
 
     def prepare(self) -> tuple[optuna.Study, TrialObjective]:
         """Everything before the first trial: run directory, study, sensitivity table, space, float baseline."""
-        from search.space import space_for
+        from search.space import policies, space_for
 
         self.res.prepare_run_dir()
         study, created = self.open()
@@ -180,11 +180,11 @@ class StudyRunner:
 
         def enqueue_policies(table: SensitivityTable) -> None:
             if self.settings.seed_policies and not study.user_attrs.get("policies_enqueued"):
-                policies = space_for(self.res, table, self.settings.space, self.settings.objectives).policies()
-                for label, params in policies:
+                configs = policies(space_for(self.res, table, self.settings.space, self.settings.objectives))
+                for label, params in configs:
                     study.enqueue_trial(params, user_attrs={"policy": label}, skip_if_exists=True)
-                study.set_user_attr("policies_enqueued", len(policies))
-                self.log(f"enqueued {len(policies)} policy configurations (top-K lists, budget-constrained minima)")
+                study.set_user_attr("policies_enqueued", len(configs))
+                self.log(f"enqueued {len(configs)} policy configurations (top-K lists, budget-constrained minima)")
 
         table = sweep.ensure(created, enqueue_policies)
         space = space_for(self.res, table, self.settings.space, self.settings.objectives)

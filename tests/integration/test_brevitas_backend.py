@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import calibration_set, match_detections, workdir
+from quantizer_helpers import calibration_set, workdir
 
 from mpq.assignment import Assignment, Precision
 from quantizers.base import metadata_path
 from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, quant_layer
 from quantizers.brevitas_options import BrevitasOptions
 from quantizers.onnx_inspect import layer_precisions
+from quantizers.testing import match_detections
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import cached, match_detections, workdir
+from quantizer_helpers import cached, workdir
 
 pytest.importorskip("modelopt.torch.quantization", reason="the 'modelopt' extra is not installed")
 
 from mpq.assignment import Assignment, Precision  # noqa: E402
 from quantizers.modelopt_backend import ModelOptBackend, integer_weight, quant_config  # noqa: E402
 from quantizers.modelopt_options import ModelOptOptions  # noqa: E402
+from quantizers.testing import match_detections
 
 
 @pytest.fixture(scope="module")
