@@ -1,7 +1,7 @@
 """COCO bbox accuracy of an ONNX detector through ONNX Runtime, scored by pycocotools.
 
-The evaluation contract (``../shared/seeds/README.md``), which
-``tests/integration/test_coco_contract.py`` proves against Ultralytics itself:
+The evaluation contract, which ``tests/integration/test_coco_contract.py`` proves against
+Ultralytics itself:
 
 - the study's subset (sorted image ids, first ``max_images``, or an id-list file);
 - Ultralytics' letterbox (``auto=False``, scale up, centred padding of 114), BGR -> RGB,
@@ -129,6 +129,7 @@ class CocoEvaluator:
     # -- data -------------------------------------------------------------------------------
     @property
     def cache_file(self) -> Path | None:
+        """Where the preprocessed subset is cached (``None`` without a cache folder)."""
         if self.cache_dir is None:
             return None
         key = hashlib.sha256("\n".join(str(p) for p in self.subset.paths).encode()).hexdigest()[:12]

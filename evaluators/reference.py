@@ -57,6 +57,7 @@ class UltralyticsValResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 

@@ -65,6 +65,7 @@ class SessionReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return {"requested": list(self.requested), "available": list(self.available), "used": list(self.used),
                 "provider": self.provider, "device": self.device, "fallback": self.fallback,
                 "threads": self.threads, "notes": list(self.notes)}

@@ -1,10 +1,11 @@
-"""Evaluation and calibration data: COCO-format subsets, image lists, letterbox.
+"""Evaluation and calibration data: COCO-format subsets, image lists, calibration sets, letterbox.
 
 - :func:`load_coco_subset` reads an images folder + instances json and picks a
   deterministic subset (the first ``max_images`` ids in sorted order, or the ids of an
   id-list file), checking that every picked image exists.
 - :func:`read_calibration_list` reads a text list of image paths (relative to the list's
-  folder, like the seeds' ``quant100.txt``) or every image of a folder, in sorted order.
+  folder, e.g. ``quant100.txt``) or every image of a folder, in sorted order; a
+  :class:`CalibrationSet` holds them preprocessed, as backends calibrate on them.
 - :func:`letterbox` is Ultralytics' ``LetterBox(auto=False, scaleup=True, center=True)``:
   keep aspect, resize with INTER_LINEAR, pad evenly with 114. :func:`preprocess` adds
   BGR->RGB, /255, CHW float32. :func:`unletterbox_boxes` maps boxes back, as
@@ -156,6 +157,8 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageRecord:
+    """One image of a COCO subset: its id, file and size."""
+
     id: int
     path: Path
     width: int
@@ -175,10 +178,12 @@ class CocoSubset:
 
     @property
     def image_ids(self) -> list[int]:
+        """The subset's image ids, in order."""
         return [r.id for r in self.records]
 
     @property
     def paths(self) -> list[Path]:
+        """The subset's image files, in order."""
         return [r.path for r in self.records]
 
     def __len__(self) -> int:
@@ -197,6 +202,7 @@ class CocoSubset:
         return self._coco
 
     def head(self, n: int) -> CocoSubset:
+        """The first ``n`` images of the subset."""
         return CocoSubset(self.annotations_path, self.images_dir, self.records[:n], self.categories,
                           self.num_annotations, self._coco)
 
@@ -312,6 +318,7 @@ class CalibrationSet:
         return int(self.images.shape[0])
 
     def batches(self, batch_size: int | None = None) -> Iterable[np.ndarray]:
+        """The images in batches of ``batch_size`` (default: the set's)."""
         bs = batch_size or self.batch_size
         for i in range(0, len(self), bs):
             yield self.images[i:i + bs]

@@ -112,16 +112,20 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes the detector predicts."""
         return len(self.names)
 
     @property
     def quantizable_layers(self) -> list[LayerInfo]:
+        """The layers a backend may quantize."""
         return [lay for lay in self.layers if lay.quantizable]
 
     def groups(self, granularity: str = "layer") -> list[LayerGroup]:
+        """The quantizable layers grouped per ``layer`` or per ``block``."""
         return group_layers(self.layers, granularity)
 
     def layer(self, name: str) -> LayerInfo:
+        """The layer named ``name`` (``KeyError`` if there is none)."""
         for lay in self.layers:
             if lay.name == name:
                 return lay
@@ -132,11 +136,13 @@ class LoadedModel:
         return replace(self, module=copy.deepcopy(self.module))
 
     def dummy_input(self, batch: int = 1) -> torch.Tensor:
+        """A zero input batch of the model's size."""
         import torch
 
         return torch.zeros(batch, 3, self.imgsz, self.imgsz)
 
     def output_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """The output shape for a batch: ``(N, max_det, 6)`` end to end, else raw."""
         if self.layout == LAYOUT_END2END:
             return (batch, self.max_det, 6)
         anchors = sum((self.imgsz // s) ** 2 for s in (8, 16, 32))

@@ -1,41 +1,29 @@
 """Brevitas backend: per-layer mixed-precision PTQ exported to QCDQ ONNX.
 
-:meth:`BrevitasBackend.materialize` replaces each layer an
-:class:`~mpq.assignment.Assignment` names with a Brevitas ``QuantConv2d`` (or
-``QuantLinear``) carrying that layer's precision, on a copy of the fused float model:
+:meth:`BrevitasBackend.materialize` replaces each layer an assignment names with a
+Brevitas ``QuantConv2d`` (or ``QuantLinear``) at that layer's precision, on a copy of the
+fused float model; layers it does not name stay the same float modules:
 
 - weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
   scale per output channel, chosen by MSE search (default for 4 bits), a per-channel
-  percentile of ``|w|``, or the maximum (default for 8 bits, near-lossless there);
-- A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas
-  ``input_quant``), so each layer's A8 is independent of its neighbours; int8 with zero
-  point 0 by default (the only form TensorRT accepts), uint8 with a zero point on request;
-  ranges calibrated on the calibration images (percentile, MSE or max);
+  percentile of ``|w|``, or the maximum (default for 8 bits);
+- A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas ``input_quant``),
+  int8 with zero point 0 by default (what TensorRT accepts), uint8 with a zero point on
+  request, ranges calibrated on the calibration images (percentile, MSE or max);
 - bias correction (on by default): each quantized layer's mean output error on the
-  calibration images, measured with float inputs as Brevitas' ``bias_correction_mode``
-  does, is folded into its bias;
+  calibration images is folded into its bias;
 - GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``) when the options ask for them.
 
-Layers the assignment does not name are left untouched (the same float modules).
-
-**Per-call cost.** The sensitivity sweep materializes hundreds of single-layer
-assignments, so the data-dependent parts that do not depend on the assignment are computed
-once per (float model, calibration set) and cached in the backend instance: every layer's
-calibrated input quantizer and the mean of its (float and input-quantized) unfolded
-input. Activation calibration and bias correction then cost no forward pass: a layer's
-output mean is linear in the mean of its unfolded input, so the bias correction of a
-layer is ``W_f . E[unfold(x)] - W_q . E[unfold(Q(x))]``, exactly what Brevitas measures
-by running the model (``tests/integration/test_brevitas_backend.py`` checks the two
-agree). Reuse one backend instance for many ``materialize`` calls to benefit from it.
-GPTQ/GPFQ need real forward passes (one per quantized layer) and run only when enabled.
+The calibration statistics do not depend on the assignment and are computed once per float
+model and calibration set (:mod:`quantizers.brevitas_stats`): reuse one backend instance
+for many ``materialize`` calls.
 
 :meth:`BrevitasBackend.export` writes QCDQ ONNX through Brevitas' exporter (legacy
 TorchScript exporter, ``dynamo=False``, opset 17): input ``images`` with a dynamic batch,
-output ``output0`` with the float model's layout, weights as int8 initializers followed by
-``Clip`` (the integer range of the bit width) and ``DequantizeLinear`` with per-channel
-scales; A8 inputs as ``QuantizeLinear -> DequantizeLinear``. An optional onnxoptimizer
-pass runs only if it keeps every Q/DQ/Clip node. What is in the file (node counts,
-containers, options, versions, timings) is written beside it as ``<file>.json``.
+output ``output0``, weights as int8 initializers -> ``Clip`` -> ``DequantizeLinear``, A8
+inputs as ``QuantizeLinear -> DequantizeLinear``. An optional onnxoptimizer pass is kept
+only if it keeps every Q/DQ/Clip node. What is in the file is written beside it as
+``<file>.json``.
 """
 
 from __future__ import annotations

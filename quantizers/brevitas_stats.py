@@ -83,6 +83,8 @@ def _supports_analytic(layer: nn.Module) -> bool:
 
 @dataclass
 class LayerStats:
+    """One layer's cached input statistics."""
+
     float_mean: torch.Tensor | None = None
     quant_mean: torch.Tensor | None = None
     input_quant_state: dict[str, Any] | None = None
@@ -103,6 +105,7 @@ class StatsCache:
     seconds: float = 0.0
 
     def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
+        """Whether this cache was made for ``module``, this calibration set and these options."""
         return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
 
 

@@ -4,59 +4,28 @@
 float model (``modelopt.torch.quantization.quantize`` with an ordered list of per-layer
 ``quant_cfg`` rules, later rules overriding earlier ones):
 
-- a deny-all rule, then for each layer the assignment names:
-  ``<layer>.weight_quantizer``: ``num_bits`` 4 or 8, ``axis`` 0 (one scale per output
-  channel, symmetric, ModelOpt's default range: scale ``amax / 7`` or ``amax / 127``,
-  integers in [-8, 7] or [-128, 127]); ``<layer>.input_quantizer``: 8 bits per tensor for
-  A8 layers (``calibrator: histogram`` for entropy/percentile). Everything else stays
-  float, including the DFL conv and every layer the assignment leaves out;
-- weights calibrated by ModelOpt's ``max`` or ``mse`` algorithm (``mtq.calibrate``, no data
-  needed), then A8 inputs by a forward loop over the calibration images with ModelOpt's
-  calibrators: max, or the histogram's entropy / percentile (``load_calib_amax``), which
-  ``mtq.calibrate`` does not expose for CNNs. As in ModelOpt's own ``max_calibrate``
-  (statistics collection turns quantization off everywhere), input statistics come from
-  the float model, so they do not depend on the assignment: they are computed once per
-  backend instance, model and calibration set, for every layer, and reused by later
-  ``materialize`` calls (the sensitivity sweep makes hundreds). ModelOpt's entropy search
-  is pure Python (about 6 s per layer on this CPU), so that reuse matters most there.
-- unassigned layers are put back as the original float modules (``mtq.quantize`` wraps every
-  Conv2d with disabled quantizers), so only the assigned layers differ from the float model.
+- a deny-all rule, then per assigned layer a ``weight_quantizer`` (4 or 8 bits, one scale
+  per output channel, symmetric) and, for A8 layers, an 8-bit per-tensor ``input_quantizer``;
+  every other layer (the DFL conv included) is put back as the original float module;
+- weights are calibrated by ModelOpt's ``max`` or ``mse`` algorithm, A8 inputs by a
+  forward loop with ModelOpt's calibrators (max, or the histogram's entropy / percentile).
+  As in ModelOpt's ``max_calibrate``, input statistics come from the float model, so they
+  are computed once per backend instance, model and calibration set and reused by later
+  ``materialize`` calls (the sensitivity sweep makes hundreds).
 
-:meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``)
-with ModelOpt's symbolic functions, then rewrites every quantized weight as an integer
-initializer feeding a standard ``DequantizeLinear`` (axis 0). Why:
+:meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``) with
+ModelOpt's symbolics, then rewrites every quantized weight as an integer initializer feeding
+a standard ``DequantizeLinear`` (axis 0): ModelOpt exports 4-bit weights as
+``trt::DequantizeLinear`` of the float weight, which ONNX Runtime refuses. The integers are
+computed as ModelOpt's fake quantization computes them, ``round(w * (7 / amax))`` (half to
+even), not as ``QuantizeLinear`` would (``round(w / (amax / 7))``): the two differ by one
+step on exact ``.5`` ties. 4-bit weights are stored as int8 values in [-8, 7]
+(``w4_format: int8``, any opset) or as ONNX INT4 (``w4_format: int4``, opset 21). A8 inputs
+keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0). The file's
+metadata (``<file>.json`` beside it, and ``metadata_props``) says all of this.
 
-- ModelOpt 0.47 exports a **4-bit** weight quantizer as ``trt::DequantizeLinear`` applied to
-  the *float* weight with scale ``amax / 7`` (a TensorRT custom-domain op that ONNX Runtime
-  refuses), and its INT4 post-processing (``modelopt.onnx.export.INT4QuantExporter``)
-  only handles the ``Reshape -> MatMul/Gemm`` pattern of LLM blocks, not ``Conv``;
-- the integers must be computed the way ModelOpt's fake quantization computes them,
-  ``round(w * (7 / amax))`` (torch, round half to even), not as ONNX ``QuantizeLinear``
-  does, ``round(w / (amax / 7))``: weights loaded from an fp16 checkpoint and BN-folded
-  hit exact ``.5`` ties per channel often enough (265 of the demo's weights at 4 bits, 316
-  at 8) that the two disagree by one step on some weights, which at 4 bits is a 1/7 error
-  that grows through the network. This, not FP16, explains the ~6 % drift noted in
-  ``ENVIRONMENT.md``; with exact integers the torch fake-quant model and the ONNX file
-  agree to float rounding for weight-only layers (``tests/integration/test_modelopt_backend.py``).
-
-4-bit weights are stored as int8 initializers holding values in [-8, 7] (``w4_format:
-int8``, the default, any opset, what TensorRT can run for Conv) or as ONNX ``INT4``
-initializers (``w4_format: int4``: exported at opset 20 and stamped 21, the opset that
-added int4 to ``DequantizeLinear``; opset 21 changed no other op but to widen types).
-8-bit weights become int8 initializers the same way (DQ only, no float copy in the file).
-A8 inputs keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0,
-scale ``amax / 127``). The file's metadata (``<file>.json`` beside it, and
-``metadata_props``) says all of this.
-
-Torch vs ONNX Runtime with A8 layers: activations deep in the network differ by several
-percent (final demo model, uniform W8A8: median 8.6 %, worst layer 60 %) while detections
-stay put. That is not an export error: two *torch* runs of the same fake-quant model that
-differ only in the conv kernel (MKL-DNN vs native) differ by a median 4.0 % (worst 32 %;
-W8A16: 1e-6), because each INT8 input quantizer turns float-rounding noise that lands on a
-rounding boundary into a whole step, and 82 of them in series amplify it; ONNX Runtime with
-its graph optimizations off sits at that floor (4.9 %). Its default optimizations round
-differently again: they quantize the float bias of a ``DQ -> Conv`` whose input is also
-dequantized to int32 at scale ``s_x * s_w`` and fuse a few convs into ``QLinearConv``.
+How far torch and ONNX Runtime drift apart with A8 layers, and why: docs/benchmarks.md
+(ModelOpt backends).
 """
 
 from __future__ import annotations

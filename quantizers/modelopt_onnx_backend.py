@@ -1,45 +1,23 @@
-"""ModelOpt ONNX backend: the seeds' INT8 PTQ (``modelopt.onnx.quantization``) with per-node exclusions.
+"""ModelOpt ONNX backend: INT8 PTQ of the float ONNX (``modelopt.onnx.quantization``) with per-node exclusions.
 
-A restricted backend: each Conv layer is **W8A8 or float**, nothing else. ModelOpt's ONNX
-INT8 mode always quantizes a Conv's input and weight together (per-channel int8 weights,
-per-tensor int8 input, symmetric), so W8A16, W4 or W16A8 cannot be asked of it;
-:data:`CAPABILITIES` says so and the search never proposes them.
+A restricted backend: each Conv layer is **W8A8 or float** (ModelOpt's ONNX INT8 mode
+quantizes a Conv's input and weight together); its capabilities say so, so the search
+never proposes anything else. :meth:`ModelOptOnnxBackend.materialize` works on ONNX only
+(``QuantizedModel.module`` is ``None``; ``onnx_path`` is the built file):
 
-:meth:`ModelOptOnnxBackend.materialize` works on ONNX only (``QuantizedModel.module`` is
-``None``; ``onnx_path`` is the built file in a private temporary folder):
+1. the float model is exported once per backend instance (:func:`mpq.model.export_onnx`) and
+   every layer is mapped to its ``Conv`` node (:func:`quantizers.onnx_names.map_layers_to_nodes`);
+2. ModelOpt quantizes exactly the Conv nodes of the W8A8 layers (``nodes_to_quantize``;
+   every other Conv node in ``nodes_to_exclude``), calibrated on the study's calibration
+   images fed one image per step (``max`` or ``entropy``; ORT's entropy calibrator only
+   clips once later batches widen its histogram), weights as int8 initializers (``dq_only``);
+3. the result is checked node by node against the assignment (:func:`check_graph`); a float
+   layer that ModelOpt fed a shared quantized input is rewired to the float tensor.
 
-1. the float model is exported once per backend instance and model
-   (:func:`mpq.model.export_onnx`: legacy exporter, input ``images``, output
-   ``output0``, dynamic batch), and every layer is mapped to its ``Conv`` node by
-   :func:`quantizers.onnx_names.map_layers_to_nodes` (weight names and scopes must agree);
-2. ModelOpt quantizes exactly the Conv nodes of the assignment's W8A8 layers:
-   ``op_types_to_quantize=['Conv']``, ``nodes_to_quantize`` = those nodes (anchored
-   regexes), ``nodes_to_exclude`` = every other Conv node, so the DFL conv, non-Conv ops
-   and every layer left float stay float and the graph matches the assignment exactly;
-   calibration on the study's calibration images, preprocessed exactly as the evaluator
-   does (``CalibrationSet``), fed one image per step (ModelOpt's default for a dynamic
-   batch), ``max`` or ``entropy``; on the CPU (``calibration_eps``) with
-   ``high_precision_dtype='fp32'`` by default; weights stored as int8 initializers
-   (``dq_only``);
-3. the result is checked node by node against the assignment (weight behind a
-   ``DequantizeLinear``, input behind ``QuantizeLinear -> DequantizeLinear``, for W8A8
-   layers only); a float layer that ModelOpt fed a shared quantized input is rewired to
-   the float tensor. Any other mismatch is an error.
-
-:meth:`ModelOptOnnxBackend.export` copies that file to the requested path with the
-assignment stamped in its ``metadata_props`` and a ``<file>.json`` beside it.
-
-Entropy calibration here is ONNX Runtime's (128 histogram bins, as many quantized bins):
-on a single batch its search has one candidate and returns exactly the max range; it only
-clips once later batches have widened the histogram, so the result depends on how the
-images are batched. One image per step makes every image count (final demo model, 32
-images: 76 of 77 input ranges clipped, median to 0.59 of max; one batch of 8: none).
-
-ModelOpt also refuses some small convolutions for INT8 (fewer than 16 input or output
-channels outside the shapes TensorRT has kernels for, see
-``modelopt.onnx.quantization.graph_utils.find_nodes_from_convs_to_exclude``);
-:class:`OnnxInt8Capabilities` applies the same rule per layer (none of the YOLOv10/YOLOv8
-layers is affected) and ``materialize`` double-checks with ModelOpt's own function.
+:meth:`ModelOptOnnxBackend.export` copies that file with the assignment stamped in its
+``metadata_props`` and a ``<file>.json`` beside it. ModelOpt refuses some small convolutions
+for INT8; :func:`~quantizers.modelopt_onnx_options.int8_conv_supported` applies the same
+rule per layer and ``materialize`` double-checks with ModelOpt's own function.
 """
 
 from __future__ import annotations

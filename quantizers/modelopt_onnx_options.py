@@ -46,11 +46,13 @@ class OnnxInt8Capabilities(Capabilities):
     """W8A8 for the Conv layers ModelOpt's INT8 mode accepts; float for everything else."""
 
     def supports(self, layer: LayerInfo, precision: Precision) -> bool:
+        """W8A8 only for Conv layers ModelOpt's INT8 mode accepts; float always."""
         if precision.is_float:
             return True
         return super().supports(layer, precision) and int8_conv_supported(layer)[0]
 
     def check(self, layers: Iterable[LayerInfo], assignment: Assignment) -> None:
+        """Raise for the first layer ModelOpt's INT8 mode would refuse, then the common checks."""
         layers = list(layers)
         by_name = {lay.name: lay for lay in layers}
         for name, precision in assignment.items():

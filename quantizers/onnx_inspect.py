@@ -38,6 +38,7 @@ class GraphPrecision:
 
     @property
     def label(self) -> str:
+        """``W4A8``-style label of the precision found."""
         return f"W{self.w_bits}A{self.a_bits}"
 
 

@@ -1,31 +1,20 @@
-"""Map our layer names (``model.8.m.0.cv1.conv``) to the ONNX nodes that compute them.
+"""Map layer names (``model.8.m.0.cv1.conv``) to the ONNX nodes that compute them.
 
 Node exclusions (ModelOpt ONNX PTQ), weight rewrites after export and per-layer numeric
-checks all need to know which ``Conv`` (or ``Gemm``/``MatMul``) node is which layer. A
-wrong mapping silently quantizes the wrong layer, so :func:`map_layers_to_nodes` does not
-guess from one clue: it collects up to three independent ones per node and checks that the
-result is a one-to-one map covering every requested layer, with matching weight shapes.
+checks need to know which ``Conv`` (or ``Gemm``/``MatMul``) node is which layer. A wrong
+mapping silently quantizes the wrong layer, so :func:`map_layers_to_nodes` collects up to
+three independent clues per node and requires a one-to-one map covering every requested
+layer, with matching weight shapes:
 
-1. **Weight initializer name.** The legacy TorchScript exporter (``dynamo=False``, what
-   :func:`mpq.model.export_onnx` and the torch backends use) keeps parameter names:
-   the weight input of the node for ``model.0.conv`` is the initializer
-   ``model.0.conv.weight``, possibly behind ``QuantizeLinear``/``DequantizeLinear``/
-   ``Clip``/``Cast``/``Reshape`` (quantized graphs), which :func:`weight_source` walks
-   through.
-2. **Scope name.** The same exporter names nodes after the module scopes they ran in:
-   ``/model.8/m.1/cv1/cv1.0/conv/Conv`` for ``model.8.m.1.cv1.0.conv``. Each scope is the
-   module's qualified name from its last non-numeric part on; a container that was called
-   itself (a ``Sequential``) adds a scope that the next one repeats (``cv1`` then
-   ``cv1.0``). :func:`mpq.onnx_nodes.module_name_from_node` inverts this.
-3. **Weight content** (optional, when the float weights are given): the node whose weight
-   initializer holds exactly the layer's weight tensor. This survives renamed
-   initializers (constant folding, other exporters).
+1. **weight initializer name**: the legacy exporter keeps parameter names
+   (``model.0.conv.weight``), possibly behind Q/DQ, Clip, Cast or Reshape, which
+   :func:`weight_source` walks through;
+2. **scope name**: ``/model.8/m.1/cv1/cv1.0/conv/Conv`` is ``model.8.m.1.cv1.0.conv``
+   (:func:`mpq.onnx_nodes.module_name_from_node`);
+3. **weight content** (optional, given the float weights): survives renamed initializers.
 
-Every match is checked against the layer's weight shape (Conv: ``(out, in / groups,
-*kernel)``). Any layer without exactly one node, or any node claimed by two layers, raises
-:class:`OnnxNameError` naming them. Tested on the demo YOLOv10n and on ``yolov10m.yaml``
-exports, float and quantized (``tests/unit/test_onnx_names.py``,
-``tests/integration/test_onnx_names.py``).
+A layer without exactly one node, or a node claimed by two layers, raises
+:class:`OnnxNameError` naming them.
 """
 
 from __future__ import annotations

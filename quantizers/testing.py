@@ -172,6 +172,7 @@ class BackendContract(_Builds):
     """What every backend must do (fixtures: see the module docstring)."""
 
     def test_capabilities_are_declared(self, backend: Any) -> None:
+        """Capabilities name the backend and list precisions per op kind; float is allowed."""
         caps = backend.capabilities
         assert isinstance(caps, Capabilities) and caps.backend == backend.name
         assert conv_precisions(backend), "a backend must build at least one low precision for Conv2d"
@@ -182,6 +183,7 @@ class BackendContract(_Builds):
 
     def test_unsupported_requests_name_layer_and_precision(self, backend: Any, contract_model: Any,
                                                            contract_calib: Any) -> None:
+        """Asking for what the backend cannot build names the layer and the precision."""
         model = contract_model
         layer = model.quantizable_layers[3].name
         for p in [p for p in ALL_LOW if p not in backend.capabilities.allowed("Conv2d")]:
@@ -199,6 +201,7 @@ class BackendContract(_Builds):
 
     def test_materialize_never_modifies_the_model(self, backend: Any, contract_model: Any, contract_calib: Any,
                                                   contract_images: np.ndarray, contract_workdir: Path) -> None:
+        """The float model is untouched: state, module types and outputs."""
         model = contract_model
         before = state_digest(model.module)
         types_before = [type(m).__name__ for m in model.module.modules()]
@@ -211,6 +214,7 @@ class BackendContract(_Builds):
     def test_mixed_assignment_exports_with_the_float_layout(self, backend: Any, contract_model: Any,
                                                             contract_calib: Any, contract_images: np.ndarray,
                                                             contract_workdir: Path) -> None:
+        """A mixed assignment exports with the float model's input, output and dynamic batch."""
         model = contract_model
         assignment = mixed_assignment(model, backend)
         qmodel, result = self.build(backend, model, assignment, contract_calib, contract_workdir, "mixed")
@@ -225,6 +229,7 @@ class BackendContract(_Builds):
     def test_precisions_in_the_graph_are_where_the_assignment_put_them(self, backend: Any, contract_model: Any,
                                                                        contract_calib: Any,
                                                                        contract_workdir: Path) -> None:
+        """The graph holds each layer at its assigned precision, float layers included."""
         model = contract_model
         assignment = mixed_assignment(model, backend)
         _, result = self.build(backend, model, assignment, contract_calib, contract_workdir, "mixed")
@@ -241,6 +246,7 @@ class BackendContract(_Builds):
 
     def test_single_layer_assignment_touches_only_that_layer(self, backend: Any, contract_model: Any,
                                                              contract_calib: Any, contract_workdir: Path) -> None:
+        """Quantizing one layer changes that layer only."""
         model = contract_model
         layer = model.quantizable_layers[7].name
         p = conv_precisions(backend)[0]
@@ -257,6 +263,7 @@ class BackendContract(_Builds):
 
     def test_empty_assignment_stays_float(self, backend: Any, contract_model: Any, contract_calib: Any,
                                           contract_images: np.ndarray, contract_workdir: Path) -> None:
+        """The empty assignment exports a float graph that matches the float model."""
         model = contract_model
         _, result = self.build(backend, model, Assignment({}), contract_calib, contract_workdir, "empty")
         counts = count_qdq_nodes(result.path)
@@ -274,6 +281,7 @@ class FakeQuantContract(_Builds):
 
     def test_torch_and_onnx_agree_on_real_images(self, backend: Any, contract_model: Any, contract_calib: Any,
                                                  contract_images: np.ndarray, contract_workdir: Path) -> None:
+        """The fake-quant model and its ONNX agree within the measured noise floor."""
         import torch
 
         model = contract_model

@@ -52,6 +52,7 @@ def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.
 
 
 def quantize_activation(x: torch.Tensor, amax: float, bits: int = 8) -> torch.Tensor:
+    """Per-tensor symmetric fake quantization of an activation with range ``amax``."""
     import torch
 
     qmax = 2 ** (bits - 1) - 1

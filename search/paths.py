@@ -39,11 +39,6 @@ class RunPaths:
         return self.root / "float"
 
     @property
-    def study_db(self) -> Path:
-        """The default (SQLite) study storage."""
-        return self.root / "study.db"
-
-    @property
     def report(self) -> Path:
         """The report folder of ``search report``."""
         return self.root / "report"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mpq.errors import UserError
 from mpq.files import read_json, write_text
 from mpq.objectives import OBJECTIVES
+from search.paths import RunPaths
 from search.results import TrialMetrics
 from search.trial_attrs import TrialAttrs
 
@@ -162,6 +163,7 @@ def _fig_to_png(fig: Any, path: Path) -> str:
 
 def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: TrialMetrics | None, x_key: str,
                 x_label: str, path: Path, x_scale: float = 1.0, log_x: bool = False) -> str:
+    """mAP50-95 vs a cost metric of every trial, the front and the float model; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,6 +205,7 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: Trial
 
 
 def plot_sensitivity(table: dict[str, Any], path: Path, top: int = 40) -> str:
+    """Per-group damage of the most sensitive groups as bars; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,6 +238,7 @@ PREC_ORDER = ["W4A8", "W4A16", "W8A8", "W8A16", "W16A16"]
 
 
 def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Path) -> str:
+    """Layer x front configuration map of precisions; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,6 +303,8 @@ def _fmt(key: str, v: Any) -> str:
 
 @dataclass
 class Report:
+    """What a report holds: the spec, the rows, the front, the float baseline, the files written."""
+
     spec: Any
     rows: list[TrialRow]
     front: list[TrialRow]
@@ -321,7 +327,8 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     if not rows:
         raise UserError(f"{run_dir}: the study has no completed trials yet")
     front = pareto_front(rows, objectives)
-    base_file = run_dir / "float" / "baseline.json"
+    paths = RunPaths(run_dir)
+    base_file = paths.float_dir / "baseline.json"
     base = TrialMetrics.from_json(read_json(base_file)["metrics"]) if base_file.is_file() else None
     table = None
     sens = run_dir / "sensitivity.json"
@@ -336,7 +343,7 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
               "running": sum(t.state == S.RUNNING for t in all_trials),
               "duplicates": sum(t.state == S.COMPLETE and "duplicate_of" in t.user_attrs for t in all_trials),
               "unique": len(rows)}
-    out = out_dir or run_dir / "report"
+    out = out_dir or paths.report
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(spec, rows, front, base, table, objectives, out, counts)
     _write_csv(out / "pareto.csv", front)
@@ -391,6 +398,7 @@ def _timing_means(rows: Sequence[TrialRow]) -> dict[str, float]:
 
 
 def summary_markdown(rep: Report) -> str:
+    """The report as markdown (``summary.md``)."""
     spec, base = rep.spec, rep.base
     lines = [f"# Mixed-precision search: {spec.name}", ""]
     lines.append(f"Model `{Path(str(spec.model)).name}` at {spec.imgsz}x{spec.imgsz}, backend `{spec.backend.name}`, "
@@ -439,6 +447,7 @@ def summary_markdown(rep: Report) -> str:
 
 
 def html_page(rep: Report, images: dict[str, str]) -> str:
+    """The report as one HTML page with the plots inlined (``index.html``)."""
     spec, base = rep.spec, rep.base
     esc = html.escape
     cols = COLUMNS
@@ -523,6 +532,7 @@ def short_label(summary: Mapping[str, Any]) -> str:
 
 
 def front_table(rep: Report) -> Any:
+    """The Pareto front (and the float model) as a rich table for the terminal."""
     from rich.table import Table
 
     table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)")

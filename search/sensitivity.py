@@ -70,6 +70,7 @@ class SensitivityTable:
         return min(worse) if worse else 0.0
 
     def candidates(self) -> list[str]:
+        """The probed precisions, lowest first."""
         seen: dict[str, None] = {}
         for per in self.scores.values():
             for k in per:
@@ -88,11 +89,13 @@ class SensitivityTable:
         return sorted(self.groups, key=lambda g: (-self.damage(g, precision), g))
 
     def to_json(self) -> dict[str, Any]:
+        """The ``sensitivity.json`` content."""
         return {"version": 1, "metric": self.metric, "key": self.key, "groups": self.groups,
                 "scores": self.scores, "seconds": self.seconds, "extra": self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SensitivityTable:
+        """Read :meth:`to_json`'s dict."""
         return cls(data["metric"], data["key"], list(data["groups"]), data["scores"],
                    float(data.get("seconds", 0.0)), dict(data.get("extra", {})))
 

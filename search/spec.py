@@ -308,6 +308,7 @@ class SpecResult:
 
 
 def read_spec_data(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a spec file (a missing file or bad YAML is a :class:`SpecError`)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -323,6 +324,7 @@ def read_spec_data(path: Path) -> dict[str, Any]:
 
 def validate_spec_data(data: dict[str, Any], base: Path | None, source: str = "spec",
                        check_files: bool = True) -> SpecResult:
+    """Validate spec data (paths relative to ``base``); every problem is returned, none raised."""
     try:
         spec = StudySpec.model_validate(data, context={"base": str(base) if base else None})
     except ValidationError as exc:
@@ -331,6 +333,7 @@ def validate_spec_data(data: dict[str, Any], base: Path | None, source: str = "s
 
 
 def validate_spec_file(path: str | os.PathLike[str], check_files: bool = True) -> SpecResult:
+    """Validate a spec file; every problem is returned, none raised."""
     path = Path(path)
     try:
         data = read_spec_data(path)
@@ -361,4 +364,5 @@ def load_spec(path: str | os.PathLike[str], check_files: bool = True, **override
 
 
 def json_schema() -> dict[str, Any]:
+    """The JSON schema of study specs."""
     return StudySpec.model_json_schema()

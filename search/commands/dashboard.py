@@ -148,6 +148,7 @@ def _check_sqlite(url: str, where: str) -> str:
 # Server
 # --------------------------------------------------------------------------------------
 def study_page(base: str, study_id: int) -> str:
+    """The dashboard page of one study."""
     return f"{base}/dashboard/studies/{study_id}"
 
 

@@ -45,6 +45,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: str) -> Any:
+    """Our COCO metrics (and Ultralytics' beside them) as a rich table."""
     from rich.table import Table
 
     t = Table(title=title, caption="ours: ONNX Runtime + pycocotools; Ultralytics: its validator's own mAP; "
@@ -76,6 +77,7 @@ def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: s
 
 
 def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any:
+    """Per-class AP50-95 (ours and Ultralytics') as a rich table."""
     from rich.table import Table
 
     t = Table(title="per-class AP50-95")
@@ -92,6 +94,7 @@ def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any
 
 
 def latency_line(lat: LatencyResult) -> str:
+    """One line summing up a latency measurement."""
     return (f"latency ({lat.engine}, {lat.provider}, {lat.device}, batch {lat.batch_size}, "
             f"{lat.runs} runs): median {lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms, {lat.fps:.1f} images/s")
 

@@ -46,6 +46,7 @@ def train(epochs: int = 60, imgsz: int = DEFAULT_IMGSZ, out: Path = DEMO_WEIGHTS
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of ``python -m search.demo.train``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--imgsz", type=int, default=DEFAULT_IMGSZ)
