@@ -21,7 +21,6 @@ batch dimension is dynamic; a model exported with a fixed batch gets batches of 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import time
@@ -38,6 +37,7 @@ from evaluators.errors import ModelFormatError
 from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, open_session
 from mpq.data import LetterboxMeta, class_to_category
 from mpq.files import file_digest
+from mpq.keys import image_list_digest
 
 if TYPE_CHECKING:
     from mpq.data import CocoSubset
@@ -132,8 +132,7 @@ class CocoEvaluator:
         """Where the preprocessed subset is cached (``None`` without a cache folder)."""
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256("\n".join(str(p) for p in self.subset.paths).encode()).hexdigest()[:12]
-        return self.cache_dir / f"eval-{self.imgsz}-{len(self.subset)}-{key}.npz"
+        return self.cache_dir / f"eval-{self.imgsz}-{len(self.subset)}-{image_list_digest(self.subset.paths)}.npz"
 
     def images(self) -> tuple[np.ndarray, list[LetterboxMeta]]:
         """The preprocessed subset ``(N, 3, S, S)`` and letterbox metas (computed once, cached)."""

@@ -121,7 +121,9 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
     With ``cache`` (an ``.npz`` path), the array and metas are stored once and reused when
     the same paths and size are asked for again.
     """
-    key = json.dumps({"imgsz": imgsz, "paths": [str(p) for p in paths]})
+    from mpq.keys import preprocess_key
+
+    key = preprocess_key(paths, imgsz)
     if cache is not None and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as data:

@@ -10,7 +10,8 @@ Every key the project stores or compares is built here, from plain values, so th
 - :func:`context_key`: what decides a trial's result besides its assignment (``metrics.json``);
 - :func:`sweep_key`: what decides a sensitivity table (``sensitivity.json``);
 - :func:`study_key`: what an Optuna study was made with (checked when a worker joins it);
-- :func:`float_export_key` / :func:`baseline_key`: the float ONNX and the float metrics.
+- :func:`float_export_key` / :func:`baseline_key`: the float ONNX and the float metrics;
+- :func:`preprocess_key` / :func:`image_list_digest`: preprocessed image caches (``.npz``).
 
 Keys are JSON-serializable dicts (stored beside the result they describe) or short hex digests.
 """
@@ -26,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 from mpq.files import file_digest
 
 if TYPE_CHECKING:
+    import numpy as np
     from pydantic import BaseModel
 
     from mpq.assignment import Precision
-    from mpq.data import CalibrationSet
 
 
 def _dump(section: BaseModel) -> dict[str, Any]:
@@ -48,15 +49,16 @@ def data_digest(image_ids: Sequence[int], annotations: Path, calibration_paths: 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def calibration_key(calib: CalibrationSet) -> str:
-    """A cheap fingerprint of a calibration set: its paths, shape, batch size and a strided sample of pixels."""
+def calibration_key(images: np.ndarray, paths: Iterable[Path], batch_size: int) -> str:
+    """A cheap fingerprint of a calibration set (``CalibrationSet``'s fields): its paths, shape,
+    batch size and a strided sample of pixels."""
     import numpy as np
 
     h = hashlib.sha256()
-    h.update(str(calib.images.shape).encode())
-    h.update(str(int(calib.batch_size)).encode())
-    h.update("\n".join(str(p) for p in calib.paths).encode())
-    h.update(np.ascontiguousarray(calib.images[:, :, ::7, ::7]).tobytes())
+    h.update(str(images.shape).encode())
+    h.update(str(int(batch_size)).encode())
+    h.update("\n".join(str(p) for p in paths).encode())
+    h.update(np.ascontiguousarray(images[:, :, ::7, ::7]).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -90,3 +92,13 @@ def float_export_key(*, model: Path, model_digest: str, imgsz: int, max_det: int
 def baseline_key(*, onnx: Path, data: str, evaluation: BaseModel, latency: BaseModel) -> dict[str, Any]:
     """What decides the float model's metrics."""
     return {"onnx": file_digest(onnx), "data": data, "eval": _dump(evaluation), "latency": _dump(latency)}
+
+
+def preprocess_key(paths: Iterable[Path], imgsz: int) -> str:
+    """What decides a preprocessed image array: the image files, in order, and the size."""
+    return json.dumps({"imgsz": imgsz, "paths": [str(p) for p in paths]})
+
+
+def image_list_digest(paths: Iterable[Path]) -> str:
+    """A short digest of a list of image files (names a cache file)."""
+    return hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()[:12]

@@ -131,7 +131,7 @@ class InputStatistics:
         """The statistics for ``model`` and ``calib``, computing what is missing; (cache, all were cached)."""
         from mpq.keys import calibration_key
 
-        key = calibration_key(calib)
+        key = calibration_key(calib.images, calib.paths, calib.batch_size)
         cache = self._cache
         if cache is None or not cache.matches(model.module, key, self.act_key):
             cache = StatsCache(module_ref=weakref.ref(model.module), calib_key=key, act_key=self.act_key)

@@ -428,7 +428,7 @@ class ModelOptBackend:
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
         from mpq.keys import calibration_key
 
-        return json.dumps([method, calibration_key(calib)])
+        return json.dumps([method, calibration_key(calib.images, calib.paths, calib.batch_size)])
 
     def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
         """Every quantizable layer's calibrated INT8 input range for ``model`` and ``calib``,
