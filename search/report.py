@@ -93,7 +93,8 @@ def collect(study: optuna.Study, max_map_drop: float | None = None) -> list[Tria
         metrics = attrs.metrics
         feasible = max_map_drop is None or float(metrics.map_drop or 0.0) <= max_map_drop + 1e-12
         rows[digest] = TrialRow(t.number, digest, attrs.label, attrs.policy, metrics, dict(attrs.summary),
-                                dict(attrs.assignment), attrs.artifact, dict(attrs.timings), dict(t.params), feasible)
+                                dict(attrs.assignment or {}), attrs.artifact, dict(attrs.timings), dict(t.params),
+                                feasible)
     return sorted(rows.values(), key=lambda r: r.number)
 
 

@@ -35,7 +35,7 @@ class TrialAttrs:
     worker: str | None = None
     label: str = ""
     policy: str = ""
-    assignment: Mapping[str, str] = field(default_factory=dict)
+    assignment: Mapping[str, str] | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
     artifact: str = ""
     timings: Mapping[str, float] = field(default_factory=dict)
@@ -51,7 +51,8 @@ class TrialAttrs:
         ua = trial.user_attrs
         metrics = ua.get("metrics")
         return cls(digest=ua.get("digest"), worker=ua.get("worker"), label=ua.get("label", ""),
-                   policy=ua.get("policy", ""), assignment=dict(ua.get("assignment", {})),
+                   policy=ua.get("policy", ""),
+                   assignment=dict(ua["assignment"]) if "assignment" in ua else None,
                    summary=dict(ua.get("summary", {})), artifact=ua.get("artifact", ""),
                    timings=dict(ua.get("timings", {})), provider=ua.get("provider"), cached=bool(ua.get("cached")),
                    duplicate_of=ua.get("duplicate_of"), failure=ua.get("failure"),
@@ -63,8 +64,8 @@ class TrialAttrs:
         return self.duplicate_of is not None
 
     def assignment_value(self) -> Assignment:
-        """The trial's assignment."""
-        return Assignment({k: Precision.parse(v) for k, v in self.assignment.items()})
+        """The trial's assignment (empty when none was recorded)."""
+        return Assignment({k: Precision.parse(v) for k, v in (self.assignment or {}).items()})
 
 
 def write_start(trial: optuna.Trial, *, digest: str, worker: str, label: str) -> None:

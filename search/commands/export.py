@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             t = by_number.get(n)
             if t is None:
                 raise UserError(f"{args.run_dir}: no trial {n} (trials 0..{len(by_number) - 1})")
-            if t.state != optuna.trial.TrialState.COMPLETE or not TrialAttrs.of(t).assignment:
+            if t.state != optuna.trial.TrialState.COMPLETE or TrialAttrs.of(t).assignment is None:
                 raise UserError(f"{args.run_dir}: trial {n} is {t.state.name}, not a completed trial with an "
                                 "assignment; `search report` lists the completed ones")
     out = args.out or Path(args.run_dir) / "export"
