@@ -36,10 +36,10 @@ from machine_info import machine  # noqa: E402  (benchmarks/ is the script folde
 CONFIGS = ("W8A16", "W8A8", "W4A16-first-W8", "W4A16")
 
 
-def _assignment(ctx: Any, name: str) -> Any:
-    from search.assignment import Assignment
+def _assignment(res: Any, name: str) -> Any:
+    from mpq.assignment import Assignment
 
-    layers = [g for group in ctx.groups for g in group.layers]
+    layers = [g for group in res.groups for g in group.layers]
     if name == "W4A16-first-W8":
         return Assignment({n: ("W8A16" if n == "model.0.conv" else "W4A16") for n in layers})
     return Assignment.uniform(layers, name)
@@ -49,22 +49,23 @@ def bench_head(study: Path, head: str, configs: list[str], out: Path, n_boot: in
     from evaluators.bootstrap import PairedBootstrap
     from evaluators.coco import CocoEvaluator
     from evaluators.reference import ultralytics_val_checkpoint
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
     from search.spec import load_spec
 
     spec = load_spec(study, head=head)
-    ctx = RunContext(spec, run_dir=out / f"run-{head}", progress=False)
-    ctx.prepare_run_dir()
-    if ctx.verify_subset is None:
+    pipeline = TrialPipeline.for_spec(spec, run_dir=out / f"run-{head}", progress=False)
+    res = pipeline.resources
+    res.prepare_run_dir()
+    if res.verify_subset is None:
         raise SystemExit(f"{study}: no dataset.verify split")
     t0 = time.perf_counter()
-    float_onnx = ctx.float_onnx()
+    float_onnx = pipeline.baseline.onnx()
     export_s = time.perf_counter() - t0
-    search_ev = ctx.coco
-    verify_ev = CocoEvaluator(subset=ctx.verify_subset, names=ctx.model.names, imgsz=spec.imgsz,
-                              settings=spec.evaluation, cache_dir=ctx.cache_dir, progress=False)
-    rec: dict[str, Any] = {"head": head, "resolved_head": ctx.model.head, "layout": ctx.model.layout,
-                           "quantizable_layers": len(ctx.model.quantizable_layers), "float_export_s": export_s}
+    search_ev = pipeline.evaluator.coco
+    verify_ev = CocoEvaluator(subset=res.verify_subset, names=res.model.names, imgsz=spec.imgsz,
+                              settings=spec.evaluation, cache_dir=res.paths.cache, progress=False)
+    rec: dict[str, Any] = {"head": head, "resolved_head": res.model.head, "layout": res.model.layout,
+                           "quantizable_layers": len(res.model.quantizable_layers), "float_export_s": export_s}
     fl: dict[str, Any] = {}
     for split, ev in (("search", search_ev), ("verify", verify_ev)):
         acc = ev.evaluate(float_onnx)
@@ -73,7 +74,7 @@ def bench_head(study: Path, head: str, configs: list[str], out: Path, n_boot: in
     if spec.model.suffix == ".pt":
         for letterbox in ("predict", "val"):
             ul = ultralytics_val_checkpoint(spec.model, evaluator=search_ev, workdir=out / f"ul-{head}",
-                                            head=ctx.model.head, letterbox=letterbox)
+                                            head=res.model.head, letterbox=letterbox)
             fl[f"ultralytics_pt_{letterbox}"] = {"map50_95": ul.map50_95, "map50": ul.map50,
                                                  "coco_map50_95": ul.coco_map50_95, "coco_map50": ul.coco_map50,
                                                  "detections": ul.num_detections, "head": ul.extra["head"]}
@@ -84,8 +85,8 @@ def bench_head(study: Path, head: str, configs: list[str], out: Path, n_boot: in
     rec["bootstrap_reference_s"] = time.perf_counter() - t0
     rows = []
     for name in configs:
-        outcome = ctx.build_and_evaluate(_assignment(ctx, name))
-        row: dict[str, Any] = {"config": name, "w4_weight_share": outcome.metrics["w4_weight_share"],
+        outcome = pipeline.run(_assignment(res, name))
+        row: dict[str, Any] = {"config": name, "w4_weight_share": outcome.metrics.w4_weight_share,
                                "build_s": outcome.timings.get("materialize", 0) + outcome.timings.get("export", 0)}
         for split, ev in (("search", search_ev), ("verify", verify_ev)):
             acc = ev.evaluate(outcome.artifact) if split == "verify" else None
@@ -99,7 +100,7 @@ def bench_head(study: Path, head: str, configs: list[str], out: Path, n_boot: in
             row[split] = {"map50_95": m["map50_95"], "map50": m["map50"],
                           "interval": iv["map50_95"].to_dict(), "interval50": iv["map50"].to_dict(),
                           "records_load_s": load_s, "bootstrap_s": boot_s,
-                          "checked_against": acc.map50_95 if acc is not None else outcome.metrics["map50_95"]}
+                          "checked_against": acc.map50_95 if acc is not None else outcome.metrics.map50_95}
         s_iv, v_iv = row["search"]["interval"], row["verify"]["interval"]
         row["verify_change_inside_search_interval"] = s_iv["low"] <= v_iv["delta"] <= s_iv["high"]
         rows.append(row)

@@ -16,7 +16,7 @@
 - :func:`ultralytics_predict` runs ``YOLO(onnx).predict`` at the same fixed input size
   (predict letterboxes exactly as we do).
 
-Ultralytics runs offline (``search._env.import_ultralytics``).
+Ultralytics runs offline (``mpq.env.import_ultralytics``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from evaluators.session import LAYOUT_END2END
 
 if TYPE_CHECKING:
     from evaluators.coco import CocoEvaluator
-    from search.data import CocoSubset
+    from mpq.data import CocoSubset
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,14 @@ class UltralyticsValResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence Ultralytics' logger and stdout for the duration."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.utils import LOGGER
@@ -101,7 +102,7 @@ def yolo_dataset(subset: CocoSubset, names: Mapping[int, str], category_ids: Seq
         link.symlink_to(rec.path.resolve())
         w, h = rec.width, rec.height
         if not (w and h):
-            from search.data import load_image
+            from mpq.data import load_image
 
             h, w = load_image(rec.path).shape[:2]
         rows = []
@@ -204,7 +205,7 @@ def checkpoint_heads(pt_path: str | os.PathLike[str]) -> dict[str, Any]:
     loader, so with the default ``nms=None`` they run the one-to-many branch with NMS
     whenever the head has one, and the one-to-one (NMS-free) branch only with ``nms=False``.
     """
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.nn.tasks import load_checkpoint
@@ -246,7 +247,7 @@ def ultralytics_val_checkpoint(pt_path: str | os.PathLike[str], *, evaluator: Co
 def _run_val(model_arg: str, val_kwargs: dict[str, Any], *, evaluator: CocoEvaluator, workdir: Path,
              batch_size: int | None, letterbox: str, name: str, extra: dict[str, Any]) -> UltralyticsValResult:
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -269,7 +270,7 @@ def _run_val(model_arg: str, val_kwargs: dict[str, Any], *, evaluator: CocoEvalu
     # Ultralytics writes class_map[c] = c + 1 for non-COCO data (coco80_to_91 for COCO): map back by class
     class_map = list(range(1, len(evaluator.names) + 1))
     if len(raw) and max(int(r["category_id"]) for r in raw) > len(evaluator.names):
-        from search.data import COCO80_TO_91
+        from mpq.data import COCO80_TO_91
 
         class_map = list(COCO80_TO_91)
     to_cls = {c: i for i, c in enumerate(class_map)}
@@ -289,7 +290,7 @@ def ultralytics_predict(onnx_path: str | os.PathLike[str], paths: Sequence[Path]
                         imgsz: int, conf: float, iou: float, max_det: int, workdir: Path,
                         layout: str = LAYOUT_END2END) -> list[Detections]:
     """``YOLO(onnx).predict`` on ``paths`` at a fixed ``imgsz`` input: detections in original pixels."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO

@@ -54,6 +54,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: str) -> Any:
+    """Our COCO metrics (and Ultralytics' beside them) as a rich table."""
     from rich.table import Table
 
     t = Table(title=title, caption="ours: ONNX Runtime + pycocotools; Ultralytics: its validator's own mAP; "
@@ -85,6 +86,7 @@ def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: s
 
 
 def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any:
+    """Per-class AP50-95 (ours and Ultralytics') as a rich table."""
     from rich.table import Table
 
     t = Table(title="per-class AP50-95")
@@ -130,20 +132,22 @@ def _head_line(acc: AccuracyResult, spec: StudySpec, kind: str) -> str:
 
 
 def latency_line(lat: LatencyResult) -> str:
+    """One line summing up a latency measurement."""
     return (f"latency ({lat.engine}, {lat.provider}, {lat.device}, batch {lat.batch_size}, "
             f"{lat.runs} runs): median {lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms, {lat.fps:.1f} images/s")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpq.errors import UserError
+    from mpq.files import versions, write_json
     from search.commands import load_study
     from search.console import console, console_err
-    from search.context import RunContext
-    from search.errors import UserError
-    from search.runs import versions, write_json
+    from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
     spec = load_study(args.study, **overrides)
-    ctx = RunContext(spec)
+    pipeline = TrialPipeline.for_spec(spec)
+    res = pipeline.resources
     if args.onnx is not None:
         onnx_path = args.onnx
         if not onnx_path.is_file():
@@ -153,27 +157,27 @@ def run(args: argparse.Namespace) -> int:
         kind = "given"
     else:
         with console_err.status(f"float model {spec.model.name}: loading and exporting (reused when unchanged) ..."):
-            onnx_path = ctx.float_onnx()
-        out_dir = args.out or ctx.float_dir
+            onnx_path = pipeline.baseline.onnx()
+        out_dir = args.out or pipeline.baseline.dir
         compare = args.compare_ultralytics is not False
         kind = "float"
-    subset = ctx.subset
+    subset = res.subset
     if args.split == "verify":
-        if ctx.verify_subset is None:
+        if res.verify_subset is None:
             raise UserError(f"--split verify: the study {spec.name} has no verification split "
                             "(add dataset.verify: {max_images: N} or {image_ids: FILE})")
-        subset = ctx.verify_subset
+        subset = res.verify_subset
 
     from evaluators.onnx_graph import names_from_metadata, read_metadata
 
     names = names_from_metadata(read_metadata(onnx_path))
     if names is None:
         with console_err.status(f"reading class names from {spec.model.name} ..."):
-            names = ctx.model.names
+            names = res.model.names
     from evaluators.coco import CocoEvaluator
 
     ev = CocoEvaluator(subset=subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
-                       cache_dir=ctx.cache_dir, progress=True)
+                       cache_dir=res.paths.cache, progress=True)
     acc = ev.evaluate(onnx_path)
     ul = None
     ckpt: list[UltralyticsValResult] = []
@@ -190,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         from evaluators import make_latency_evaluator
 
         with console_err.status("latency ..."):
-            lat = make_latency_evaluator(spec, cache_dir=ctx.cache_dir).evaluate(onnx_path)
+            lat = make_latency_evaluator(spec.latency, imgsz=spec.imgsz, evaluation=spec.evaluation,
+                                         cache_dir=res.paths.cache).evaluate(onnx_path)
 
     split = "" if args.split == "search" else "verification split: "
     title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {split}{acc.num_images} images of "

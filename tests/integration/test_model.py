@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.model import LAYOUT_END2END, LAYOUT_RAW, ModelLoadError, export_onnx, load_model
+from mpq.model import LAYOUT_END2END, LAYOUT_RAW, ModelLoadError, export_onnx, load_model
 
 
 def test_yolov10m_architecture_layers():
@@ -71,7 +71,7 @@ def test_float_onnx_matches_torch(head, demo_model, demo_model_one2one, demo_cal
     import onnxruntime as ort
     import torch
 
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     model = demo_model if head == "one2many" else demo_model_one2one
     images, _ = preprocess_many(demo_calib[:4], model.imgsz, progress=False)

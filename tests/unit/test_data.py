@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.data import (
+from mpq.data import (
     COCO80_TO_91,
     DataError,
     class_to_category,
@@ -166,7 +166,7 @@ def _coco_files(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
 
 
 def test_verification_split_is_the_next_sorted_ids_after_the_search_subset(tmp_path: Path):
-    from search.data import load_verification_subset
+    from mpq.data import load_verification_subset
 
     images, ann = _coco_files(tmp_path)
     search = load_coco_subset(images, ann, max_images=4)
@@ -183,7 +183,7 @@ def test_verification_split_is_the_next_sorted_ids_after_the_search_subset(tmp_p
 
 
 def test_verification_id_list_must_not_overlap_the_search_subset(tmp_path: Path):
-    from search.data import load_verification_subset
+    from mpq.data import load_verification_subset
 
     images, ann = _coco_files(tmp_path)
     search = load_coco_subset(images, ann, max_images=4)
@@ -205,7 +205,7 @@ def test_verification_id_list_must_not_overlap_the_search_subset(tmp_path: Path)
 
 
 def test_demo_study_ships_a_verification_split():
-    from search.data import load_verification_subset
+    from mpq.data import load_verification_subset
     from search.spec import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "studies" / "demo.yaml")
