@@ -87,4 +87,5 @@ class ArtifactEvaluator:
             images_per_s=acc.images_per_s, provider=acc.provider, **latency_fields(lat, reference),
             latency_provider=lat.provider, latency_device=lat.device, latency_batch=lat.batch_size,
             weight_bytes=cost.weight_bytes, size_ratio=cost.size_ratio, bops=cost.bops,
-            w4_weight_share=cost.w4_weight_share, onnx_bytes=onnx_path.stat().st_size)
+            w4_weight_share=cost.w4_weight_share, onnx_bytes=onnx_path.stat().st_size,
+            head=acc.extra.get("postprocess", {}).get("head"))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mpq.errors import UserError
 from mpq.files import read_json, write_text
 from mpq.objectives import OBJECTIVES
+from search import report_verify
 from search.paths import RunPaths
 from search.results import TrialMetrics
 from search.trial_attrs import TrialAttrs
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import optuna
 
     from search.spec import StudySpec
+    from search.verification import Verification
 
 
 @dataclass
@@ -315,11 +317,19 @@ class Report:
     out_dir: Path
     counts: dict[str, int]
     files: dict[str, Path] = field(default_factory=dict)
+    verification: Verification | None = None
 
 
-def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None = None) -> Report:
-    """Write the report files of a run directory and return what they contain."""
+def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None = None, *,
+                verify: bool = True) -> Report:
+    """Write the report files of a run directory and return what they contain.
+
+    With ``verify`` the chosen trials (:func:`search.report_verify.chosen_rows`) are verified
+    first where ``verification.json`` lacks them; without, the report shows what it holds.
+    """
     import optuna
+
+    from search.verification import Verification
 
     spec, study = load_run(run_dir, storage)
     run_dir = Path(run_dir)
@@ -347,8 +357,11 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     out = out_dir or paths.report
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(spec, rows, front, base, table, objectives, out, counts)
-    _write_csv(out / "pareto.csv", front)
-    _write_csv(out / "trials.csv", rows)
+    rep.verification = (report_verify.ensure_verified(spec, run_dir, study,
+                                                      report_verify.chosen_rows(rows, front, base))
+                        if verify else Verification.load(run_dir))
+    _write_csv(out / "pareto.csv", front, rep.verification)
+    _write_csv(out / "trials.csv", rows, rep.verification)
     rep.files["pareto.csv"] = out / "pareto.csv"
     rep.files["trials.csv"] = out / "trials.csv"
     images: dict[str, str] = {}
@@ -379,17 +392,18 @@ def _layer_sort_key(name: str) -> tuple[Any, ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _write_csv(path: Path, rows: Sequence[TrialRow]) -> None:
+def _write_csv(path: Path, rows: Sequence[TrialRow], ver: Verification | None = None) -> None:
     from mpq.files import atomic_path
 
     keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "latency_ratio",
             "latency_measured_ms", "weight_mb", "size_ratio",
-            "w4_weight_share", "a8_layers", "gbops", "feasible", "digest", "artifact"]
+            "w4_weight_share", "a8_layers", "gbops", "feasible", "digest", "artifact",
+            *report_verify.CSV_COLUMNS]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(row_values(r))
+            w.writerow({**row_values(r), **report_verify.csv_values(r, ver)})
 
 
 def _timing_means(rows: Sequence[TrialRow]) -> dict[str, float]:
@@ -419,8 +433,11 @@ def summary_markdown(rep: Report) -> str:
         lines.append("| " + " | ".join(_fmt(k, v[k]) for _, k in cols) + " |")
     lines += ["", "Artifacts:", ""]
     lines += [f"- trial {r.number}: `{r.artifact}`" for r in rep.front]
+    if rep.verification is None and rep.spec.dataset.verify is None:
+        lines += ["", f"**{report_verify.IN_SAMPLE}.**"]
+    lines += report_verify.markdown(rep)
     budgets = []
-    for ratio in (0.3, 0.35, 0.4, 0.5):
+    for ratio in (0.3, 0.35, 0.4, 0.5) if rep.verification is None else ():
         b = best_at_budget(rep.rows, ratio)
         if b is not None:
             budgets.append(f"| <= {100 * ratio:.0f}% of float weights | #{b.number} | {b.value('map'):.4f} | "
@@ -504,6 +521,7 @@ img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
 {rep.counts['failed']} failed). {base_txt}</p>
 <h2>Pareto front ({len(rep.front)} configurations)</h2>
 {table_html(rep.front)}
+{report_verify.html_block(rep)}
 {timing}
 <h2>Trade-offs</h2>
 {img('map_vs_latency', 'mAP50-95 vs latency (all trials; red: Pareto front)')}
@@ -536,16 +554,17 @@ def front_table(rep: Report) -> Any:
     """The Pareto front (and the float model) as a rich table for the terminal."""
     from rich.table import Table
 
-    table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)")
-    for name in ("#", "mAP50-95", "vs float", "ms", "MB", "W4", "layers"):
+    table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)",
+                  caption=report_verify.terminal_caption(rep) or None)
+    for name in ("#", "mAP50-95", "vs float", *report_verify.terminal_columns(rep), "ms", "MB", "W4", "layers"):
         table.add_column(name, justify="left" if name == "layers" else "right")
     if rep.base is not None:
         b = rep.base
-        table.add_row("float", f"{b.map50_95:.4f}", "", f"{b.latency_ms:.3g}", f"{b.weight_bytes / 1e6:.2f}",
-                      "0%", "float", style="dim")
+        table.add_row("float", f"{b.map50_95:.4f}", "", *report_verify.terminal_cells(rep, None),
+                      f"{b.latency_ms:.3g}", f"{b.weight_bytes / 1e6:.2f}", "0%", "float", style="dim")
     for r in rep.front:
         m = r.metrics
         table.add_row(str(r.number), f"{m.map50_95:.4f}", f"{-100 * (m.map_drop or 0):+.2f}",
-                      f"{m.latency_ms:.3g}", f"{m.weight_bytes / 1e6:.2f}",
+                      *report_verify.terminal_cells(rep, r), f"{m.latency_ms:.3g}", f"{m.weight_bytes / 1e6:.2f}",
                       f"{100 * m.w4_weight_share:.0f}%", short_label(r.summary))
     return table

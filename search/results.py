@@ -32,7 +32,7 @@ class TrialMetrics:
     ``latency_ms`` is the median latency, or, when the model was timed in alternation with
     the float model, its median ratio to float (``latency_ratio``) times the float baseline's
     milliseconds; ``latency_measured_ms`` is always the raw median. ``map_drop`` (float
-    mAP50-95 minus this model's) is set by the study.
+    mAP50-95 minus this model's) is set by the study; ``head`` names the head and so the post-processing.
     """
 
     map50_95: float
@@ -55,6 +55,8 @@ class TrialMetrics:
     latency_ratio: float | None = None
     latency_float_same_window_ms: float | None = None
     map_drop: float | None = None
+    head: str | None = None
+    """The detection head scored (``one2one``: NMS-free top-k; ``one2many``: NMS), from the file's output."""
 
     def value(self, objective: str) -> float:
         """The value of ``objective`` (``map``, ``latency``, ``size``, ``bops``) for this model."""
@@ -90,7 +92,7 @@ class TrialMetrics:
 _JSON_ORDER = ("map50_95", "map50", "map75", "images_per_s", "provider", "latency_ms", "latency_p90_ms",
                "latency_measured_ms", "latency_ratio", "latency_float_same_window_ms", "latency_provider",
                "latency_device", "latency_batch", "weight_bytes", "size_ratio", "bops", "w4_weight_share",
-               "onnx_bytes")
+               "onnx_bytes", "head")
 
 
 @dataclass(frozen=True)
