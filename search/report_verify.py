@@ -12,13 +12,32 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from search.report import Report, TrialRow
     from search.results import TrialMetrics
     from search.spec import StudySpec
     from search.verification import Verification, VerifiedTrial
+
+
+class TrialRow(Protocol):
+    """What this module reads of a report row (:class:`search.report.TrialRow`)."""
+
+    number: int
+    digest: str
+    metrics: TrialMetrics
+    feasible: bool
+    artifact: str
+    assignment: dict[str, str]
+
+
+class Report(Protocol):
+    """What this module reads of a report (:class:`search.report.Report`)."""
+
+    rows: list[Any]
+    front: list[Any]
+    base: TrialMetrics | None
+    verification: Verification | None
 
 #: Size budgets (share of the float model's weight bytes) and latency budgets (share of float's ms).
 SIZE_BUDGETS = (0.3, 0.35, 0.4, 0.5)

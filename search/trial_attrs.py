@@ -108,6 +108,8 @@ def write_metrics(trial: optuna.Trial, metrics: TrialMetrics, max_map_drop: floa
                        ("W4 weight share", metrics.w4_weight_share)):
         if value is not None:
             trial.set_user_attr(key, round(float(value), 5))
+    if metrics.head is not None:
+        trial.set_user_attr("head", metrics.head)
     trial.set_user_attr("metrics", metrics.to_json())
     if max_map_drop is not None:
         trial.set_user_attr("constraint", metrics.map_drop - max_map_drop)

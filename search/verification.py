@@ -31,7 +31,7 @@ from mpq.files import file_digest, read_json, write_json
 if TYPE_CHECKING:
     import optuna
 
-    from evaluators.bootstrap import BootstrapInterval, PairedBootstrap
+    from evaluators.bootstrap import PairedBootstrap
     from evaluators.coco import CocoEvaluator
     from mpq.assignment import Assignment
     from search.pipeline import TrialPipeline
@@ -144,14 +144,18 @@ class Chosen:
     assignment: Assignment
 
 
-class _Splits:
-    """The float model's records and bootstraps on the search and verification splits."""
+class Splits:
+    """The float model's records and paired bootstraps on the search and verification splits, and
+    :meth:`measure` of any artifact on both."""
 
     def __init__(self, pipeline: TrialPipeline) -> None:
         from evaluators.bootstrap import PairedBootstrap
         from evaluators.coco import CocoEvaluator
+        from mpq.model import head_label
 
         res = pipeline.resources
+        self.head = res.model.head
+        self.postprocess = head_label(self.head)
         self.float_onnx = pipeline.baseline.onnx()
         self.search: CocoEvaluator = pipeline.evaluator.coco
         self.verify: CocoEvaluator | None = None
@@ -159,14 +163,51 @@ class _Splits:
             self.verify = CocoEvaluator(subset=res.verify_subset, names=res.model.names, imgsz=res.spec.imgsz,
                                         settings=res.spec.evaluation, cache_dir=res.paths.cache,
                                         progress=res.progress)
-        self.boot_search: PairedBootstrap = PairedBootstrap(self.search.per_image(self.float_onnx), n_boot=N_BOOT,
-                                                            seed=SEED, level=LEVEL)
+        pe = self.search.per_image(self.float_onnx)
+        self.boot_search: PairedBootstrap = PairedBootstrap(pe, n_boot=N_BOOT, seed=SEED, level=LEVEL)
+        self.float_search_map = pe.map()["map50_95"]
         self.boot_verify: PairedBootstrap | None = None
         self.float_verify_map: float | None = None
         if self.verify is not None:
             pe = self.verify.per_image(self.float_onnx)
             self.boot_verify = PairedBootstrap(pe, n_boot=N_BOOT, seed=SEED, level=LEVEL)
             self.float_verify_map = pe.map()["map50_95"]
+
+    def summary(self, key: dict[str, Any] | None = None) -> Verification:
+        """A :class:`Verification` of these splits, without points yet."""
+        return Verification(key=key or {}, head=self.head, postprocess=self.postprocess,
+                            search_images=len(self.search.subset),
+                            verify_images=len(self.verify.subset) if self.verify is not None else 0,
+                            float_search_map=self.float_search_map, float_verify_map=self.float_verify_map)
+
+    def describe_splits(self) -> dict[str, Any]:
+        """The splits' sizes, the float model's mAP50-95 on each, and the bootstrap (for sidecar files)."""
+        v = self.summary()
+        return {"search_images": v.search_images, "verify_images": v.verify_images,
+                "float_search_map": v.float_search_map, "float_verify_map": v.float_verify_map,
+                "in_sample": v.in_sample, "n_boot": N_BOOT, "level": LEVEL, "head": self.head,
+                "postprocess": self.postprocess}
+
+    def measure(self, number: int, digest: str, onnx: Path) -> VerifiedTrial:
+        """One artifact on both splits, with its paired intervals vs float (the search split's records
+        come from the trial's own evaluation when it cached them: no second inference)."""
+        search_pe = self.search.per_image(onnx)
+        s = self.boot_search.interval(search_pe, "map50_95")
+        out: dict[str, Any] = {"number": number, "digest": digest, "onnx_sha256": file_digest(onnx),
+                               "search_map": search_pe.map()["map50_95"], "search_change": s.delta,
+                               "search_low": s.low, "search_high": s.high}
+        if self.verify is not None and self.boot_verify is not None:
+            pe = self.verify.per_image(onnx)
+            v = self.boot_verify.interval(pe, "map50_95")
+            m = pe.map()
+            out.update(verify_map=m["map50_95"], verify_map50=m["map50"], verify_change=v.delta, verify_low=v.low,
+                       verify_high=v.high)
+        return VerifiedTrial(**out)
+
+
+def splits_for(pipeline: TrialPipeline) -> Splits:
+    """The :class:`Splits` of a study's pipeline."""
+    return Splits(pipeline)
 
 
 def verification_key(pipeline: TrialPipeline) -> dict[str, Any]:
@@ -181,25 +222,6 @@ def verification_key(pipeline: TrialPipeline) -> dict[str, Any]:
             "n_boot": N_BOOT, "seed": SEED, "level": LEVEL}
 
 
-def _interval(boot: PairedBootstrap, ev: CocoEvaluator, onnx: Path) -> BootstrapInterval:
-    return boot.interval(ev.per_image(onnx), "map50_95")
-
-
-def measure(splits: _Splits, number: int, digest: str, onnx: Path) -> VerifiedTrial:
-    """One artifact on both splits, with its paired intervals vs float."""
-    s = _interval(splits.boot_search, splits.search, onnx)
-    out: dict[str, Any] = {"number": number, "digest": digest, "onnx_sha256": file_digest(onnx),
-                           "search_map": splits.search.per_image(onnx).map()["map50_95"],
-                           "search_change": s.delta, "search_low": s.low, "search_high": s.high}
-    if splits.verify is not None and splits.boot_verify is not None:
-        pe = splits.verify.per_image(onnx)
-        v = splits.boot_verify.interval(pe, "map50_95")
-        m = pe.map()
-        out.update(verify_map=m["map50_95"], verify_map50=m["map50"], verify_change=v.delta, verify_low=v.low,
-                   verify_high=v.high)
-    return VerifiedTrial(**out)
-
-
 def verify_trials(pipeline: TrialPipeline, chosen: Sequence[Chosen], *,
                   log: Callable[[str], None] | None = None) -> Verification:
     """Verify ``chosen`` (reusing ``verification.json`` for trials already verified with the same
@@ -207,12 +229,8 @@ def verify_trials(pipeline: TrialPipeline, chosen: Sequence[Chosen], *,
     res = pipeline.resources
     key = verification_key(pipeline)
     old = Verification.load(res.run_dir)
-    splits = _Splits(pipeline)
-    ver = Verification(key=key, head=res.model.head, postprocess=_postprocess(pipeline),
-                       search_images=len(res.subset),
-                       verify_images=len(res.verify_subset) if res.verify_subset is not None else 0,
-                       float_search_map=splits.search.per_image(splits.float_onnx).map()["map50_95"],
-                       float_verify_map=splits.float_verify_map)
+    splits = Splits(pipeline)
+    ver = splits.summary(key)
     if old is not None and old.key == key:
         ver.points = dict(old.points)
     for c in chosen:
@@ -224,15 +242,9 @@ def verify_trials(pipeline: TrialPipeline, chosen: Sequence[Chosen], *,
         if log is not None:
             log(f"verifying trial #{c.number} ({artifact.parent.name}) on "
                 f"{'the verification split' if splits.verify is not None else 'the search split (in-sample)'}")
-        ver.points[c.digest] = measure(splits, c.number, c.digest, artifact)
+        ver.points[c.digest] = splits.measure(c.number, c.digest, artifact)
     write_json(res.run_dir / FILE, ver.to_json())
     return ver
-
-
-def _postprocess(pipeline: TrialPipeline) -> str:
-    from mpq.model import head_label
-
-    return head_label(pipeline.resources.model.head)
 
 
 def store_in_study(study: optuna.Study, ver: Verification) -> None:
