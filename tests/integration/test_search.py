@@ -20,6 +20,7 @@ def _spec(tmp: Path, name: str = "it", **search: object) -> Path:
     data["name"] = name
     data["granularity"] = "block"
     data["dataset"]["max_images"] = 24
+    data["dataset"]["verify"] = {"max_images": 24}
     data["calibration"]["max_images"] = 8
     data["sensitivity"] = {"images": 8}
     data["latency"] = {"engine": "ort", "warmup": 1, "runs": 3}
@@ -94,6 +95,52 @@ def test_report_files(finished_run: tuple[Path, Path]):
     assert "Time per evaluated trial" in (rep / "summary.md").read_text()
 
 
+def test_run_verifies_the_front_on_the_held_out_split(finished_run: tuple[Path, Path]):
+    """At the end of `search run` every front point was re-measured on the verification split (the
+    same ONNX file), with paired intervals vs float: in verification.json, pareto.csv, the summary,
+    the study's attributes."""
+    import csv
+
+    from mpq.files import file_digest
+
+    _, run_dir = finished_run
+    ver = json.loads((run_dir / "verification.json").read_text())
+    assert ver["verify_images"] == 24 and ver["search_images"] == 24 and ver["head"] == "one2many"
+    assert ver["float_verify_map"] > 0
+    front = list(csv.DictReader((run_dir / "report" / "pareto.csv").open()))
+    assert front
+    for row in front:
+        p = ver["points"][row["digest"]]
+        assert p["onnx_sha256"] == file_digest(row["artifact"])  # the trial's own file
+        assert float(row["map_verify"]) == pytest.approx(p["verify_map"])
+        assert float(row["drop_verify"]) == pytest.approx(ver["float_verify_map"] - p["verify_map"])
+        assert float(row["change_verify_lo"]) <= float(row["change_verify"]) <= float(row["change_verify_hi"])
+        assert float(row["change_search_lo"]) <= p["search_change"] <= float(row["change_search_hi"])
+        assert p["search_map"] == pytest.approx(float(row["map50_95"]), abs=1e-9)  # no second inference needed
+        assert row["head"] == "one2many"
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert "## Verified front" in summary and "held-out verification split of 24 images" in summary
+    attrs = _study(run_dir).user_attrs
+    assert set(attrs["verification"]["points"]) == set(ver["points"])
+    assert any(k.startswith("verify #") and "verification split (24 images)" in v for k, v in attrs.items())
+
+
+def test_report_without_a_split_says_in_sample(finished_run: tuple[Path, Path], tmp_path: Path):
+    import shutil
+
+    _, run_dir = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report", "verification.json"))
+    spec = yaml.safe_load((copy / "spec.yaml").read_text())
+    del spec["dataset"]["verify"]
+    (copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = _search("report", str(copy))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "in-sample: scored on the images it was picked on" in (copy / "report" / "summary.md").read_text()
+    assert "in-sample" in (copy / "report" / "index.html").read_text()
+    assert json.loads((copy / "verification.json").read_text())["float_verify_map"] is None
+
+
 def test_resume_reuses_the_sweep_and_continues(finished_run: tuple[Path, Path]):
     spec, run_dir = finished_run
     sweep = run_dir / "sensitivity.json"
@@ -122,6 +169,10 @@ def test_export_reverifies(finished_run: tuple[Path, Path], tmp_path: Path):
     assert side["metrics"]["map50_95"] == pytest.approx(trial.user_attrs["metrics"]["map50_95"], abs=1e-6)
     assert side["export"]["node_counts"].get("DequantizeLinear", 0) > 0
     assert "brevitas" in side["versions"] and side["backend"]["name"] == "brevitas"
+    v = side["verification"]
+    assert side["head"] == "one2many" and v["verify_images"] == 24 and v["verify_map"] is not None
+    assert v["verify_low"] <= v["verify_change"] <= v["verify_high"]
+    assert "verify mAP" in out.stdout
     bad = _search("export", str(run_dir), "--trial", "999")
     assert bad.returncode == 2 and "no trial 999" in bad.stderr
 
