@@ -126,6 +126,47 @@ def _empty_results(gt: Any) -> Any:
     return res
 
 
+class PerImageStore:
+    """Per-image records of evaluated files, by file digest: the last few in memory, all in
+    ``cache_dir/per-image/<digest>-<key>.npz`` (``key``: :func:`mpq.keys.per_image_key`)."""
+
+    def __init__(self, *, cache_dir: Path | None, key: str, keep: int = 8) -> None:
+        self.cache_dir = cache_dir
+        self.key = key
+        self.keep = keep
+        self._memory: dict[str, PerImageEval] = {}
+
+    def file(self, digest: str) -> Path | None:
+        """The records file of a digest (None without a cache folder)."""
+        return None if self.cache_dir is None else self.cache_dir / "per-image" / f"{digest}-{self.key}.npz"
+
+    def get(self, digest: str) -> PerImageEval | None:
+        """The records of a digest, from memory or the cache folder (None when neither has them)."""
+        if digest in self._memory:
+            return self._memory[digest]
+        path = self.file(digest)
+        if path is None or not path.is_file():
+            return None
+        try:
+            pe = PerImageEval.load(path)
+        except (OSError, ValueError, KeyError):
+            return None
+        self._remember(digest, pe)
+        return pe
+
+    def put(self, digest: str, pe: PerImageEval) -> Path | None:
+        """Keep the records of a digest (and write them to the cache folder); returns the file."""
+        self._remember(digest, pe)
+        path = self.file(digest)
+        if path is not None:
+            pe.save(path)
+        return path
+
+    def _remember(self, digest: str, pe: PerImageEval) -> None:
+        recent = [(k, v) for k, v in self._memory.items() if k != digest][-(self.keep - 1):]
+        self._memory = {digest: pe, **dict(recent)}
+
+
 class CocoEvaluator:
     """COCO mAP of ONNX models on a study's evaluation subset.
 
@@ -153,8 +194,9 @@ class CocoEvaluator:
         self.category_ids = class_to_category(self.names, subset.categories)
         self._images: tuple[np.ndarray, list[LetterboxMeta]] | None = None
         self.preprocess_seconds = 0.0
-        self._per_image: dict[str, PerImageEval] = {}
-        self._records_key: str | None = None
+        self.records = PerImageStore(cache_dir=self.cache_dir, key=per_image_key(
+            subset.image_ids, subset.annotations_path, imgsz=self.imgsz, category_ids=self.category_ids,
+            settings=f"{self.settings.conf} {self.settings.iou} {self.settings.max_det} {multi_label}"))
 
     # -- data -------------------------------------------------------------------------------
     @property
@@ -249,41 +291,20 @@ class CocoEvaluator:
         return out
 
     # -- per-image records (bootstrap) --------------------------------------------------------
-    @property
-    def records_key(self) -> str:
-        """What, besides the model file, decides the per-image records: images, annotations, settings."""
-        if self._records_key is None:
-            s = self.settings
-            self._records_key = per_image_key(
-                self.subset.image_ids, self.subset.annotations_path, imgsz=self.imgsz,
-                category_ids=self.category_ids, settings=f"{s.conf} {s.iou} {s.max_det} {self.multi_label}")
-        return self._records_key
-
     def per_image_file(self, onnx_digest: str) -> Path | None:
         """Where the per-image records of the file with digest ``onnx_digest`` are kept (None: no cache_dir)."""
-        if self.cache_dir is None:
-            return None
-        return self.cache_dir / "per-image" / f"{onnx_digest}-{self.records_key}.npz"
+        return self.records.file(onnx_digest)
 
     def per_image(self, onnx_path: str | os.PathLike[str]) -> PerImageEval:
-        """What COCOeval decided per image for ``onnx_path`` on the subset.
-
-        Read from the cache that :meth:`evaluate` writes (or from memory); evaluated only
-        when neither has it.
-        """
+        """What COCOeval decided per image for ``onnx_path`` on the subset: from the records
+        :meth:`evaluate` keeps (memory, then ``cache_dir``); evaluated only when neither has it."""
         digest = file_digest(onnx_path)
-        if digest in self._per_image:
-            return self._per_image[digest]
-        path = self.per_image_file(digest)
-        if path is not None and path.is_file():
-            try:
-                pe = PerImageEval.load(path)
-                self._per_image[digest] = pe
-                return pe
-            except (OSError, ValueError, KeyError):
-                pass
-        self.evaluate(onnx_path)
-        return self._per_image[digest]
+        pe = self.records.get(digest)
+        if pe is None:
+            self.evaluate(onnx_path)
+            pe = self.records.get(digest)
+        assert pe is not None
+        return pe
 
     def evaluate(self, onnx_path: str | os.PathLike[str]) -> AccuracyResult:
         """COCO mAP of ``onnx_path`` on the subset (see the module docstring for the contract).
@@ -301,11 +322,7 @@ class CocoEvaluator:
         scored = self.score(results, per_image=True)
         t_end = time.perf_counter()
         digest = file_digest(onnx_path)
-        pe: PerImageEval = scored["per_image"]
-        self._per_image = {digest: pe, **{k: v for k, v in list(self._per_image.items())[-7:] if k != digest}}
-        records = self.per_image_file(digest)
-        if records is not None:
-            pe.save(records)
+        records = self.records.put(digest, scored["per_image"])
         stats = scored["stats"]
         n = len(self.subset)
         trial_s = t_end - t_ready

@@ -161,12 +161,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out or pipeline.baseline.dir
         compare = args.compare_ultralytics is not False
         kind = "float"
-    subset = res.subset
-    if args.split == "verify":
-        if res.verify_subset is None:
-            raise UserError(f"--split verify: the study {spec.name} has no verification split "
-                            "(add dataset.verify: {max_images: N} or {image_ids: FILE})")
-        subset = res.verify_subset
+    subset = _subset(res, args.split)
 
     from evaluators.onnx_graph import names_from_metadata, read_metadata
 
@@ -209,14 +204,7 @@ def run(args: argparse.Namespace) -> int:
                       f"pycocotools on its predictions differs from ours by "
                       f"{acc.map50_95 - ul.coco_map50_95:+.4f} mAP50-95.", highlight=False)
     if ckpt:
-        console.print(checkpoint_table(acc, ckpt, spec.model.name))
-        ours = acc.extra["postprocess"]["head"]
-        default = ckpt[0]
-        if default.extra.get("head") != ours:
-            console.print(f"[yellow]note:[/] this study scores the {ours} head; Ultralytics' own model.val() of the "
-                          f"checkpoint uses the {default.extra.get('head')} head (pycocotools "
-                          f"{default.coco_map50_95:.4f} vs ours {acc.map50_95:.4f}); set the spec's head to choose.",
-                          highlight=False)
+        _print_checkpoint(acc, ckpt, spec.model.name)
     if lat is not None:
         console.print(latency_line(lat), highlight=False)
     summary = {"mAP_50_95": acc.map50_95, "mAP_50": acc.map50, "mAP_75": acc.map75, "mAP_small": acc.map_small,
@@ -249,3 +237,29 @@ def _validate_checkpoint(spec: StudySpec, ev: Any, acc: AccuracyResult, workdir:
         if heads["ultralytics_default"] != ours and heads.get(ours):
             runs.append(ultralytics_val_checkpoint(spec.model, evaluator=ev, workdir=workdir, head=ours))
     return runs
+
+
+def _subset(res: Any, split: str) -> Any:
+    """The search subset, or the verification split for ``--split verify``."""
+    from mpq.errors import UserError
+
+    if split != "verify":
+        return res.subset
+    if res.verify_subset is None:
+        raise UserError(f"--split verify: the study {res.spec.name} has no verification split "
+                        "(add dataset.verify: {max_images: N} or {image_ids: FILE})")
+    return res.verify_subset
+
+
+def _print_checkpoint(acc: AccuracyResult, ckpt: list[UltralyticsValResult], model_name: str) -> None:
+    """Ultralytics' validation of the .pt, and a note when its default head is not the one scored."""
+    from search.console import console
+
+    console.print(checkpoint_table(acc, ckpt, model_name))
+    ours = acc.extra["postprocess"]["head"]
+    default = ckpt[0]
+    if default.extra.get("head") != ours:
+        console.print(f"[yellow]note:[/] this study scores the {ours} head; Ultralytics' own model.val() of the "
+                      f"checkpoint uses the {default.extra.get('head')} head (pycocotools "
+                      f"{default.coco_map50_95:.4f} vs ours {acc.map50_95:.4f}); set the spec's head to choose.",
+                      highlight=False)
