@@ -125,6 +125,21 @@ def test_run_verifies_the_front_on_the_held_out_split(finished_run: tuple[Path, 
     assert any(k.startswith("verify #") and "verification split (24 images)" in v for k, v in attrs.items())
 
 
+def test_the_float_model_verified_as_a_trial_has_zero_width_intervals(finished_run: tuple[Path, Path]):
+    """Paired: the same resamples for trial and float, so float against itself is [0, 0] on both splits."""
+    from search.pipeline import TrialPipeline
+    from search.report import load_run
+    from search.verification import Splits
+
+    _, run_dir = finished_run
+    spec, _ = load_run(run_dir)
+    splits = Splits(TrialPipeline.for_spec(spec, run_dir=run_dir, progress=False))
+    p = splits.measure(-1, "float", splits.float_onnx)
+    assert p.search_change == p.search_low == p.search_high == 0.0
+    assert p.verify_change == p.verify_low == p.verify_high == 0.0
+    assert p.verify_map == splits.float_verify_map and p.search_map == splits.float_search_map
+
+
 def test_report_without_a_split_says_in_sample(finished_run: tuple[Path, Path], tmp_path: Path):
     import shutil
 
