@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,8 @@ class VerifiedTrial:
     verify_change: float | None = None
     verify_low: float | None = None
     verify_high: float | None = None
+    seconds: float = 0.0
+    """Wall time of the verification (evaluation on the verification split, both bootstraps)."""
 
     @property
     def verify_drop(self) -> float | None:
@@ -97,6 +100,8 @@ class Verification:
     float_verify_map: float | None
     n_boot: int = N_BOOT
     level: float = LEVEL
+    seconds: float = 0.0
+    """Wall time of the last :func:`verify_trials` (loading, the float model's records, every new point)."""
     points: dict[str, VerifiedTrial] = field(default_factory=dict)
 
     @property
@@ -191,6 +196,7 @@ class Splits:
     def measure(self, number: int, digest: str, onnx: Path) -> VerifiedTrial:
         """One artifact on both splits, with its paired intervals vs float (the search split's records
         come from the trial's own evaluation when it cached them: no second inference)."""
+        start = time.perf_counter()
         search_pe = self.search.per_image(onnx)
         s = self.boot_search.interval(search_pe, "map50_95")
         out: dict[str, Any] = {"number": number, "digest": digest, "onnx_sha256": file_digest(onnx),
@@ -202,7 +208,7 @@ class Splits:
             m = pe.map()
             out.update(verify_map=m["map50_95"], verify_map50=m["map50"], verify_change=v.delta, verify_low=v.low,
                        verify_high=v.high)
-        return VerifiedTrial(**out)
+        return VerifiedTrial(**out, seconds=time.perf_counter() - start)
 
 
 def splits_for(pipeline: TrialPipeline) -> Splits:
@@ -226,6 +232,7 @@ def verify_trials(pipeline: TrialPipeline, chosen: Sequence[Chosen], *,
                   log: Callable[[str], None] | None = None) -> Verification:
     """Verify ``chosen`` (reusing ``verification.json`` for trials already verified with the same
     files and key), write ``verification.json`` and return it."""
+    start = time.perf_counter()
     res = pipeline.resources
     key = verification_key(pipeline)
     old = Verification.load(res.run_dir)
@@ -243,6 +250,7 @@ def verify_trials(pipeline: TrialPipeline, chosen: Sequence[Chosen], *,
             log(f"verifying trial #{c.number} ({artifact.parent.name}) on "
                 f"{'the verification split' if splits.verify is not None else 'the search split (in-sample)'}")
         ver.points[c.digest] = splits.measure(c.number, c.digest, artifact)
+    ver.seconds = time.perf_counter() - start
     write_json(res.run_dir / FILE, ver.to_json())
     return ver
 
