@@ -18,9 +18,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 # The main job on the bundled offline demo (synthetic shapes + a YOLOv10n trained on them):
-# the layers, the float baseline, the search (sweep + 50 trials + report in runs/demo/report),
-# and the Pareto front exported as QCDQ ONNX, re-verified (runs/demo/export). About 5 minutes
-# on a 2-core CPU after the install.
+# the layers, the float baseline, the search (sweep + 50 trials + the front verified on 100
+# held-out images + report in runs/demo/report), and the Pareto front exported as QCDQ ONNX,
+# re-measured on both splits (runs/demo/export). About 6 minutes on a quiet 2-core CPU after
+# the install (docs/benchmarks.md, "Accuracy").
 demo: install
 	$(BIN)/search inspect
 	$(BIN)/search eval
