@@ -357,9 +357,16 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     out = out_dir or paths.report
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(spec, rows, front, base, table, objectives, out, counts)
-    rep.verification = (report_verify.ensure_verified(spec, run_dir, study,
-                                                      report_verify.chosen_rows(rows, front, base))
-                        if verify else Verification.load(run_dir))
+    rep.verification = Verification.load(run_dir)
+    if verify:
+        try:
+            rep.verification = report_verify.ensure_verified(spec, run_dir, study,
+                                                             report_verify.chosen_rows(rows, front, base))
+        except UserError as exc:  # e.g. the model or the images are not on this machine
+            from search.console import console_err
+
+            console_err.print(f"[yellow]warning:[/] the front was not verified ({exc}); the report shows "
+                              f"what {run_dir / 'verification.json'} holds", highlight=False)
     _write_csv(out / "pareto.csv", front, rep.verification)
     _write_csv(out / "trials.csv", rows, rep.verification)
     rep.files["pareto.csv"] = out / "pareto.csv"
