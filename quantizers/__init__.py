@@ -55,12 +55,17 @@ def backend_class(name: str) -> Any:
     return getattr(module, attr)
 
 
-def get_backend(options: Any, device: str = "cpu") -> QuantizerBackend:
-    """Instantiate the backend for a spec's ``backend`` section (or a bare name)."""
+def get_backend(options: Any, device: str = "cpu", *, target: str = "qcdq") -> QuantizerBackend:
+    """Instantiate the backend for a spec's ``backend`` section (or a bare name).
+
+    ``target`` is the study's ``deploy.target``: a backend that can model what the target
+    runs (a quantizer on each A8 layer's output for ``ort-cpu``) builds it in its fake-quant
+    model, so that the lowered file computes what the backend computed.
+    """
     if isinstance(options, str):
         from search.spec import BrevitasOptions, ModelOptOnnxOptions, ModelOptOptions
 
         options = {"brevitas": BrevitasOptions, "modelopt": ModelOptOptions,
                    "modelopt-onnx": ModelOptOnnxOptions}.get(options, BrevitasOptions)(name=options)
     cls = backend_class(options.name)
-    return cls(options=options, device=device)
+    return cls(options=options, device=device, target=target)

@@ -151,22 +151,46 @@ def input_quantizer(options: BrevitasOptions) -> Any:
     return ShiftedUint8ActPerTensorFloat.let(high_percentile_q=p, low_percentile_q=100.0 - p)
 
 
+def output_quantizer(options: BrevitasOptions) -> Any:
+    """The Brevitas per-tensor int8 quantizer (zero point 0) on the output of an A8 layer, for
+    deployment targets whose integer kernels requantize their output (``ort-cpu``:
+    ``DQ -> Conv -> Q`` becomes ``QLinearConv``); calibrated like the input quantizers."""
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
+
+    method = options.output_calibration
+    if method == "mse":
+        return Int8ActPerTensorFloatMSE
+    if method == "max":
+        return Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX)
+    return Int8ActPerTensorFloat.let(high_percentile_q=options.output_percentile)
+
+
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
-                input_quant_state: dict[str, Any] | None = None) -> nn.Module:
+                input_quant_state: dict[str, Any] | None = None,
+                output_quant_state: dict[str, Any] | None = None) -> nn.Module:
     """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
 
     ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
-    weight scales are initialized here, from the float weights.
+    weight scales are initialized here, from the float weights. ``output_quant_state`` (A8
+    layers, for targets that quantize outputs) adds a calibrated output quantizer and an
+    int32 bias at scale ``input scale x weight scale``, which is what an integer kernel
+    adds to its accumulator: the fake-quant module then computes what the deployed
+    ``QLinearConv`` computes.
     """
     import brevitas.nn as qnn
     import torch
+    from brevitas.quant.scaled_int import Int32Bias
     from torch import nn
 
     wq = weight_quantizer(precision.w_bits, options) if precision.quantizes_weights else None
     iq = input_quantizer(options) if precision.quantizes_inputs else None
+    with_output = output_quant_state is not None and precision.quantizes_inputs and precision.quantizes_weights
+    oq = output_quantizer(options) if with_output else None
+    bq = Int32Bias if (with_output and layer.bias is not None) else None
     weight = layer.weight
-    common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=None,
-                  output_quant=None, return_quant_tensor=False, device=weight.device, dtype=weight.dtype)
+    common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=bq,
+                  output_quant=oq, return_quant_tensor=False, device=weight.device, dtype=weight.dtype)
     q: Any
     if isinstance(layer, nn.Conv2d):
         if not isinstance(layer.padding, tuple):
@@ -188,6 +212,8 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
         q.bias.requires_grad_(False)
     if input_quant_state is not None:
         q.input_quant.load_state_dict(input_quant_state)
+    if oq is not None and output_quant_state is not None:
+        q.output_quant.load_state_dict(output_quant_state)
     q.eval()
     if wq is not None:
         with torch.no_grad():
@@ -276,6 +302,7 @@ class _LayerStats:
     float_mean: torch.Tensor | None = None
     quant_mean: torch.Tensor | None = None
     input_quant_state: dict[str, Any] | None = None
+    output_quant_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -290,6 +317,7 @@ class _StatsCache:
     has_act: bool = False
     has_quant_means: bool = False
     probes: dict[str, Any] = field(default_factory=dict)
+    out_probes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
@@ -326,7 +354,8 @@ class BrevitasBackend:
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, target: str = "qcdq") -> None:
+        from quantizers.lowering import target_info
         from search.runs import resolve_device
         from search.spec import BrevitasOptions
 
@@ -343,6 +372,9 @@ class BrevitasBackend:
         except RuntimeError as exc:
             raise BrevitasError(str(exc)) from None
         self.progress = progress
+        #: the deployment target (``deploy.target``); ``ort-cpu`` needs output quantizers on A8 layers
+        self.target = target
+        self.output_quant = target_info(target).needs_output_quant
         self._cache: _StatsCache | None = None
 
     # -- public API -----------------------------------------------------------------------
@@ -372,9 +404,12 @@ class BrevitasBackend:
         for name, precision in assignment.items():
             float_layer = work.get_submodule(name)
             state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
-            q = quant_layer(float_layer, precision, self.options, state)
+            out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
+            q = quant_layer(float_layer, precision, self.options, state, out_state)
             _set_submodule(work, name, q)
-            layers_info[name] = {"precision": str(precision), "type": type(q).__name__}
+            layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
+                                 "output_quant": out_state is not None and precision.quantizes_inputs
+                                 and precision.quantizes_weights}
         timings["quantize"] = time.perf_counter() - t
 
         if self.options.gptq or self.options.gpfq:
@@ -465,7 +500,8 @@ class BrevitasBackend:
     # -- internals ------------------------------------------------------------------------
     def _act_key(self) -> str:
         o = self.options
-        return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type])
+        out = [o.output_calibration, o.output_percentile] if self.output_quant else None
+        return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type, out])
 
     def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
                ) -> tuple[_StatsCache, bool]:
@@ -517,10 +553,15 @@ class BrevitasBackend:
         for n in names:
             cache.layers.setdefault(n, _LayerStats())
         probes: dict[str, Any] = cache.probes
+        out_probes: dict[str, Any] = cache.out_probes
         if act:
             iq = input_quantizer(self.options)
             probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
                            for n in names})
+            if self.output_quant:
+                oq = output_quantizer(self.options)
+                out_probes.update({n: qnn.QuantIdentity(act_quant=oq, return_quant_tensor=False).to(self.device)
+                                   for n in names})
         sums: dict[str, torch.Tensor] = {}
         count = 0
 
@@ -534,9 +575,17 @@ class BrevitasBackend:
                     probes[name](x)
             return hook
 
+        def out_hook(name: str):  # noqa: ANN202
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                out_probes[name](output)
+            return hook
+
         if means or act:
             hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
-            container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
+            if act and out_probes:
+                hooks += [mods[n].register_forward_hook(out_hook(n)) for n in names]
+            container = nn.ModuleDict({**{n.replace(".", "__"): m for n, m in probes.items()},
+                                       **{"out__" + n.replace(".", "__"): m for n, m in out_probes.items()}})
             try:
                 with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
                     for x in self._batches(calib, "calibration: float statistics"):
@@ -555,6 +604,10 @@ class BrevitasBackend:
                 probes[n].eval()
                 cache.layers[n].input_quant_state = {k: v.detach().clone()
                                                      for k, v in probes[n].act_quant.state_dict().items()}
+                if n in out_probes:
+                    out_probes[n].eval()
+                    cache.layers[n].output_quant_state = {
+                        k: v.detach().clone() for k, v in out_probes[n].act_quant.state_dict().items()}
             cache.has_act = True
         if not quant_means:
             return

@@ -150,9 +150,14 @@ def import_mtq() -> Any:
     return mtq
 
 
-def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, Any]:
+def quant_config(assignment: Assignment, options: ModelOptOptions, *, output_quant: bool = False) -> dict[str, Any]:
     """The ModelOpt ``quantize`` config for ``assignment``: a deny-all rule, then one rule per
-    quantized weight and per A8 input, naming the quantizer exactly (no wildcards)."""
+    quantized weight and per A8 input, naming the quantizer exactly (no wildcards).
+
+    ``output_quant`` (deployment targets whose integer kernels requantize their output,
+    ``ort-cpu``): also an 8-bit per-tensor ``output_quantizer`` on every layer that quantizes
+    both its input and its weight (what becomes ``QLinearConv``), calibrated like the inputs.
+    """
     histogram = options.calibration in ("entropy", "percentile")
     rules: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for name, precision in assignment.items():
@@ -164,6 +169,8 @@ def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, 
             if histogram:
                 cfg["calibrator"] = "histogram"
             rules.append({"quantizer_name": f"{name}.input_quantizer", "cfg": cfg})
+            if output_quant and precision.quantizes_weights:
+                rules.append({"quantizer_name": f"{name}.output_quantizer", "cfg": dict(cfg)})
     return {"quant_cfg": rules, "algorithm": None}
 
 
@@ -333,7 +340,8 @@ class ModelOptBackend:
     name = NAME
     capabilities = CAPABILITIES
 
-    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
+    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", target: str = "qcdq") -> None:
+        from quantizers.lowering import target_info
         from search.runs import resolve_device
         from search.spec import ModelOptOptions
 
@@ -347,6 +355,9 @@ class ModelOptBackend:
             self.device = resolve_device(device)
         except RuntimeError as exc:
             raise ModelOptError(str(exc)) from None
+        #: the deployment target (``deploy.target``); ``ort-cpu`` needs output quantizers on A8 layers
+        self.target = target
+        self.output_quant = target_info(target).needs_output_quant
         self._stats_cache: _InputStats | None = None
 
     # -- public API -----------------------------------------------------------------------
@@ -361,21 +372,22 @@ class ModelOptBackend:
         timings["copy"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        config = quant_config(assignment, self.options)
+        config = quant_config(assignment, self.options, output_quant=self.output_quant)
         with quiet():
             mtq.quantize(work, config)
         weights, inputs = self._quantizers(work, assignment)
+        outputs = self._output_quantizers(work, assignment) if self.output_quant else {}
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
         if weights:
             t = time.perf_counter()
-            for q in inputs.values():
+            for q in (*inputs.values(), *outputs.values()):
                 q.disable()
             algorithm: dict[str, Any] = {"method": self.options.weight_calibration}
             with quiet():
                 mtq.calibrate(work, algorithm=algorithm, forward_loop=None)
-            for q in inputs.values():
+            for q in (*inputs.values(), *outputs.values()):
                 q.enable()
             timings["calibrate_weights"] = time.perf_counter() - t
         cached = True
@@ -386,13 +398,16 @@ class ModelOptBackend:
             stats, cached = self._input_stats(model, calib)
             for name, q in inputs.items():
                 q.amax = stats.amax[name].to(self.device)
+            for name, q in outputs.items():
+                q.amax = stats.out_amax[name].to(self.device)
             timings["calibrate_inputs"] = time.perf_counter() - t
         work.eval()
         timings["total"] = time.perf_counter() - start
         info = {
             "device": self.device,
             "options": self.options.model_dump(mode="json"),
-            "quantizers": {"weights": len(weights), "inputs": len(inputs)},
+            "quantizers": {"weights": len(weights), "inputs": len(inputs), "outputs": len(outputs)},
+            "target": self.target,
             "rules": len(config["quant_cfg"]),
             "float_modules_restored": restored,
             "calibration_images": len(calib),
@@ -476,6 +491,20 @@ class ModelOptBackend:
                 inputs[name] = iq
         return weights, inputs
 
+    @staticmethod
+    def _output_quantizers(work: nn.Module, assignment: Assignment) -> dict[str, Any]:
+        """The enabled output quantizers (layers quantizing input and weight), by layer name."""
+        outputs: dict[str, Any] = {}
+        for name, precision in assignment.items():
+            if not (precision.quantizes_inputs and precision.quantizes_weights):
+                continue
+            oq = getattr(work.get_submodule(name), "output_quantizer", None)
+            if oq is None or not oq.is_enabled or int(oq.num_bits) != precision.a_bits:
+                raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit output "
+                                    f"quantizer (got {oq})")
+            outputs[name] = oq
+        return outputs
+
     def _forward_loop(self, calib: CalibrationSet) -> Callable[[nn.Module], None]:
         import torch
 
@@ -489,7 +518,7 @@ class ModelOptBackend:
     def _stats_key(self, calib: CalibrationSet) -> str:
         o = self.options
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
-        return json.dumps([method, calibration_key(calib)])
+        return json.dumps([method, calibration_key(calib), self.output_quant])
 
     def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
         """Every quantizable layer's calibrated INT8 input range for ``model`` and ``calib``,
@@ -506,30 +535,35 @@ class ModelOptBackend:
         mtq = import_mtq()
         work = model.fresh().module.to(self.device).eval()
         names = [lay.name for lay in model.quantizable_layers]
-        everything = Assignment({n: Precision(16, 8) for n in names})
+        everything = Assignment({n: Precision(8 if self.output_quant else 16, 8) for n in names})
         with quiet():
-            mtq.quantize(work, quant_config(everything, self.options))
-        _, inputs = self._quantizers(work, everything)
-        for q in inputs.values():
+            mtq.quantize(work, quant_config(everything, self.options, output_quant=self.output_quant))
+        weights, inputs = self._quantizers(work, everything)
+        outputs = self._output_quantizers(work, everything) if self.output_quant else {}
+        for q in weights.values():
+            q.disable()  # statistics of the float model
+        for q in (*inputs.values(), *outputs.values()):
             q.disable_quant()
             q.enable_calib()
         amax: dict[str, Any] = {}
+        out_amax: dict[str, Any] = {}
         with quiet():
             self._forward_loop(calib)(work)
             method = self.options.calibration
-            for name, q in inputs.items():
-                try:
-                    if method == "max":
-                        q.load_calib_amax()
-                    elif method == "entropy":
-                        q.load_calib_amax("entropy")
-                    else:
-                        q.load_calib_amax("percentile", percentile=self.options.percentile)
-                except RuntimeError as exc:
-                    raise ModelOptError(f"layer '{name}': input calibration failed: {exc}") from exc
-                amax[name] = q.amax.detach().clone()
+            for table, quantizers, what in ((amax, inputs, "input"), (out_amax, outputs, "output")):
+                for name, q in quantizers.items():
+                    try:
+                        if method == "max":
+                            q.load_calib_amax()
+                        elif method == "entropy":
+                            q.load_calib_amax("entropy")
+                        else:
+                            q.load_calib_amax("percentile", percentile=self.options.percentile)
+                    except RuntimeError as exc:
+                        raise ModelOptError(f"layer '{name}': {what} calibration failed: {exc}") from exc
+                    table[name] = q.amax.detach().clone()
         del work
-        self._stats_cache = _InputStats(key=key, module=weakref.ref(model.module), amax=amax)
+        self._stats_cache = _InputStats(key=key, module=weakref.ref(model.module), amax=amax, out_amax=out_amax)
         return self._stats_cache, False
 
 
@@ -540,6 +574,7 @@ class _InputStats:
     key: str
     module: Callable[[], Any]
     amax: dict[str, Any] = field(default_factory=dict)
+    out_amax: dict[str, Any] = field(default_factory=dict)
 
 
 def calibration_key(calib: CalibrationSet) -> str:

@@ -122,7 +122,7 @@ class RunContext:
     def backend(self) -> QuantizerBackend:
         from quantizers import get_backend
 
-        return get_backend(self.spec.backend, device=self.device)
+        return get_backend(self.spec.backend, device=self.device, target=self.spec.deploy.target)
 
     def candidates_for(self, group: LayerGroup) -> list[Precision]:
         """The study's candidates this backend can build for every layer of ``group`` (float excluded)."""
@@ -279,12 +279,19 @@ class RunContext:
         timings["materialize"] = time.perf_counter() - t0
         timings.update({f"materialize.{k}": v for k, v in qmodel.timings.items()})
         t0 = time.perf_counter()
-        export = self.backend.export(qmodel, onnx_path)
+        from search import deploy  # issue 12: the backend exports, the lowering writes model.onnx for the target
+
+        export = self.backend.export(qmodel, deploy.export_path(self, onnx_path))
         timings["export"] = time.perf_counter() - t0
+        lowered = deploy.lower_export(self, export.path, onnx_path, assignment, timings)
         metrics = self._evaluate_onnx(onnx_path, assignment, timings)
+        runtime_flat, runtime = deploy.runtime_metrics(self, onnx_path, assignment, timings)
+        metrics.update(runtime_flat, deploy_target=lowered.target, weight_bytes_packed=lowered.weight_bytes_packed,
+                       rule_violations=len(lowered.violations))
         timings["total"] = sum(v for k, v in timings.items() if "." not in k)
         summary = assignment.summary(self.model.layers)
-        export_info = {"node_counts": dict(export.node_counts), "metadata": dict(export.metadata)}
+        export_info = {"node_counts": dict(lowered.node_counts), "metadata": dict(lowered.metadata),
+                       "export_node_counts": dict(export.node_counts), "runtime": runtime}
         outcome = TrialOutcome(digest, assignment, metrics, summary, timings, onnx_path, export_info)
         write_json(metrics_path, {**outcome.to_json(), "context": self.context_key(),
                                   "backend": self.spec.backend.name})
@@ -295,7 +302,8 @@ class RunContext:
         return {"model": self.model_digest, "data": self.data_digest, "imgsz": self.spec.imgsz,
                 "backend": self.spec.backend.model_dump(mode="json"),
                 "eval": self.spec.evaluation.model_dump(mode="json"),
-                "latency": self.spec.latency.model_dump(mode="json")}
+                "latency": self.spec.latency.model_dump(mode="json"),
+                "deploy": self.spec.deploy.model_dump(mode="json")}
 
 
 def precision_label(p: Precision) -> str:

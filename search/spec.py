@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from quantizers.lowering.options import DeploySpec  # issue 12 (moves to mpq/options.py)
 from search.assignment import DEFAULT_CANDIDATES, Precision
 from search.errors import UserError
 
@@ -172,6 +173,10 @@ class BrevitasOptions(_Base):
     act_calibration: Literal["max", "percentile", "mse"] = Field(
         default="percentile", description="How activation ranges are set from the calibration images.")
     act_percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    output_calibration: Literal["max", "percentile", "mse"] = Field(
+        default="percentile", description="deploy.target ort-cpu: how the quantizer on an A8 layer's output "
+        "(what QLinearConv requantizes to) is calibrated on the calibration images.")
+    output_percentile: float = Field(default=99.999, gt=50.0, le=100.0)
     act_quant_type: Literal["sym", "asym"] = Field(
         default="sym", description="A8 inputs as int8 with zero point 0 (sym: what TensorRT requires) or "
         "uint8 with a zero point (asym).")
@@ -270,6 +275,7 @@ class StudySpec(_Base):
     backend: BackendSpec = Field(default_factory=BrevitasOptions)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)  # issue 12: every trial's ONNX is lowered for it
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     device: str = Field(default="auto", description="Torch device for calibration: auto, cpu, cuda, cuda:N.")
