@@ -128,16 +128,37 @@ def weight_quantizer(bits: int, options: BrevitasOptions) -> Any:
     return quant
 
 
-def input_quantizer(options: BrevitasOptions) -> Any:
-    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer."""
+def activation_choice(options: BrevitasOptions, target: str = "qcdq") -> tuple[str, str]:
+    """``(act_quant_type, act_calibration)`` with ``auto`` resolved for the deploy target.
+
+    ``ort-cpu``: ``asym`` + ``max`` (uint8 with a zero point over the calibrated min..max, as
+    ONNX Runtime's own ``quantize_static`` defaults to): its u8 kernels take any zero point,
+    and YOLO's post-SiLU inputs (>= -0.28) and all-negative class logits would waste half of
+    a symmetric grid. Measured on the demo (docs/benchmarks.md, "Deployment"): asymmetric
+    min/max for inputs and outputs loses least of the variants tried, percentile clipping
+    more. Elsewhere (``tensorrt``, ``qcdq``): ``sym`` + ``percentile`` (TensorRT takes zero
+    point 0 only).
+    """
+    qtype = options.act_quant_type
+    method = options.act_calibration
+    if qtype == "auto":
+        qtype = "asym" if target == "ort-cpu" else "sym"
+    if method == "auto":
+        method = "max" if target == "ort-cpu" else "percentile"
+    return qtype, method
+
+
+def input_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
+    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer (and, for targets
+    that need one, its output: :func:`output_quantizer`)."""
     from brevitas.core.stats import NegativeMinOrZero
     from brevitas.inject.enum import StatsOp
     from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
     from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat, ShiftedUint8ActPerTensorFloatMSE
 
-    method = options.act_calibration
+    qtype, method = activation_choice(options, target)
     p = options.act_percentile
-    if options.act_quant_type == "sym":
+    if qtype == "sym":
         if method == "mse":
             return Int8ActPerTensorFloatMSE
         if method == "max":
@@ -151,24 +172,16 @@ def input_quantizer(options: BrevitasOptions) -> Any:
     return ShiftedUint8ActPerTensorFloat.let(high_percentile_q=p, low_percentile_q=100.0 - p)
 
 
-def output_quantizer(options: BrevitasOptions) -> Any:
-    """The Brevitas per-tensor int8 quantizer (zero point 0) on the output of an A8 layer, for
-    deployment targets whose integer kernels requantize their output (``ort-cpu``:
-    ``DQ -> Conv -> Q`` becomes ``QLinearConv``); calibrated like the input quantizers."""
-    from brevitas.inject.enum import StatsOp
-    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
-
-    method = options.output_calibration
-    if method == "mse":
-        return Int8ActPerTensorFloatMSE
-    if method == "max":
-        return Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX)
-    return Int8ActPerTensorFloat.let(high_percentile_q=options.output_percentile)
+def output_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
+    """The Brevitas per-tensor 8-bit quantizer on the output of an A8 layer, for deployment
+    targets whose integer kernels requantize their output (``ort-cpu``: ``DQ -> Conv -> Q``
+    becomes ``QLinearConv``): the same kind and calibration as the input quantizers."""
+    return input_quantizer(options, target)
 
 
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
                 input_quant_state: dict[str, Any] | None = None,
-                output_quant_state: dict[str, Any] | None = None) -> nn.Module:
+                output_quant_state: dict[str, Any] | None = None, target: str = "qcdq") -> nn.Module:
     """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
 
     ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
@@ -184,9 +197,9 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
     from torch import nn
 
     wq = weight_quantizer(precision.w_bits, options) if precision.quantizes_weights else None
-    iq = input_quantizer(options) if precision.quantizes_inputs else None
+    iq = input_quantizer(options, target) if precision.quantizes_inputs else None
     with_output = output_quant_state is not None and precision.quantizes_inputs and precision.quantizes_weights
-    oq = output_quantizer(options) if with_output else None
+    oq = output_quantizer(options, target) if with_output else None
     bq = Int32Bias if (with_output and layer.bias is not None) else None
     weight = layer.weight
     common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=bq,
@@ -405,7 +418,7 @@ class BrevitasBackend:
             float_layer = work.get_submodule(name)
             state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
             out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
-            q = quant_layer(float_layer, precision, self.options, state, out_state)
+            q = quant_layer(float_layer, precision, self.options, state, out_state, self.target)
             _set_submodule(work, name, q)
             layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
                                  "output_quant": out_state is not None and precision.quantizes_inputs
@@ -438,7 +451,8 @@ class BrevitasBackend:
             "options": self.options.model_dump(mode="json"),
             "layers": layers_info,
             "stats_cached": cached,
-            "act_quant": self.options.act_quant_type,
+            "act_quant": activation_choice(self.options, self.target)[0],
+            "act_calibration": activation_choice(self.options, self.target)[1],
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -488,7 +502,7 @@ class BrevitasBackend:
                 "16": "float32 initializer",
             },
             "activations": ("A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, "
-                            + ("int8, zero point 0" if self.options.act_quant_type == "sym"
+                            + ("int8, zero point 0" if activation_choice(self.options, self.target)[0] == "sym"
                                else "uint8 with zero point")),
             **provenance,
             "device": str(device),
@@ -500,8 +514,7 @@ class BrevitasBackend:
     # -- internals ------------------------------------------------------------------------
     def _act_key(self) -> str:
         o = self.options
-        out = [o.output_calibration, o.output_percentile] if self.output_quant else None
-        return json.dumps([o.act_calibration, o.act_percentile, o.act_quant_type, out])
+        return json.dumps([*activation_choice(o, self.target), o.act_percentile, self.output_quant])
 
     def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
                ) -> tuple[_StatsCache, bool]:
@@ -555,11 +568,11 @@ class BrevitasBackend:
         probes: dict[str, Any] = cache.probes
         out_probes: dict[str, Any] = cache.out_probes
         if act:
-            iq = input_quantizer(self.options)
+            iq = input_quantizer(self.options, self.target)
             probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
                            for n in names})
             if self.output_quant:
-                oq = output_quantizer(self.options)
+                oq = output_quantizer(self.options, self.target)
                 out_probes.update({n: qnn.QuantIdentity(act_quant=oq, return_quant_tensor=False).to(self.device)
                                    for n in names})
         sums: dict[str, torch.Tensor] = {}

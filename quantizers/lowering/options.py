@@ -31,11 +31,13 @@ class DeploySpec(BaseModel):
     target: DeployTarget = Field(
         default="ort-cpu", description="ort-cpu: ONNX Runtime CPU (A8 layers run as QLinearConv); tensorrt: "
         "TensorRT explicit quantization (Q/DQ, zero point 0); qcdq: the backend's research export, unchanged.")
-    output_calibration: Literal["percentile", "max"] = Field(
-        default="percentile", description="ort-cpu, for backends that cannot model a quantizer on a "
-        "convolution's output (modelopt-onnx): how the lowering calibrates it on the calibration images.")
+    output_calibration: Literal["minmax", "percentile", "max"] = Field(
+        default="minmax", description="ort-cpu, for backends that cannot model a quantizer on a convolution's "
+        "output (modelopt-onnx): how the lowering calibrates it on the calibration images. minmax: uint8 with a "
+        "zero point over the min..max seen (ONNX Runtime's own default); percentile / max: symmetric int8 over "
+        "the percentile / max of |output|.")
     output_percentile: float = Field(
-        default=99.99, gt=50.0, le=100.0, description="Percentile of |output| for output_calibration: percentile.")
+        default=99.999, gt=50.0, le=100.0, description="Percentile of |output| for output_calibration: percentile.")
     strict: bool = Field(
         default=False, description="Fail a trial whose lowered file breaks a rule of the target (the rules are "
         "always checked and recorded; by default a broken rule is a warning).")
