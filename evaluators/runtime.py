@@ -151,6 +151,17 @@ def layer_weights(model: Any, layers: Sequence[str] | None = None) -> dict[str, 
     return out
 
 
+def layer_nodes(model: Any) -> dict[str, str]:
+    """Layer name -> the name of the Conv/Gemm/MatMul node computing it (from scope names)."""
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and node.name:
+            layer = module_from_scope(node.name)
+            if layer:
+                out[layer] = node.name
+    return out
+
+
 def module_from_scope(node_name: str) -> str | None:
     """The module path a legacy-exporter node name was made from (``/model.8/m.1/cv1/cv1.0/conv/Conv``
     -> ``model.8.m.1.cv1.0.conv``), or ``None``; the rule of
