@@ -98,7 +98,8 @@ def sweep_key(ctx: RunContext, metric: str, candidates: Iterable[Precision]) -> 
     return {"model": ctx.model_digest, "data": ctx.data_digest, "imgsz": ctx.spec.imgsz,
             "granularity": ctx.spec.granularity, "groups": [g.name for g in ctx.groups],
             "backend": ctx.spec.backend.model_dump(mode="json"), "metric": metric,
-            "candidates": [str(p) for p in candidates], "images": ctx.spec.sensitivity.images}
+            "candidates": [str(p) for p in candidates], "images": ctx.spec.sensitivity.images,
+            "deploy": ctx.spec.deploy.target}  # issue 12: probes model (or are lowered for) the target
 
 
 def sweep_candidates(ctx: RunContext) -> list[Precision]:
@@ -312,8 +313,11 @@ class BlockCache:
 
 
 def _export_tmp(ctx: RunContext, qm: Any, tmp: Path) -> Path:
+    from search import deploy  # issue 12: a probe is measured on the file lowered for the deploy target
+
     path = tmp / "probe.onnx"
-    ctx.backend.export(qm, path)
+    exported = ctx.backend.export(qm, deploy.export_path(ctx, path)).path
+    deploy.lower_export(ctx, exported, path, qm.assignment, {})
     return path
 
 

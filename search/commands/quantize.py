@@ -134,10 +134,31 @@ def run(args: argparse.Namespace) -> int:
                      if isinstance(base.get(k), (int, float)) and isinstance(outcome.metrics.get(k), (int, float))}
     write_json(metrics_path, data)
     console.print(comparison_table(spec.name, base, float_onnx.stat().st_size, outcome, assignment, ctx))
+    print_deployment(outcome)  # issue 12: what the target runs, warnings for A8 layers that run float
     console.print(f"wrote {out_dir / 'model.onnx'} and {metrics_path}"
                   + (" (reused a finished result; --force rebuilds)" if outcome.cached else "")
                   + f" in {time.perf_counter() - t0:.1f} s", highlight=False)
     return 0
+
+
+def print_deployment(outcome: TrialOutcome) -> None:
+    """The deploy target, what ONNX Runtime runs as int8 (a warning per A8 layer that runs
+    float) and the lowered file's rule violations."""
+    from search.console import console, console_err
+
+    q = outcome.metrics
+    meta = outcome.export_info.get("metadata", {})
+    target = q.get("deploy_target", meta.get("deploy", {}).get("target", "?"))
+    line = f"deploy target {target}"
+    if "a8_asked" in q:
+        line += f": A8 asked {q['a8_asked']} / ran int8 {q['ran_int8']} (ONNX Runtime's optimized graph)"
+    console.print(line, highlight=False)
+    if q.get("runtime_warning"):
+        console_err.print(f"[bold yellow]warning:[/] {q['runtime_warning']}", highlight=False)
+    for v in meta.get("violations", [])[:5]:
+        console_err.print(f"[yellow]rule[/] [{v['rule']}] {v['node']}: {v['message']}", highlight=False)
+    for note in meta.get("notes", []):
+        console.print(f"  note: {note}", highlight=False, style="dim")
 
 
 def _mb(n: float) -> str:
@@ -158,11 +179,12 @@ def comparison_table(study: str, base: dict[str, Any], float_bytes: int, outcome
         steps = [f"{k.split('.', 1)[1]} {v:.1f}" for k, v in t.items()
                  if k.startswith("materialize.") and k != "materialize.total" and v >= 0.05]
         caption = (f"times (s): materialize {t.get('materialize', 0):.1f} ({', '.join(steps)}), "
-                   f"export {t.get('export', 0):.1f}, evaluate {t.get('evaluate', 0):.1f}, "
-                   f"latency {t.get('latency', 0):.1f}")
+                   f"export {t.get('export', 0):.1f}, lower {t.get('lower', 0):.1f}, evaluate "
+                   f"{t.get('evaluate', 0):.1f}, latency {t.get('latency', 0):.1f}")
     provider = str(q.get("latency_provider", "?")).removesuffix("ExecutionProvider")
     table = Table(title=f"{study}: float vs {assignment.label(ctx.model.layers)} ({ctx.spec.backend.name}, "
-                        f"{len(assignment)}/{len(ctx.model.quantizable_layers)} layers)", caption=caption)
+                        f"{len(assignment)}/{len(ctx.model.quantizable_layers)} layers, deploy "
+                        f"{ctx.spec.deploy.target})", caption=caption)
     table.add_column("")
     table.add_column("float", justify="right")
     table.add_column("quantized", justify="right")
@@ -170,7 +192,7 @@ def comparison_table(study: str, base: dict[str, Any], float_bytes: int, outcome
     table.add_row("mAP50-95", f"{base['map50_95']:.4f}", f"{q['map50_95']:.4f}",
                   f"{q['map50_95'] - base['map50_95']:+.4f}")
     table.add_row("mAP50", f"{base['map50']:.4f}", f"{q['map50']:.4f}", f"{q['map50'] - base['map50']:+.4f}")
-    table.add_row("weights (analytic)", _mb(base["weight_bytes"]), _mb(q["weight_bytes"]),
+    table.add_row("weights (packed INT4/INT8)", _mb(base["weight_bytes"]), _mb(q["weight_bytes"]),
                   f"x{q['weight_bytes'] / max(base['weight_bytes'], 1):.3f}")
     table.add_row("ONNX file", _mb(float_bytes), _mb(q["onnx_bytes"]), f"x{q['onnx_bytes'] / max(float_bytes, 1):.3f}")
     table.add_row(f"latency ({provider}, b{q.get('latency_batch', 1)})", f"{base['latency_ms']:.2f} ms",
@@ -178,4 +200,7 @@ def comparison_table(study: str, base: dict[str, Any], float_bytes: int, outcome
     table.add_row("Q / DQ / Clip", "0 / 0 / 0",
                   f"{counts.get('QuantizeLinear', 0)} / {counts.get('DequantizeLinear', 0)} / {counts.get('Clip', 0)}",
                   "")
+    if "a8_asked" in q:  # issue 12
+        table.add_row("A8 asked / ran int8", "", f"{q['a8_asked']} / {q['ran_int8']}",
+                      "" if q["a8_asked"] == q["ran_int8"] else f"{q['a8_asked'] - q['ran_int8']} float")
     return table

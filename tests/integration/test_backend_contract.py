@@ -15,6 +15,15 @@ capabilities to choose precisions it can build, so the suite is backend-agnostic
   float layers included (no DQ on their weights, no Q/DQ on their inputs);
 - the torch fake-quant model (when the backend has one) and the ONNX agree on real images.
 
+Every backend runs the suite twice: for the research target ``qcdq`` (its export as it is)
+and for ``ort-cpu`` (issue 12: the backend models what the target runs, a quantizer on each
+A8 layer's output, and the export is lowered into ``QLinearConv`` units; the checks then
+apply to the lowered file, and the torch model with its output quantizers must agree with
+it as closely as the QCDQ export agrees with the model without them). On ``ort-cpu`` the
+suite also asks ONNX Runtime what it runs: every layer quantizing input and weight must run
+as an integer kernel; and the ``qcdq`` build lowered for ``tensorrt`` must pass TensorRT's
+rule checker.
+
 Tolerance of the torch-vs-ONNX check, measured rather than guessed: Q/DQ nodes compute
 exactly what the torch quantizers compute (for Brevitas, ``test_brevitas_backend.py`` checks
 a quantizer bit for bit, and weight-only models agree to 1e-6), but the float convolutions
@@ -36,6 +45,7 @@ in the graph is caught by the read-back test.
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,6 +58,8 @@ from search.errors import UserError
 
 #: Backends that must pass this suite (others append theirs).
 CONTRACT_BACKENDS = ["brevitas", "modelopt", "modelopt-onnx"]
+#: Deploy targets every backend is built for (qcdq: the export as is; ort-cpu: lowered).
+CONTRACT_TARGETS = ["qcdq", "ort-cpu"]
 
 ALL_LOW = [Precision(w, a) for w in WEIGHT_BITS for a in ACT_BITS if (w, a) != (16, 16)]
 
@@ -56,21 +68,28 @@ ALL_LOW = [Precision(w, a) for w in WEIGHT_BITS for a in ACT_BITS if (w, a) != (
 TORCH_BACKENDS = ["brevitas", "modelopt"]
 
 
-def _backend(name: str):
+def _backend(name: str, target: str = "qcdq"):
     try:
-        return cached(f"backend:{name}", lambda: get_backend(name, device="cpu"))
+        return cached(f"backend:{name}:{target}", lambda: get_backend(name, device="cpu", target=target))
     except UserError as exc:  # a backend whose framework is not installed here
         pytest.skip(f"backend '{name}' unavailable: {exc}")
 
 
-@pytest.fixture(scope="module", params=CONTRACT_BACKENDS)
+@pytest.fixture(scope="module", params=[(b, t) for t in CONTRACT_TARGETS for b in CONTRACT_BACKENDS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def backend(request):
-    return _backend(request.param)
+    return _backend(*request.param)
 
 
-@pytest.fixture(scope="module", params=TORCH_BACKENDS)
+@pytest.fixture(scope="module", params=[(b, t) for t in CONTRACT_TARGETS for b in TORCH_BACKENDS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def torch_backend(request):
-    return _backend(request.param)
+    return _backend(*request.param)
+
+
+@pytest.fixture(scope="module", params=CONTRACT_BACKENDS)
+def ort_backend(request):
+    return _backend(request.param, "ort-cpu")
 
 
 def conv_precisions(backend) -> list[Precision]:
@@ -88,14 +107,32 @@ def mixed_assignment(demo_model, backend) -> Assignment:
 
 
 def build(backend, demo_model, assignment: Assignment, calib, tag: str):
-    """Materialize and export once per (backend, assignment) per session."""
+    """Materialize, export and lower (for the backend's target) once per (backend, target,
+    assignment) per session. The result's ``path`` and ``node_counts`` are the lowered file's."""
+    from quantizers.lowering import lower
+
+    target = getattr(backend, "target", "qcdq")
 
     def go():
         qmodel = backend.materialize(demo_model, assignment, calib)
-        result = backend.export(qmodel, workdir() / backend.name / f"{tag}-{assignment.digest()}.onnx")
-        return qmodel, result
+        folder = workdir() / backend.name / target
+        result = backend.export(qmodel, folder / f"{tag}-{assignment.digest()}.export.onnx")
+        if target == "qcdq":
+            return qmodel, result
+        lowered = lower(result.path, folder / f"{tag}-{assignment.digest()}.onnx", target=target,
+                        layers=demo_model.layers, images=calib.images)
+        return qmodel, SimpleNamespace(path=lowered.path, seconds=result.seconds + lowered.seconds,
+                                       node_counts=lowered.node_counts, lowering=lowered, export=result)
 
-    return cached(f"{backend.name}:{tag}:{assignment.digest()}", go)
+    return cached(f"{backend.name}:{target}:{tag}:{assignment.digest()}", go)
+
+
+def graph_precision(backend, precision: Precision) -> tuple[int, int]:
+    """The (w_bits, a_bits) the graph itself shows for a layer built at ``precision``: on
+    ort-cpu a weight-only layer holds float values of its grid (no DequantizeLinear)."""
+    if getattr(backend, "target", "qcdq") == "ort-cpu" and not precision.quantizes_inputs:
+        return 16, 16
+    return precision.w_bits, precision.a_bits
 
 
 def run_onnx(path, images: np.ndarray) -> np.ndarray:
@@ -186,11 +223,19 @@ def test_precisions_in_the_graph_are_where_the_assignment_put_them(backend, demo
     for lay in demo_model.layers:
         want = assignment.get(lay.name)
         got = found.get(lay.name)
-        if got is None or (got.w_bits, got.a_bits) != (want.w_bits, want.a_bits):
+        if got is None or (got.w_bits, got.a_bits) != graph_precision(backend, want):
             wrong[lay.name] = (str(want), got.label if got else "missing", got.weight_detail if got else "",
                                got.input_detail if got else "")
     assert not wrong, f"layers whose ONNX precision differs from the assignment: {wrong}"
     assert {str(p) for p in assignment.precisions.values()} == set(map(str, conv_precisions(backend)))
+    lowering = getattr(result, "lowering", None)
+    if lowering is not None:  # what each layer was lowered from, as the lowering read it from the export
+        built = {k: f"W{v['w_bits']}A{v['a_bits']}" for k, v in lowering.layers.items()}
+        assert {k: v for k, v in built.items() if v != "W16A16"} == {k: str(p) for k, p in assignment.items()}
+        grid = [k for k, v in lowering.layers.items() if v["form"] == "float-grid"]
+        assert sorted(grid) == sorted(k for k, p in assignment.items() if p.quantizes_weights
+                                      and not p.quantizes_inputs)
+        _assert_on_grid(result.path, {k: assignment[k].w_bits for k in grid})
 
 
 def test_single_layer_assignment_touches_only_that_layer(backend, demo_model, calib, images):
@@ -199,7 +244,8 @@ def test_single_layer_assignment_touches_only_that_layer(backend, demo_model, ca
     qmodel, result = build(backend, demo_model, Assignment({layer: p}), calib, "single")
     found = layer_precisions(result.path)
     low = {name: g.label for name, g in found.items() if (g.w_bits, g.a_bits) != (16, 16)}
-    assert low == {layer: str(p)}
+    gp = graph_precision(backend, p)
+    assert low == ({layer: f"W{gp[0]}A{gp[1]}"} if gp != (16, 16) else {})
     if qmodel.module is not None:
         base = dict(demo_model.module.named_modules())
         changed = [n for n, m in qmodel.module.named_modules()
@@ -239,3 +285,49 @@ def test_torch_and_onnx_agree_on_real_images(torch_backend, demo_model, calib, i
     assert np.percentile(dscore, 95) <= max(2 * np.percentile(f_dscore, 95), 0.02), stats
     assert np.percentile(ious, 5) >= min(np.percentile(f_ious, 5) - 0.02, 0.98), stats
     assert (ious == 0).mean() <= (f_ious == 0).mean() + 0.02, "confident torch detections missing in ONNX: " + stats
+
+
+def _assert_on_grid(path, bits: dict[str, int]) -> None:
+    """Weight-only layers lowered as float: every output channel holds at most 2**bits distinct
+    values (the quantized grid), and the file has no DequantizeLinear on their weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    for layer, b in bits.items():
+        w = numpy_helper.to_array(inits[f"{layer}.weight"])
+        assert w.dtype == np.float32, layer
+        per_channel = max(len(np.unique(c)) for c in w.reshape(w.shape[0], -1))
+        assert per_channel <= 2 ** b, f"{layer}: {per_channel} distinct values in a channel, more than {b} bits hold"
+
+
+# --------------------------------------------------------------------------------------
+# ort-cpu: what ONNX Runtime runs; tensorrt: the rule checker
+# --------------------------------------------------------------------------------------
+def test_ort_cpu_runs_every_integer_layer_as_an_integer_kernel(ort_backend, demo_model, calib):
+    from evaluators.runtime import int8_layers
+    from quantizers.lowering.checks import check_ort_cpu
+
+    assignment = mixed_assignment(demo_model, ort_backend)
+    _, result = build(ort_backend, demo_model, assignment, calib, "mixed")
+    integer = {k for k, p in assignment.items() if p.quantizes_inputs and p.quantizes_weights}
+    assert result.lowering.int8_layers == len(integer) > 0
+    report = int8_layers(result.path, asked={k: str(p) for k, p in assignment.items()})
+    ran = {k for k, v in report.per_layer.items() if v.int8}
+    assert ran == integer, f"asked int8, ran float: {sorted(integer - ran)}; int8 unasked: {sorted(ran - integer)}"
+    # W16A8 (float weights) cannot be an integer kernel: flagged by the checker and the runtime report, nothing else
+    w16a8 = {k for k, p in assignment.items() if p.quantizes_inputs and not p.quantizes_weights}
+    nodes = {v["node"]: k for k, v in result.lowering.layers.items()}
+    assert {nodes.get(v.node, v.node) for v in check_ort_cpu(result.path)} <= w16a8
+    assert set(report.a8_ran_float) == w16a8
+
+
+def test_tensorrt_lowering_passes_the_rule_checker(demo_model, calib):
+    from quantizers.lowering.checks import check_tensorrt
+
+    for name in ("brevitas", "modelopt"):
+        backend = _backend(name, "tensorrt")
+        _, result = build(backend, demo_model, mixed_assignment(demo_model, backend), calib, "mixed-trt")
+        assert check_tensorrt(result.path) == [], name
+        assert check_tensorrt(result.export.path), f"{name}: the raw export should break a TensorRT rule (Clip/"\
+                                                   "weight-only DQ); else this test proves nothing"
