@@ -128,35 +128,66 @@ def weight_quantizer(bits: int, options: BrevitasOptions) -> Any:
     return quant
 
 
-def activation_choice(options: BrevitasOptions, target: str = "qcdq") -> tuple[str, str]:
-    """``(act_quant_type, act_calibration)`` with ``auto`` resolved for the deploy target.
+def activation_choice(options: BrevitasOptions, target: str = "qcdq") -> tuple[str, str, str]:
+    """``(act_quant_type, input calibration, output calibration)`` with ``auto`` resolved for
+    the deploy target.
 
-    ``ort-cpu``: ``asym`` + ``max`` (uint8 with a zero point over the calibrated min..max, as
-    ONNX Runtime's own ``quantize_static`` defaults to): its u8 kernels take any zero point,
-    and YOLO's post-SiLU inputs (>= -0.28) and all-negative class logits would waste half of
-    a symmetric grid. Measured on the demo (docs/benchmarks.md, "Deployment"): asymmetric
-    min/max for inputs and outputs loses least of the variants tried, percentile clipping
-    more. Elsewhere (``tensorrt``, ``qcdq``): ``sym`` + ``percentile`` (TensorRT takes zero
-    point 0 only).
+    ``ort-cpu``: ``asym`` (uint8 with a zero point: ONNX Runtime's u8 kernels take any zero
+    point, and YOLO's post-SiLU inputs (>= -0.28) and all-negative class logits would waste
+    half of a symmetric grid), inputs ``mse`` (the clipped range with the least
+    quantization error, :func:`quantizers.ranges.mse_range`), outputs ``max`` (the
+    unclipped min..max): measured best of the variants tried on the demo
+    (docs/benchmarks.md, "Deployment"). Elsewhere (``tensorrt``, ``qcdq``): ``sym`` +
+    ``percentile`` (TensorRT takes zero point 0 only). An explicit ``act_calibration``
+    applies to inputs and outputs.
     """
     qtype = options.act_quant_type
     method = options.act_calibration
     if qtype == "auto":
         qtype = "asym" if target == "ort-cpu" else "sym"
     if method == "auto":
-        method = "max" if target == "ort-cpu" else "percentile"
-    return qtype, method
+        return (qtype, "mse", "max") if target == "ort-cpu" else (qtype, "percentile", "percentile")
+    return qtype, method, method
 
 
-def input_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
-    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer (and, for targets
-    that need one, its output: :func:`output_quantizer`)."""
+def own_range(qtype: str, method: str) -> bool:
+    """Whether this backend computes the range itself (asymmetric ``max``/``mse``:
+    :class:`quantizers.ranges.RangeObserver`, global min/max and an MSE search) and loads it
+    into a min/max Brevitas quantizer, instead of Brevitas' per-batch statistics."""
+    return qtype == "asym" and method in ("max", "mse")
+
+
+def fixed_asym_quant(lo: float, hi: float, device: Any) -> Any:
+    """A calibrated Brevitas uint8 quantizer (``QuantIdentity``) over exactly ``[lo, hi]``."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.graph.calibrate import calibration_mode
+
+    q = qnn.QuantIdentity(act_quant=_asym_minmax(), return_quant_tensor=False).to(device)
+    with torch.no_grad(), calibration_mode(q):
+        q(torch.tensor([lo, hi], dtype=torch.float32, device=device))
+    return q.eval()
+
+
+def _asym_minmax() -> Any:
     from brevitas.core.stats import NegativeMinOrZero
     from brevitas.inject.enum import StatsOp
-    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
-    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat, ShiftedUint8ActPerTensorFloatMSE
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
 
-    qtype, method = activation_choice(options, target)
+    return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX, zero_point_stats_impl=NegativeMinOrZero)
+
+
+def input_quantizer(options: BrevitasOptions, target: str = "qcdq", role: str = "input") -> Any:
+    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer (``role``
+    ``output``: the quantizer on its output, for targets that need one)."""
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
+
+    qtype, in_method, out_method = activation_choice(options, target)
+    method = out_method if role == "output" else in_method
+    if own_range(qtype, method):
+        return _asym_minmax()  # range computed by the backend (RangeObserver), loaded as state
     p = options.act_percentile
     if qtype == "sym":
         if method == "mse":
@@ -164,19 +195,15 @@ def input_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
         if method == "max":
             return Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX)
         return Int8ActPerTensorFloat.let(high_percentile_q=p)
-    if method == "mse":
-        return ShiftedUint8ActPerTensorFloatMSE
-    if method == "max":
-        return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX,
-                                                 zero_point_stats_impl=NegativeMinOrZero)
     return ShiftedUint8ActPerTensorFloat.let(high_percentile_q=p, low_percentile_q=100.0 - p)
 
 
 def output_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
     """The Brevitas per-tensor 8-bit quantizer on the output of an A8 layer, for deployment
     targets whose integer kernels requantize their output (``ort-cpu``: ``DQ -> Conv -> Q``
-    becomes ``QLinearConv``): the same kind and calibration as the input quantizers."""
-    return input_quantizer(options, target)
+    becomes ``QLinearConv``): the same kind as the input quantizers (calibration: see
+    :func:`activation_choice`)."""
+    return input_quantizer(options, target, role="output")
 
 
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
@@ -452,7 +479,8 @@ class BrevitasBackend:
             "layers": layers_info,
             "stats_cached": cached,
             "act_quant": activation_choice(self.options, self.target)[0],
-            "act_calibration": activation_choice(self.options, self.target)[1],
+            "act_calibration": dict(zip(("input", "output"), activation_choice(self.options, self.target)[1:],
+                                        strict=True)),
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -514,7 +542,7 @@ class BrevitasBackend:
     # -- internals ------------------------------------------------------------------------
     def _act_key(self) -> str:
         o = self.options
-        return json.dumps([*activation_choice(o, self.target), o.act_percentile, self.output_quant])
+        return json.dumps([*activation_choice(o, self.target), o.act_percentile, self.output_quant, "ranges-v1"])
 
     def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
                ) -> tuple[_StatsCache, bool]:
@@ -567,11 +595,23 @@ class BrevitasBackend:
             cache.layers.setdefault(n, _LayerStats())
         probes: dict[str, Any] = cache.probes
         out_probes: dict[str, Any] = cache.out_probes
+        from quantizers.ranges import RangeObserver
+
+        qtype, in_method, out_method = activation_choice(self.options, self.target)
+        own_in, own_out = own_range(qtype, in_method), self.output_quant and own_range(qtype, out_method)
+        n_batches = max(1, -(-len(calib) // calib.batch_size))
+        obs_in: dict[str, RangeObserver] = {}
+        obs_out: dict[str, RangeObserver] = {}
         if act:
-            iq = input_quantizer(self.options, self.target)
-            probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
-                           for n in names})
-            if self.output_quant:
+            if own_in:
+                obs_in = {n: RangeObserver(batches=n_batches) for n in names}
+            else:
+                iq = input_quantizer(self.options, self.target)
+                probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
+                               for n in names})
+            if own_out:
+                obs_out = {n: RangeObserver(batches=n_batches, budget=0) for n in names}
+            elif self.output_quant:
                 oq = output_quantizer(self.options, self.target)
                 out_probes.update({n: qnn.QuantIdentity(act_quant=oq, return_quant_tensor=False).to(self.device)
                                    for n in names})
@@ -585,17 +625,23 @@ class BrevitasBackend:
                     m = unfolded_input_mean(mod, x)
                     sums[name] = sums[name] + m if name in sums else m
                 if act:
-                    probes[name](x)
+                    if name in obs_in:
+                        obs_in[name].update(x)
+                    else:
+                        probes[name](x)
             return hook
 
         def out_hook(name: str):  # noqa: ANN202
             def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                out_probes[name](output)
+                if name in obs_out:
+                    obs_out[name].update(output)
+                else:
+                    out_probes[name](output)
             return hook
 
         if means or act:
             hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
-            if act and out_probes:
+            if act and (out_probes or obs_out):
                 hooks += [mods[n].register_forward_hook(out_hook(n)) for n in names]
             container = nn.ModuleDict({**{n.replace(".", "__"): m for n, m in probes.items()},
                                        **{"out__" + n.replace(".", "__"): m for n, m in out_probes.items()}})
@@ -613,6 +659,11 @@ class BrevitasBackend:
                     cache.layers[n].float_mean = sums[n] / count
             cache.has_float_means = True
         if act:
+            for n, ob in obs_in.items():
+                lo, hi = ob.mse() if in_method == "mse" else ob.minmax()
+                probes[n] = fixed_asym_quant(lo, hi, self.device)
+            for n, ob in obs_out.items():
+                out_probes[n] = fixed_asym_quant(*ob.minmax(), self.device)
             for n in names:
                 probes[n].eval()
                 cache.layers[n].input_quant_state = {k: v.detach().clone()
