@@ -60,7 +60,8 @@ def build_demo(out: Path, precisions: list[str]) -> dict[str, Any]:
             rows[f"{p} {target}"] = {
                 "file": str(outcome.artifact), "target": target, "precision": p,
                 "map50_95": m["map50_95"], "map50": m["map50"], "drop_pt": 100 * (base["map50_95"] - m["map50_95"]),
-                "a8_asked": m.get("a8_asked"), "ran_int8": m.get("ran_int8"), "runtime_warning": m.get("runtime_warning"),
+                "a8_asked": m.get("a8_asked"), "ran_int8": m.get("ran_int8"),
+                "runtime_warning": m.get("runtime_warning"),
                 "onnx_bytes": m["onnx_bytes"], "weight_bytes": m["weight_bytes"],
                 "weight_bytes_packed": m.get("weight_bytes_packed"), "rule_violations": m.get("rule_violations"),
                 "build_s": round(time.perf_counter() - t0, 1)}
@@ -208,8 +209,8 @@ def markdown(rows: dict[str, Any], trt: list[dict[str, Any]]) -> str:
         lines.append(f"| {k} | {m} | {d} | {a8} | {lat} | {r['onnx_bytes'] / 1e6:.2f} | "
                      f"{packed / 1e6 if packed else 0:.2f} |".replace("| 0.00 |", "|  |"))
     if trt:
-        lines += ["", "| model | backend | assignment | A8 layers lowered | rules the export breaks | rules the lowered "
-                  "file breaks |", "|---|---|---|---|---|---|"]
+        lines += ["", "| model | backend | assignment | A8 layers lowered | rules the export breaks | "
+                  "rules the lowered file breaks |", "|---|---|---|---|---|---|"]
         for t in trt:
             lines.append(f"| {t['model']} | {t['backend']} | {t['assignment']} | {t['int8_layers']} | "
                          f"{', '.join(t['export_rules_broken']) or 'none'} ({t['violations_export']}) | "

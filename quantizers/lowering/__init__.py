@@ -198,9 +198,11 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
     proto = G.load(src)
     source_meta = read_json(metadata_path(src)) if metadata_path(src).is_file() else {}
     names = G.layer_names(proto, layers, source=str(src))
-    qlayers = G.read_layers(proto, names)
-    packed = packed_weight_bytes(qlayers)
     asked = _asked(G.metadata(proto), {k: str(v) for k, v in assignment.items()} if assignment is not None else None)
+    if asked and layers is not None:  # the layers the assignment leaves out were asked float
+        asked = {lay.name: asked.get(lay.name, "W16A16") for lay in layers} | asked
+    qlayers = G.read_layers(proto, names, asked)
+    packed = packed_weight_bytes(qlayers)
     notes: list[str] = list(info.notes)
     calibration: dict[str, Any] = {}
     if target == "qcdq":
@@ -241,7 +243,13 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
             if want != built and not (want == "W16A16" and built == "W16A16"):
                 entry["mismatch"] = f"the graph holds {built}"
     violations: list[Any] = []
-    if target in CHECKERS:
+    if target == "ort-cpu":
+        from quantizers.lowering.checks import check_ort_cpu
+
+        a8 = {str(v["node"]) for k, v in per_layer.items()
+              if str(v.get("asked", f"W{v['w_bits']}A{v['a_bits']}")).endswith("A8")}
+        violations = check_ort_cpu(dst, a8_nodes=a8)
+    elif target in CHECKERS:
         violations = list(CHECKERS[target](dst if target != "qcdq" else proto))
     if violations and options.strict:
         shown = "\n".join(f"  - {v}" for v in violations[:10])

@@ -172,9 +172,15 @@ def check_tensorrt(model: onnx.ModelProto | str | os.PathLike[str]) -> list[Viol
     return out
 
 
-def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str]) -> list[Violation]:
+def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str], a8_nodes: set[str] | None = None
+                  ) -> list[Violation]:
     """Every ONNX Runtime CPU fusion rule :data:`ORT_CPU_RULES` an A8 Conv of the graph breaks
-    (and weight-only DQ weights, which cost a dequantization per run)."""
+    (and weight-only DQ weights, which cost a dequantization per run).
+
+    A8 Convs are those whose input is dequantized, or, given ``a8_nodes`` (the node names of
+    the layers asked for A8), exactly those: a Conv asked for A16 may read the previous
+    layer's dequantized output.
+    """
     import numpy as np
 
     model = load(model)
@@ -186,6 +192,12 @@ def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str]) -> list[Viola
         name = node.name or node.output[0]
         x_dq = index.producer.get(node.input[0])
         w_dq = index.producer.get(node.input[1])
+        if a8_nodes is not None and node.name not in a8_nodes:
+            if w_dq is not None and w_dq.op_type == "DequantizeLinear" and (
+                    x_dq is None or x_dq.op_type != "DequantizeLinear"):
+                out.append(Violation("no-weight-only-dq", name, "float input with a dequantized weight: the weight "
+                                                                "is dequantized on every run"))
+            continue
         if x_dq is None or x_dq.op_type != "DequantizeLinear":
             if w_dq is not None and w_dq.op_type == "DequantizeLinear":
                 out.append(Violation("no-weight-only-dq", name, "float input with a dequantized weight: the weight "
@@ -193,8 +205,8 @@ def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str]) -> list[Viola
             continue
         has_bias = len(node.input) > 2 and bool(node.input[2])
         b_dq = index.producer.get(node.input[2]) if has_bias else None
-        missing = [what for what, p in (("weight", w_dq), ("bias", b_dq if has_bias else x_dq))
-                   if p is None or p.op_type != "DequantizeLinear"]
+        missing = [what for what, p in (("weight", w_dq), ("bias", b_dq)) if (what == "weight" or has_bias)
+                   and (p is None or p.op_type != "DequantizeLinear")]
         if missing:
             out.append(Violation("dq-inputs", name, f"the {' and '.join(missing)} is not dequantized"))
         x_type = _qtype(index, x_dq)

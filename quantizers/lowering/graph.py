@@ -403,11 +403,15 @@ def _read_output(index: GraphIndex, lq: LayerQuant) -> None:
     lq.y_dq_nodes = list(dqs)
 
 
-def read_layers(model: onnx.ModelProto, names: Mapping[str, str] | None = None) -> list[LayerQuant]:
+def read_layers(model: onnx.ModelProto, names: Mapping[str, str] | None = None,
+                asked: Mapping[str, str] | None = None) -> list[LayerQuant]:
     """One :class:`LayerQuant` per Conv/Gemm/MatMul whose second input is a (dequantized) constant.
 
     ``names`` maps node names to layer names (from :func:`layer_names`); nodes it does not
-    name keep ``layer=None``.
+    name keep ``layer=None``. ``asked`` (layer -> ``W8A16``...) settles whose quantizer a
+    ``Q -> DQ`` between two layers is: a layer asked for A16 whose input comes through
+    ``Q -> DQ`` reads the *previous* layer's output quantizer (e.g. a Conv without
+    activation feeding another Conv); it has no input quantizer of its own.
     """
     index = GraphIndex(model)
     out = []
@@ -420,6 +424,10 @@ def read_layers(model: onnx.ModelProto, names: Mapping[str, str] | None = None) 
             continue  # an activation x activation MatMul (attention): not a weighted layer
         lq = LayerQuant(node=node, layer=(names or {}).get(node.name), x=node.input[0])
         _read_input(index, lq)
+        want = (asked or {}).get(lq.layer or "")
+        if lq.x_q is not None and want is not None and not want.endswith("A8"):
+            lq.notes.append("its input comes through the previous layer's output quantizer; it has none of its own")
+            lq.x, lq.x_q, lq.x_clip = node.input[0], None, None
         _read_weight(index, lq)
         _read_bias(index, lq)
         _read_output(index, lq)
@@ -463,6 +471,7 @@ class GraphEditor:
         self._shared: dict[Any, str] = {}
         self._alias: dict[str, str] = {}
         self._alias_skip: dict[str, set[str]] = {}
+        self._new_producer: dict[str, Any] = {}
 
     def fresh(self, name: str) -> str:
         """``name``, or ``name__N`` if taken."""
@@ -515,6 +524,7 @@ class GraphEditor:
 
         out = self.fresh(output)
         node = helper.make_node(op_type, list(inputs), [out], name=self.fresh(name), **attrs)
+        self._new_producer[out] = node
         if before is not None:
             self._before.setdefault(id(before), []).append(node)
         elif after is not None:
@@ -522,6 +532,10 @@ class GraphEditor:
         else:
             raise ValueError("say where the node goes (before= or after=)")
         return out
+
+    def producer_of(self, tensor: str) -> str:
+        """The first input of the new node producing ``tensor`` (for a DQ: its Q's output)."""
+        return str(self._new_producer[tensor].input[0])
 
     def shared(self, key: Any, build: Any) -> str:
         """The tensor built once per ``key`` (e.g. one input quantizer shared by several layers)."""

@@ -159,8 +159,8 @@ def lower(model: onnx.ModelProto, layers: list[LayerQuant], *, output_ranges: Ma
             w_int8, w_q = _int8_weight(lq)
             yu = y_q.to_uint8()
             # input: one Q -> DQ per (tensor, scale, zero point), shared by the layers reading it
-            key = ("in", lq.x, np.asarray(xu.scale, dtype=np.float32).tobytes(),
-                   np.asarray(xu.zero_point, dtype=np.uint8).tobytes())
+            key = ("in", lq.x, np.asarray(xu.scale, dtype=np.float32).reshape(()).tobytes(),
+                   np.asarray(xu.zero_point, dtype=np.uint8).reshape(()).tobytes())
             x_dq = ed.shared(key, lambda lq=lq, xu=xu, node=node, scope=scope, name=name: add_qdq(
                 ed, lq.x, xu, prefix=f"{name}.input", scope=f"{scope}/input_quant", before=node)[1])
             w_dq = add_weight_dq(ed, name, w_int8, w_q, scope=scope, before=node)
@@ -176,8 +176,20 @@ def lower(model: onnx.ModelProto, layers: list[LayerQuant], *, output_ranges: Ma
                                         f"{scope}/bias_dequant/DequantizeLinear", before=node, axis=0)
             # output: one Q (the Conv's only consumer) -> DQ, read by everything that read the output
             readers = [d.output[0] for d in lq.y_dq_nodes] if lq.y_q is not None else [node.output[0]]
-            y_qn, y_dq = add_qdq(ed, node.output[0], yu, prefix=f"{name}.output", scope=f"{scope}/output_quant",
-                                 after=node)
+            y_key = ("in", node.output[0], np.asarray(yu.scale, dtype=np.float32).reshape(()).tobytes(),
+                     np.asarray(yu.zero_point, dtype=np.uint8).reshape(()).tobytes())
+            y_pair: list[str] = []
+
+            def build_output(node: Any = node, yu: QParams = yu, name: str = name, scope: str = scope,
+                             y_pair: list[str] = y_pair) -> str:
+                y_pair.extend(add_qdq(ed, node.output[0], yu, prefix=f"{name}.output",
+                                      scope=f"{scope}/output_quant", after=node))
+                return y_pair[1]
+
+            # a layer reading this output with the same grid (ModelOpt ONNX quantizes the input of the next
+            # layer, which is this layer's output) shares the pair: one Q is the Conv's only consumer
+            y_dq = ed.shared(y_key, build_output)
+            y_qn = y_pair[0] if y_pair else ed.producer_of(y_dq)
             ed.rewire(readers, y_dq, skip=[y_qn])
             info.update(form="qdq-int8", input=xu.to_dict(), output=yu.to_dict(), weight=w_q.to_dict(),
                         output_quant="backend" if lq.y_q is not None else "lowering",

@@ -363,3 +363,33 @@ def test_strict_deploy_turns_violations_into_an_error(tmp_path):
     assert result.layers["model.0.conv"]["form"] == "fake-quant" and result.violations
     with pytest.raises(LoweringError, match="deploy.strict"):
         lower(src, tmp_path / "low2.onnx", target="ort-cpu", options=DeploySpec(target="ort-cpu", strict=True))
+
+
+def test_a16_layer_reading_the_previous_output_quantizer_stays_weight_only(tmp_path):
+    # model.0.conv (W8A8, no activation) quantizes its output; model.1.conv (W8A16) reads that
+    # dequantized output: it has no input quantizer of its own and must not become an int8 layer
+    src = _save(tmp_path, qcdq_model([{"silu": False}, {"a8": False, "out_q": False}]))
+    asked = {"model.0.conv": "W8A8", "model.1.conv": "W8A16"}
+    dst = tmp_path / "low.onnx"
+    result = lower(src, dst, target="ort-cpu", assignment=asked)
+    assert result.layers["model.0.conv"]["form"] == "qdq-int8"
+    assert result.layers["model.1.conv"]["form"] == "float-grid" and "mismatch" not in result.layers["model.1.conv"]
+    assert not result.violations
+    x = _x()
+    np.testing.assert_allclose(run(onnx.load(str(src)), x), run(onnx.load(str(dst)), x), rtol=0, atol=1e-5)
+
+
+def test_next_layers_input_quantizer_on_this_output_is_shared(tmp_path):
+    # ModelOpt ONNX style: one Q -> DQ on model.0.conv's output is model.1.conv's input quantizer;
+    # lowered, the Conv's output must still go to exactly one QuantizeLinear (else no QLinearConv)
+    from evaluators.runtime import int8_layers
+
+    # model.1.conv has no Q/DQ of its own: its (8-bit) input is model.0.conv's output quantizer
+    src = _save(tmp_path, qcdq_model([{"silu": False}, {"a8": False, "out_q": False}]), "shared.onnx")
+    asked = {"model.0.conv": "W8A8", "model.1.conv": "W8A8"}
+    result = lower(src, tmp_path / "low.onnx", target="ort-cpu", assignment=asked, images=_x(4))
+    assert result.int8_layers == 2 and not result.violations
+    low = onnx.load(str(tmp_path / "low.onnx"))
+    conv0 = next(n for n in low.graph.node if n.name == "/model.0/conv/Conv")
+    assert [n.op_type for n in low.graph.node if conv0.output[0] in n.input] == ["QuantizeLinear"]
+    assert int8_layers(tmp_path / "low.onnx", asked=asked).ran_int8 == 2
