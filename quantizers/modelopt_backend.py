@@ -306,6 +306,34 @@ def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: Quantized
             "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
 
 
+def snap_biases(work: nn.Module, outputs: dict[str, Any]) -> int:
+    """Put the float bias of every layer with an output quantizer on the int32 grid
+    ``input scale x weight scale`` (per output channel), which is what an integer kernel
+    (``QLinearConv``) adds to its accumulator: ModelOpt has no bias quantizer for Conv, so
+    without this the torch model and the lowered ``ort-cpu`` file would differ by up to half
+    a step per channel (each such difference flips some outputs of the output quantizer).
+    Scales are computed as the export writes them (``amax / 127`` in float32). Returns the
+    number of layers changed."""
+    import torch
+
+    changed = 0
+    with torch.no_grad():
+        for name in outputs:
+            layer: Any = work.get_submodule(name)
+            if getattr(layer, "bias", None) is None:
+                continue
+            iq = layer.input_quantizer
+            bound = torch.tensor(2.0 ** (int(iq.num_bits) - 1) - 1.0)
+            s_x = (iq.amax.detach().float().cpu() / bound).reshape(())
+            _, s_w, _ = integer_weight(layer)
+            step = (s_x * torch.from_numpy(s_w)).float()
+            bias = layer.bias.detach().float().cpu()
+            snapped = torch.round(bias.double() / step.double()).float() * step
+            layer.bias.copy_(snapped.to(layer.bias.device, layer.bias.dtype))
+            changed += 1
+    return changed
+
+
 def metadata_path(onnx_path: Path | str) -> Path:
     """Where :meth:`ModelOptBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
     p = Path(onnx_path)
@@ -401,6 +429,7 @@ class ModelOptBackend:
             for name, q in outputs.items():
                 q.amax = stats.out_amax[name].to(self.device)
             timings["calibrate_inputs"] = time.perf_counter() - t
+        rounded = snap_biases(work, outputs) if outputs else 0
         work.eval()
         timings["total"] = time.perf_counter() - start
         info = {
@@ -410,6 +439,7 @@ class ModelOptBackend:
             "target": self.target,
             "rules": len(config["quant_cfg"]),
             "float_modules_restored": restored,
+            "biases_on_int32_grid": rounded,
             "calibration_images": len(calib),
             "input_stats_cached": cached,
         }
