@@ -27,14 +27,17 @@ LO_FACTORS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6)
 
 @dataclass
 class RangeObserver:
-    """Exact min / max and a strided sample (at most about ``budget`` values overall, none when
-    ``budget`` is 0) of a stream of ``batches`` tensors (torch or numpy)."""
+    """Exact min / max and a uniform random sample (seeded: deterministic; at most about
+    ``budget`` values overall, none when ``budget`` is 0) of a stream of ``batches`` tensors
+    (torch or numpy). Random, not strided: a stride through an ``(N, C, H, W)`` tensor can
+    alias with its rows and sample the same few columns (e.g. the letterbox border) only."""
 
     budget: int = 1 << 18
     batches: int = 1
     lo: float = float("inf")
     hi: float = float("-inf")
     samples: list[Any] = field(default_factory=list)
+    seed: int = 0
 
     def update(self, x: Any) -> None:
         import numpy as np
@@ -46,8 +49,7 @@ class RangeObserver:
             if self.budget <= 0:
                 return
             quota = max(1024, self.budget // max(self.batches, 1))
-            step = max(1, int(flat.numel()) // quota)
-            self.samples.append(flat[::step].float().cpu().numpy())
+            self.samples.append(self._pick(flat.float().cpu().numpy(), quota))
         else:
             flat = np.asarray(x, dtype=np.float32).reshape(-1)
             self.lo = min(self.lo, float(flat.min()))
@@ -55,7 +57,15 @@ class RangeObserver:
             if self.budget <= 0:
                 return
             quota = max(1024, self.budget // max(self.batches, 1))
-            self.samples.append(flat[:: max(1, flat.size // quota)].copy())
+            self.samples.append(self._pick(flat, quota))
+
+    def _pick(self, flat: Any, quota: int) -> Any:
+        import numpy as np
+
+        if flat.size <= quota:
+            return flat.copy()
+        rng = np.random.default_rng(self.seed + len(self.samples))
+        return flat[rng.integers(0, flat.size, quota)]
 
     def minmax(self) -> tuple[float, float]:
         """``[min(min, 0), max(max, 0)]``: the range holds 0 (exactly representable)."""
