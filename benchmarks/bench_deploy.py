@@ -17,6 +17,7 @@ TensorRT rule check on the demo and on ``yolov10m.yaml``.
 
     python benchmarks/bench_deploy.py --out runs/bench-deploy --rounds 5
     python benchmarks/bench_deploy.py --only latency --rounds 5     # re-time the files of a previous run
+    python benchmarks/bench_deploy.py --only demo                   # demo rows only (keeps the TensorRT table)
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100, help="timed runs per latency measurement")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     ap.add_argument("--precisions", nargs="+", default=["W8A8", "W4A8", "W8A16", "W4A16"])
-    ap.add_argument("--only", choices=("all", "latency", "tensorrt"), default="all")
+    ap.add_argument("--only", choices=("all", "demo", "latency", "tensorrt"), default="all",
+                    help="demo: build and time the demo rows (keep earlier TensorRT results); latency: re-time")
     ap.add_argument("--no-yolov10m", action="store_true")
     args = ap.parse_args()
     import os
@@ -281,12 +283,12 @@ def main() -> int:
     results_path = out / "results.json"
     data: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     data["machine"] = machine()
-    if args.only == "all":
+    if args.only in ("all", "demo"):
         rows = build_demo(out, args.precisions)
         ort_quantize_static(out, rows)
         dq_weight_variant(out, rows)
         data["rows"] = rows
-    if args.only in ("all", "latency"):
+    if args.only in ("all", "demo", "latency"):
         time_rows(data["rows"], args.rounds, args.runs, args.threads)
         time_rows_cpu(data["rows"], args.rounds, args.runs)
         data["latency"] = {"rounds": args.rounds, "runs": args.runs, "threads": args.threads,
