@@ -2,8 +2,8 @@
 TensorRT rule check on the demo and on ``yolov10m.yaml``.
 
 1. Demo (``studies/demo.yaml``, ``deploy.target: ort-cpu``): uniform W8A8, W4A8, W8A16 and
-   W4A16 built as every trial is (``RunContext.build_and_evaluate``: materialize, export,
-   lower, COCO mAP, latency, what ONNX Runtime runs), plus, for comparison, the same W8A8 /
+   W4A16 built as every trial is (``TrialPipeline.run``: materialize, export, lower,
+   COCO mAP, latency, what ONNX Runtime runs), plus, for comparison, the same W8A8 /
    W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), ONNX Runtime's own
    ``quantize_static`` (QDQ, u8 activations, s8 per-channel weights, Conv only, MinMax) on
    the float ONNX, and W4A16 with its weights kept as int8 + ``DequantizeLinear`` (what the
@@ -43,31 +43,32 @@ def _spec(target: str, out: Path) -> Any:
 
 def build_demo(out: Path, precisions: list[str]) -> dict[str, Any]:
     """Build the demo rows; return {name: record} with the file of each."""
-    from search.assignment import Assignment, Precision
-    from search.context import RunContext
+    from mpq.assignment import Assignment, Precision
+    from search.pipeline import TrialPipeline
 
     rows: dict[str, Any] = {}
     for target, precs in (("ort-cpu", precisions), ("qcdq", [p for p in ("W8A8", "W4A16") if p in precisions])):
-        ctx = RunContext(_spec(target, out), run_dir=out / f"demo-{target}", progress=False)
-        base = ctx.float_metrics()
-        rows["float"] = {"file": str(ctx.float_onnx()), "map50_95": base["map50_95"], "map50": base["map50"],
-                         "onnx_bytes": ctx.float_onnx().stat().st_size, "weight_bytes": base["weight_bytes"]}
+        pipeline = TrialPipeline.for_spec(_spec(target, out), run_dir=out / f"demo-{target}", progress=False)
+        res = pipeline.resources
+        base = pipeline.baseline.metrics()
+        float_onnx = pipeline.baseline.onnx()
+        rows["float"] = {"file": str(float_onnx), "map50_95": base.map50_95, "map50": base.map50,
+                         "onnx_bytes": float_onnx.stat().st_size, "weight_bytes": base.weight_bytes}
         for p in precs:
             precision = Precision.parse(p)
-            assignment = Assignment.from_groups(ctx.groups, {g.name: precision for g in ctx.groups})
+            assignment = Assignment.from_groups(res.groups, {g.name: precision for g in res.groups})
             t0 = time.perf_counter()
-            outcome = ctx.build_and_evaluate(assignment, out_dir=out / f"demo-{target}" / p.lower(), use_cache=False)
-            m = outcome.metrics
+            result = pipeline.run(assignment, out_dir=out / f"demo-{target}" / p.lower(), use_cache=False)
+            m = result.metrics
             rows[f"{p} {target}"] = {
-                "file": str(outcome.artifact), "target": target, "precision": p,
-                "map50_95": m["map50_95"], "map50": m["map50"], "drop_pt": 100 * (base["map50_95"] - m["map50_95"]),
-                "a8_asked": m.get("a8_asked"), "ran_int8": m.get("ran_int8"),
-                "runtime_warning": m.get("runtime_warning"),
-                "onnx_bytes": m["onnx_bytes"], "weight_bytes": m["weight_bytes"],
-                "weight_bytes_packed": m.get("weight_bytes_packed"), "rule_violations": m.get("rule_violations"),
+                "file": str(result.artifact), "target": target, "precision": p,
+                "map50_95": m.map50_95, "map50": m.map50, "drop_pt": 100 * (base.map50_95 - m.map50_95),
+                "a8_asked": m.a8_asked, "ran_int8": m.a8_ran_int8, "a8_ran_float": list(m.a8_ran_float),
+                "onnx_bytes": m.onnx_bytes, "weight_bytes": m.weight_bytes,
+                "weight_bytes_packed": m.weight_bytes_packed, "rule_violations": m.rule_violations,
                 "build_s": round(time.perf_counter() - t0, 1)}
-            print(f"{p} {target}: mAP50-95 {m['map50_95']:.4f} ({rows[f'{p} {target}']['drop_pt']:+.2f} pt drop), "
-                  f"A8 asked {m.get('a8_asked')} / ran int8 {m.get('ran_int8')}", flush=True)
+            print(f"{p} {target}: mAP50-95 {m.map50_95:.4f} ({rows[f'{p} {target}']['drop_pt']:+.2f} pt drop), "
+                  f"A8 asked {m.a8_asked} / ran int8 {m.a8_ran_int8}", flush=True)
     return rows
 
 
@@ -75,10 +76,10 @@ def ort_quantize_static(out: Path, rows: dict[str, Any]) -> None:
     """ONNX Runtime's own quantize_static on the float ONNX (the issue's reference point)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
 
-    ctx = RunContext(_spec("ort-cpu", out), run_dir=out / "demo-ort-cpu", progress=False)
-    images = ctx.calibration.images
+    pipeline = TrialPipeline.for_spec(_spec("ort-cpu", out), run_dir=out / "demo-ort-cpu", progress=False)
+    images = pipeline.resources.calibration.images
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -88,10 +89,10 @@ def ort_quantize_static(out: Path, rows: dict[str, Any]) -> None:
             return next(self.it, None)
 
     path = out / "ort-quantize-static.onnx"
-    quantize_static(str(ctx.float_onnx()), str(path), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(pipeline.baseline.onnx()), str(path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=["Conv"])
-    acc = ctx.coco.evaluate(path)
+    acc = pipeline.evaluator.coco.evaluate(path)
     rows["W8A8 ORT quantize_static"] = {"file": str(path), "map50_95": acc.map50_95, "map50": acc.map50,
                                         "drop_pt": 100 * (rows["float"]["map50_95"] - acc.map50_95),
                                         "onnx_bytes": path.stat().st_size}
@@ -195,13 +196,12 @@ def time_rows_cpu(rows: dict[str, Any], rounds: int, runs: int) -> None:
 
 def tensorrt_checks(out: Path, yolov10m: bool) -> list[dict[str, Any]]:
     """check_tensorrt on the demo and on yolov10m.yaml builds lowered for TensorRT."""
+    from mpq.assignment import Assignment, Precision
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
+    from mpq.model import load_model
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
     from quantizers.lowering import lower
     from quantizers.lowering.checks import check_tensorrt
-    from search.assignment import Assignment, Precision
-    from search.data import preprocess_many, read_calibration_list
-    from search.model import load_model
 
     spec = _spec("tensorrt", out)
     cases = [("demo", spec.model, spec.imgsz, 8)]

@@ -36,21 +36,22 @@ def main() -> int:
     import yaml
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    from mpq.assignment import Assignment, Precision
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
     from quantizers.lowering import lower
-    from search.assignment import Assignment, Precision
-    from search.context import RunContext
-    from search.data import preprocess_many, read_calibration_list
+    from search.pipeline import TrialPipeline
     from search.spec import load_spec
 
     spec = load_spec(REPO / "studies" / "demo.yaml")
-    ctx = RunContext(spec, run_dir=Path(tempfile.mkdtemp(prefix="bench-ortcpu-")), progress=False)
+    pipeline = TrialPipeline.for_spec(spec, run_dir=Path(tempfile.mkdtemp(prefix="bench-ortcpu-")), progress=False)
+    ctx = pipeline.resources
+    coco = pipeline.evaluator.coco
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     options = spec.backend.model_copy(update=overrides)
     paths = read_calibration_list(spec.calibration.source, 64)
     images, _ = preprocess_many(paths, spec.imgsz, progress=False)
-    base = ctx.coco.evaluate(ctx.float_onnx()).map50_95
+    base = coco.evaluate(pipeline.baseline.onnx()).map50_95
     precision = Precision.parse(args.precision)
     assignment = Assignment.from_groups(ctx.groups, {g.name: precision for g in ctx.groups})
     results = {}
@@ -62,7 +63,7 @@ def main() -> int:
         backend.export(q, src)
         dst = ctx.run_dir / "model.onnx"
         lower(src, dst, target="ort-cpu", layers=ctx.model.layers)
-        results[name] = ctx.coco.evaluate(dst).map50_95
+        results[name] = coco.evaluate(dst).map50_95
         print(f"{name}: mAP50-95 {results[name]:.4f} ({100 * (results[name] - base):+.2f} pt)", flush=True)
     mean = float(np.mean(list(results.values())))
     print(json.dumps({"overrides": overrides, "precision": args.precision, "float": base, "subsets": results,

@@ -1,81 +1,61 @@
 """Brevitas backend: per-layer mixed-precision PTQ exported to QCDQ ONNX.
 
-:meth:`BrevitasBackend.materialize` replaces each layer an
-:class:`~search.assignment.Assignment` names with a Brevitas ``QuantConv2d`` (or
-``QuantLinear``) carrying that layer's precision, on a copy of the fused float model:
+:meth:`BrevitasBackend.materialize` replaces each layer an assignment names with a
+Brevitas ``QuantConv2d`` (or ``QuantLinear``) at that layer's precision, on a copy of the
+fused float model; layers it does not name stay the same float modules:
 
 - weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
   scale per output channel, chosen by MSE search (default for 4 bits), a per-channel
-  percentile of ``|w|``, or the maximum (default for 8 bits, near-lossless there);
-- A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas
-  ``input_quant``), so each layer's A8 is independent of its neighbours; int8 with zero
-  point 0 by default (the only form TensorRT accepts), uint8 with a zero point on request;
-  ranges calibrated on the calibration images (percentile, MSE or max);
+  percentile of ``|w|``, or the maximum (default for 8 bits);
+- A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas ``input_quant``),
+  int8 with zero point 0 by default (what TensorRT accepts), uint8 with a zero point on
+  request, ranges calibrated on the calibration images (percentile, MSE or max);
 - bias correction (on by default): each quantized layer's mean output error on the
-  calibration images, measured with float inputs as Brevitas' ``bias_correction_mode``
-  does, is folded into its bias;
+  calibration images is folded into its bias;
 - GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``) when the options ask for them.
 
-Layers the assignment does not name are left untouched (the same float modules).
-
-**Per-call cost.** The sensitivity sweep materializes hundreds of single-layer
-assignments, so the data-dependent parts that do not depend on the assignment are computed
-once per (float model, calibration set) and cached in the backend instance: every layer's
-calibrated input quantizer and the mean of its (float and input-quantized) unfolded
-input. Activation calibration and bias correction then cost no forward pass: a layer's
-output mean is linear in the mean of its unfolded input, so the bias correction of a
-layer is ``W_f . E[unfold(x)] - W_q . E[unfold(Q(x))]``, exactly what Brevitas measures
-by running the model (``tests/integration/test_brevitas_backend.py`` checks the two
-agree). Reuse one backend instance for many ``materialize`` calls to benefit from it.
-GPTQ/GPFQ need real forward passes (one per quantized layer) and run only when enabled.
+The calibration statistics do not depend on the assignment and are computed once per float
+model and calibration set (:mod:`quantizers.brevitas_stats`): reuse one backend instance
+for many ``materialize`` calls.
 
 :meth:`BrevitasBackend.export` writes QCDQ ONNX through Brevitas' exporter (legacy
 TorchScript exporter, ``dynamo=False``, opset 17): input ``images`` with a dynamic batch,
-output ``output0`` with the float model's layout, weights as int8 initializers followed by
-``Clip`` (the integer range of the bit width) and ``DequantizeLinear`` with per-channel
-scales; A8 inputs as ``QuantizeLinear -> DequantizeLinear``. An optional onnxoptimizer
-pass runs only if it keeps every Q/DQ/Clip node. What is in the file (node counts,
-containers, options, versions, timings) is written beside it as ``<file>.json``.
+output ``output0``, weights as int8 initializers -> ``Clip`` -> ``DequantizeLinear``, A8
+inputs as ``QuantizeLinear -> DequantizeLinear``. An optional onnxoptimizer pass is kept
+only if it keeps every Q/DQ/Clip node. What is in the file is written beside it as
+``<file>.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
 import time
 import warnings
-import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
-from search.assignment import Assignment, Precision
-from search.errors import UserError
+from mpq.assignment import Assignment, Precision
+from mpq.errors import UserError
+from quantizers.base import (
+    CalibrationSet,
+    ExportResult,
+    QuantizedModel,
+    count_qdq_nodes,
+    export_metadata,
+    metadata_path,
+    stamp_metadata,
+)
+from quantizers.brevitas_options import CAPABILITIES, NAME, BrevitasOptions
+from quantizers.brevitas_stats import InputStatistics, LayerStats, asym_minmax_quant, output_mean
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from search.model import LoadedModel
-    from search.spec import BrevitasOptions
+    from mpq.model import LoadedModel
 
-NAME = "brevitas"
 OPSET = 17
-
-#: What this backend builds for every Conv2d and Linear (float W16A16 is always allowed).
-SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
-    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
-
-CAPABILITIES = Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="per-channel symmetric weights (4 or 8 bits, narrow range); per-tensor INT8 input quantizer "
-          "for A8; W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
-)
 
 #: onnxoptimizer passes that only remove no-ops and dead or duplicate nodes: none of them
 #: touches QuantizeLinear/DequantizeLinear/Clip (checked after the pass: node counts must not change).
@@ -157,26 +137,6 @@ def own_range(qtype: str, method: str) -> bool:
     return qtype == "asym" and method in ("max", "mse")
 
 
-def fixed_asym_quant(lo: float, hi: float, device: Any) -> Any:
-    """A calibrated Brevitas uint8 quantizer (``QuantIdentity``) over exactly ``[lo, hi]``."""
-    import brevitas.nn as qnn
-    import torch
-    from brevitas.graph.calibrate import calibration_mode
-
-    q = qnn.QuantIdentity(act_quant=_asym_minmax(), return_quant_tensor=False).to(device)
-    with torch.no_grad(), calibration_mode(q):
-        q(torch.tensor([lo, hi], dtype=torch.float32, device=device))
-    return q.eval()
-
-
-def _asym_minmax() -> Any:
-    from brevitas.core.stats import NegativeMinOrZero
-    from brevitas.inject.enum import StatsOp
-    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
-
-    return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX, zero_point_stats_impl=NegativeMinOrZero)
-
-
 def input_quantizer(options: BrevitasOptions, target: str = "qcdq", role: str = "input") -> Any:
     """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer (``role``
     ``output``: the quantizer on its output, for targets that need one)."""
@@ -187,7 +147,7 @@ def input_quantizer(options: BrevitasOptions, target: str = "qcdq", role: str = 
     qtype, in_method, out_method = activation_choice(options, target)
     method = out_method if role == "output" else in_method
     if own_range(qtype, method):
-        return _asym_minmax()  # range computed by the backend (RangeObserver), loaded as state
+        return asym_minmax_quant()  # range computed by the backend (RangeObserver), loaded as state
     p = options.act_percentile
     if qtype == "sym":
         if method == "mse":
@@ -281,109 +241,13 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Input statistics (assignment-independent, cached per float model and calibration set)
-# --------------------------------------------------------------------------------------
-def unfolded_input_mean(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and output positions of the input patch each output sees.
-
-    For a Conv2d: ``(C_in, kh, kw)``, entry ``[c, i, j]`` = mean of the zero-padded input
-    at channel ``c``, offset ``(i, j)`` over every output position; the mean output of
-    the layer is then ``sum(W[o] * M[group(o)]) + b[o]``. For a Linear: the mean input
-    vector.
-    """
-    import torch.nn.functional as F
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).mean(dim=0)
-    assert isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple)
-    ph, pw = (int(p) for p in layer.padding)
-    sh, sw = layer.stride
-    dh, dw = layer.dilation
-    kh, kw = layer.kernel_size
-    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    H, W = xp.shape[-2:]
-    ho = (H - dh * (kh - 1) - 1) // sh + 1
-    wo = (W - dw * (kw - 1) - 1) // sw + 1
-    out = x.new_empty((x.shape[1], kh, kw))
-    for i in range(kh):
-        for j in range(kw):
-            sl = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            out[:, i, j] = sl.mean(dim=(0, 2, 3))
-    return out
-
-
-def output_mean(layer: Any, weight: torch.Tensor, mean_in: torch.Tensor) -> torch.Tensor:
-    """Mean output per channel (bias excluded) of ``layer`` with ``weight`` given the mean
-    unfolded input from :func:`unfolded_input_mean`."""
-    import torch
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return weight @ mean_in
-    g = layer.groups
-    o = weight.shape[0]
-    w = weight.reshape(g, o // g, weight.shape[1], -1)
-    m = mean_in.reshape(g, weight.shape[1], -1)
-    return torch.einsum("gock,gck->go", w, m).reshape(o)
-
-
-def _supports_analytic(layer: nn.Module) -> bool:
-    from torch import nn
-
-    if isinstance(layer, nn.Linear):
-        return True
-    return (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
-            and isinstance(layer.padding, tuple))
-
-
-@dataclass
-class _LayerStats:
-    float_mean: torch.Tensor | None = None
-    quant_mean: torch.Tensor | None = None
-    input_quant_state: dict[str, Any] | None = None
-    output_quant_state: dict[str, Any] | None = None
-
-
-@dataclass
-class _StatsCache:
-    """Per-layer input statistics for one (float model, calibration set, options)."""
-
-    module_ref: Any
-    calib_key: str
-    act_key: str
-    layers: dict[str, _LayerStats] = field(default_factory=dict)
-    has_float_means: bool = False
-    has_act: bool = False
-    has_quant_means: bool = False
-    probes: dict[str, Any] = field(default_factory=dict)
-    out_probes: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
-        return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
-
-
-def calibration_key(calib: CalibrationSet) -> str:
-    """A cheap fingerprint of a calibration set (shape, paths, a strided sample of pixels)."""
-    import numpy as np
-
-    h = hashlib.sha256()
-    h.update(str(calib.images.shape).encode())
-    h.update(str(int(calib.batch_size)).encode())
-    h.update("\n".join(str(p) for p in calib.paths).encode())
-    h.update(np.ascontiguousarray(calib.images[:, :, ::7, ::7]).tobytes())
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------
 class BrevitasBackend:
     """Brevitas PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.BrevitasOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.brevitas_options.BrevitasOptions`);
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto`` (CUDA when
             available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -395,9 +259,8 @@ class BrevitasBackend:
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
                  progress: bool = False, target: str = "qcdq") -> None:
+        from mpq.device import resolve_device
         from quantizers.lowering import target_info
-        from search.runs import resolve_device
-        from search.spec import BrevitasOptions
 
         _quiet_imports()
 
@@ -415,7 +278,14 @@ class BrevitasBackend:
         #: the deployment target (``deploy.target``); ``ort-cpu`` needs output quantizers on A8 layers
         self.target = target
         self.output_quant = target_info(target).needs_output_quant
-        self._cache: _StatsCache | None = None
+        qtype, in_method, out_method = activation_choice(options, target)
+        self._stats = InputStatistics(
+            act_quant=lambda: input_quantizer(options, target), device=self.device,
+            output_quant=(lambda: output_quantizer(options, target)) if self.output_quant else None,
+            own_input=in_method if own_range(qtype, in_method) else None,
+            own_output=self.output_quant and own_range(qtype, out_method),
+            act_key=json.dumps([qtype, in_method, out_method, options.act_percentile, self.output_quant,
+                                "ranges-v1"]))
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -435,8 +305,10 @@ class BrevitasBackend:
         cached = True
         if needs_act or needs_means:
             t = time.perf_counter()
-            cache, cached = self._stats(model, calib, act=needs_act, means=needs_means,
-                                        quant_means=needs_act and needs_means)
+            if len(calib) == 0:
+                raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
+            cache, cached = self._stats.get(model, calib, act=needs_act, means=needs_means,
+                                            quant_means=needs_act and needs_means, progress=self.progress)
             timings["calibrate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -491,7 +363,7 @@ class BrevitasBackend:
         import torch
         from brevitas.export import export_onnx_qcdq
 
-        from search.runs import atomic_path, write_json
+        from mpq.files import atomic_path, write_json
 
         if qmodel.module is None:
             raise BrevitasError("this QuantizedModel has no torch module to export")
@@ -513,7 +385,7 @@ class BrevitasBackend:
             graph = onnx.load(str(tmp))
             if self.options.optimize_onnx:
                 graph, optimizer_info = _optimize(graph, counts_raw)
-            _stamp(graph, qmodel)
+            stamp_metadata(graph, qmodel)
             onnx.save(graph, str(tmp))
         seconds = time.perf_counter() - start
         graph_meta, provenance = export_metadata(
@@ -540,168 +412,8 @@ class BrevitasBackend:
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
     # -- internals ------------------------------------------------------------------------
-    def _act_key(self) -> str:
-        o = self.options
-        return json.dumps([*activation_choice(o, self.target), o.act_percentile, self.output_quant, "ranges-v1"])
-
-    def _stats(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool
-               ) -> tuple[_StatsCache, bool]:
-        """The statistics cache for ``model`` and ``calib``, computing what is missing."""
-        if len(calib) == 0:
-            raise BrevitasError("the calibration set is empty; A8 layers and bias correction need images")
-        key = calibration_key(calib)
-        cache = self._cache
-        if cache is None or not cache.matches(model.module, key, self._act_key()):
-            cache = _StatsCache(module_ref=weakref.ref(model.module), calib_key=key, act_key=self._act_key())
-            self._cache = cache
-        need_means = means and not cache.has_float_means
-        need_act = act and not cache.has_act
-        need_qmeans = quant_means and not cache.has_quant_means
-        if not (need_means or need_act or need_qmeans):
-            return cache, True
-        start = time.perf_counter()
-        self._compute_stats(model, calib, cache, means=need_means, act=need_act, quant_means=need_qmeans)
-        cache.seconds += time.perf_counter() - start
-        return cache, False
-
-    def _batches(self, calib: CalibrationSet, description: str) -> Iterator[torch.Tensor]:
-        import torch
-
-        batches: Iterable[Any] = list(calib.batches())
-        if self.progress:
-            from rich.progress import track
-
-            batches = track(batches, description=description, transient=True)
-        for b in batches:
-            yield torch.from_numpy(b).to(self.device)
-
-    def _compute_stats(self, model: LoadedModel, calib: CalibrationSet, cache: _StatsCache, *,
-                       means: bool, act: bool, quant_means: bool) -> None:
-        """One or two float passes over ``calib`` with hooks on every quantizable layer.
-
-        Pass 1 averages each layer's unfolded input and calibrates one input quantizer per
-        layer (Brevitas ``calibration_mode``); pass 2 (A8 with bias correction) averages
-        the unfolded input after that quantizer.
-        """
-        import brevitas.nn as qnn
-        import torch
-        from brevitas.graph.calibrate import calibration_mode
-        from torch import nn
-
-        float_module = copy.deepcopy(model.module).to(self.device).eval()
-        names = [lay.name for lay in model.quantizable_layers]
-        mods = {n: float_module.get_submodule(n) for n in names}
-        for n in names:
-            cache.layers.setdefault(n, _LayerStats())
-        probes: dict[str, Any] = cache.probes
-        out_probes: dict[str, Any] = cache.out_probes
-        from quantizers.ranges import RangeObserver
-
-        qtype, in_method, out_method = activation_choice(self.options, self.target)
-        own_in, own_out = own_range(qtype, in_method), self.output_quant and own_range(qtype, out_method)
-        n_batches = max(1, -(-len(calib) // calib.batch_size))
-        obs_in: dict[str, RangeObserver] = {}
-        obs_out: dict[str, RangeObserver] = {}
-        if act:
-            if own_in:
-                obs_in = {n: RangeObserver(batches=n_batches) for n in names}
-            else:
-                iq = input_quantizer(self.options, self.target)
-                probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
-                               for n in names})
-            if own_out:
-                obs_out = {n: RangeObserver(batches=n_batches, budget=0) for n in names}
-            elif self.output_quant:
-                oq = output_quantizer(self.options, self.target)
-                out_probes.update({n: qnn.QuantIdentity(act_quant=oq, return_quant_tensor=False).to(self.device)
-                                   for n in names})
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-
-        def pass1_hook(name: str):  # noqa: ANN202
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                x = inputs[0]
-                if means and _supports_analytic(mod):
-                    m = unfolded_input_mean(mod, x)
-                    sums[name] = sums[name] + m if name in sums else m
-                if act:
-                    if name in obs_in:
-                        obs_in[name].update(x)
-                    else:
-                        probes[name](x)
-            return hook
-
-        def out_hook(name: str):  # noqa: ANN202
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                if name in obs_out:
-                    obs_out[name].update(output)
-                else:
-                    out_probes[name](output)
-            return hook
-
-        if means or act:
-            hooks = [mods[n].register_forward_pre_hook(pass1_hook(n)) for n in names]
-            if act and (out_probes or obs_out):
-                hooks += [mods[n].register_forward_hook(out_hook(n)) for n in names]
-            container = nn.ModuleDict({**{n.replace(".", "__"): m for n, m in probes.items()},
-                                       **{"out__" + n.replace(".", "__"): m for n, m in out_probes.items()}})
-            try:
-                with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
-                    for x in self._batches(calib, "calibration: float statistics"):
-                        float_module(x)
-                        count += 1
-            finally:
-                for h in hooks:
-                    h.remove()
-        if means:
-            for n in names:
-                if n in sums:
-                    cache.layers[n].float_mean = sums[n] / count
-            cache.has_float_means = True
-        if act:
-            for n, ob in obs_in.items():
-                lo, hi = ob.mse() if in_method == "mse" else ob.minmax()
-                probes[n] = fixed_asym_quant(lo, hi, self.device)
-            for n, ob in obs_out.items():
-                out_probes[n] = fixed_asym_quant(*ob.minmax(), self.device)
-            for n in names:
-                probes[n].eval()
-                cache.layers[n].input_quant_state = {k: v.detach().clone()
-                                                     for k, v in probes[n].act_quant.state_dict().items()}
-                if n in out_probes:
-                    out_probes[n].eval()
-                    cache.layers[n].output_quant_state = {
-                        k: v.detach().clone() for k, v in out_probes[n].act_quant.state_dict().items()}
-            cache.has_act = True
-        if not quant_means:
-            return
-        # pass 2: mean of the quantized input (only needed for bias correction of A8 layers)
-        qsums: dict[str, torch.Tensor] = {}
-        count = 0
-
-        def pass2_hook(name: str):  # noqa: ANN202
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                if _supports_analytic(mod):
-                    m = unfolded_input_mean(mod, probes[name](inputs[0]))
-                    qsums[name] = qsums[name] + m if name in qsums else m
-            return hook
-
-        hooks = [mods[n].register_forward_pre_hook(pass2_hook(n)) for n in names]
-        try:
-            with torch.no_grad():
-                for x in self._batches(calib, "calibration: quantized-input statistics"):
-                    float_module(x)
-                    count += 1
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in names:
-            if n in qsums:
-                cache.layers[n].quant_mean = qsums[n] / count
-        cache.has_quant_means = True
-
     def _correction(self, name: str, float_layer: Any, q: Any, precision: Precision,
-                    st: _LayerStats) -> torch.Tensor:
+                    st: LayerStats) -> torch.Tensor:
         """``E[float output] - E[quantized output]`` per channel, from the cached input means."""
         if st.float_mean is None or (precision.quantizes_inputs and st.quant_mean is None):
             raise BrevitasError(f"layer '{name}': no input statistics for bias correction (only zero padding "
@@ -745,12 +457,6 @@ class BrevitasBackend:
 # --------------------------------------------------------------------------------------
 # ONNX helpers
 # --------------------------------------------------------------------------------------
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`BrevitasBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
-
-
 def _optimize(graph: Any, counts_before: dict[str, int]) -> tuple[Any, dict[str, Any]]:
     """Run :data:`ONNX_PASSES`; keep the result only if every Q/DQ/Clip node survived."""
     import onnx
@@ -781,16 +487,3 @@ def _optimize(graph: Any, counts_before: dict[str, int]) -> tuple[Any, dict[str,
     onnx.checker.check_model(optimized)
     info["applied"] = True
     return optimized, info
-
-
-def _stamp(graph: Any, qmodel: QuantizedModel) -> None:
-    """Record the backend and the assignment digest in the ONNX file's metadata_props."""
-    props = {p.key: p for p in graph.metadata_props}
-    for key, value in (("yolo_mpq.backend", qmodel.backend),
-                       ("yolo_mpq.assignment_digest", qmodel.assignment.digest()),
-                       ("yolo_mpq.assignment", json.dumps(qmodel.assignment.to_dict(), sort_keys=True))):
-        if key in props:
-            props[key].value = value
-        else:
-            entry = graph.metadata_props.add()
-            entry.key, entry.value = key, value

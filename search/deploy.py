@@ -1,73 +1,51 @@
-"""The deployment step of a trial (issue 12): lower the backend's export for the study's
-``deploy.target``, then prove what the runtime runs.
+"""The lowering stage of a trial (issue 12): the backend's export becomes the file the study's
+``deploy.target`` runs, and that file is what the trial hands out and measures.
 
-Kept apart from :mod:`search.context` so that the trial pipeline of the restructure can
-call it as one step (materialize -> export -> **lower** -> evaluate (+ **what ran as int8**)):
-
-- :func:`lower_export` turns ``export.onnx`` (what the backend wrote) into the trial's
-  ``model.onnx`` (what the target runs; accuracy and latency are measured on it);
-- :func:`runtime_metrics` reads back ONNX Runtime's optimized graph of that file and returns
-  the flat metrics every trial stores (``a8_asked``, ``ran_int8``, ...) plus the per-layer
-  list, with a visible warning for every layer asked for A8 that runs as float.
+:meth:`search.pipeline.TrialPipeline.build` (and the sensitivity probes) call
+:func:`export_path` for where the backend writes its export and :func:`lower_export` to
+turn it into ``model.onnx``; what the runtime then runs as int8 is measured by
+:meth:`search.evaluation.ArtifactEvaluator.runtime`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mpq.assignment import Assignment
     from quantizers.lowering import LoweringResult
-    from search.assignment import Assignment
-    from search.context import RunContext
+    from search.resources import StudyResources
 
 #: the file a backend exports into when the target needs lowering (removed once lowered)
 EXPORT_NAME = "export.onnx"
 
 
-def export_path(ctx: RunContext, onnx_path: Path) -> Path:
+def export_path(res: StudyResources, onnx_path: Path) -> Path:
     """Where the backend writes its export: ``onnx_path`` itself for ``qcdq``, else beside it."""
-    return onnx_path if ctx.spec.deploy.target == "qcdq" else onnx_path.with_name(EXPORT_NAME)
+    return onnx_path if res.spec.deploy.target == "qcdq" else onnx_path.with_name(EXPORT_NAME)
 
 
-def lower_export(ctx: RunContext, exported: Path, onnx_path: Path, assignment: Assignment,
+def lower_export(res: StudyResources, exported: Path, onnx_path: Path, assignment: Assignment,
                  timings: dict[str, float]) -> LoweringResult:
-    """Lower ``exported`` into ``onnx_path`` for ``ctx.spec.deploy``; remove the export."""
+    """Lower ``exported`` into ``onnx_path`` for the spec's ``deploy`` section; remove the export.
+
+    Adds ``lower`` to ``timings``. The lowered file's metadata (``<onnx_path>.json``) replaces
+    the export's: target, rules, violations, per-layer forms, packed and file sizes, notes.
+    """
     from quantizers.lowering import lower
     from quantizers.lowering import metadata_path as lowering_metadata_path
 
+    spec = res.spec
     t0 = time.perf_counter()
-    images = ctx.calibration.images if ctx.spec.deploy.target == "ort-cpu" else None
-    result = lower(exported, onnx_path, target=ctx.spec.deploy.target, layers=ctx.model.layers,
+    images = res.calibration.images if spec.deploy.target == "ort-cpu" else None
+    result = lower(exported, onnx_path, target=spec.deploy.target, layers=res.model.layers,
                    assignment={k: str(v) for k, v in assignment.items()}, images=images,
-                   options=ctx.spec.deploy, cache_dir=ctx.cache_dir / "lowering",
-                   batch_size=ctx.spec.calibration.batch_size)
+                   options=spec.deploy, cache_dir=res.paths.cache / "lowering",
+                   batch_size=spec.calibration.batch_size)
     timings["lower"] = time.perf_counter() - t0
     if exported != onnx_path:
         exported.unlink(missing_ok=True)
         lowering_metadata_path(exported).unlink(missing_ok=True)
     return result
-
-
-def runtime_metrics(ctx: RunContext, onnx_path: Path, assignment: Assignment,
-                    timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(flat metrics, full report) of what ONNX Runtime runs for ``onnx_path``.
-
-    Flat metrics: ``a8_asked``, ``ran_int8``, ``a8_ran_float`` (count) and
-    ``runtime_warning`` (a sentence, empty when every A8 layer runs an integer kernel).
-    Only for the ``ort`` latency engine (TensorRT's per-layer precisions come from its
-    engine inspector where TensorRT runs).
-    """
-    if ctx.spec.latency.engine != "ort":
-        return {}, {}
-    from evaluators.runtime import int8_layers
-
-    t0 = time.perf_counter()
-    asked = {lay.name: str(assignment.get(lay.name)) for lay in ctx.model.quantizable_layers}
-    report = int8_layers(onnx_path, providers=ctx.spec.latency_providers, threads=ctx.spec.latency.threads,
-                         asked=asked)
-    timings["runtime_check"] = time.perf_counter() - t0
-    flat = {"a8_asked": report.asked_a8, "ran_int8": report.ran_int8, "a8_ran_float": len(report.a8_ran_float),
-            "runtime_warning": "; ".join(report.warnings)}
-    return flat, report.to_dict()

@@ -169,7 +169,7 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
         src: the backend's exported ONNX (and its ``<src>.json`` metadata, if any).
         dst: the lowered file (may equal ``src`` for ``qcdq``).
         target: ``ort-cpu``, ``tensorrt`` or ``qcdq``.
-        layers: the model's layer table (:class:`~search.assignment.LayerInfo`), to name the
+        layers: the model's layer table (:class:`~mpq.assignment.LayerInfo`), to name the
             nodes; without it, names come from the exporter's scopes.
         assignment: layer name -> precision asked (default: the ``yolo_mpq.assignment``
             the backend stamped into the file), to record asked vs built per layer.
@@ -185,9 +185,9 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
     """
     import onnx
 
+    from mpq.files import atomic_path, read_json, write_json
     from quantizers.lowering import graph as G
     from quantizers.lowering.checks import CHECKERS, RULES
-    from search.runs import atomic_path, read_json, write_json
 
     options = options or DeploySpec(target=target)  # type: ignore[arg-type]
     info = target_info(target)

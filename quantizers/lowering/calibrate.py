@@ -61,7 +61,7 @@ def output_ranges(model: onnx.ModelProto, layers: Sequence[LayerQuant], images: 
     """
     import numpy as np
 
-    from quantizers.onnx_names import expose_outputs
+    from mpq.onnx_nodes import with_outputs as expose_outputs
 
     if len(layers) == 0:
         return {}, {"layers": 0}
@@ -125,7 +125,7 @@ def output_ranges(model: onnx.ModelProto, layers: Sequence[LayerQuant], images: 
     info = {"layers": len(layers), "cached": False, "method": method, "images": int(len(images)),
             "seconds": round(time.perf_counter() - t0, 3)}
     if cache is not None:
-        from search.runs import write_json
+        from mpq.files import write_json
 
         write_json(cache, {"ranges": ranges, "info": info})
         info["cache"] = str(cache)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -443,7 +443,7 @@ def layer_names(model: onnx.ModelProto, layers: Iterable[Any] | None = None, sou
 
         nmap = map_layers_to_nodes(model, list(layers), source=source or "the graph to lower")
         return {m.node: m.layer for m in nmap.matches.values()}
-    from quantizers.onnx_names import module_name_from_node
+    from mpq.onnx_nodes import module_name_from_node
 
     out = {}
     for node in model.graph.node:
