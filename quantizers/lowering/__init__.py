@@ -228,7 +228,8 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
             from quantizers.lowering import tensorrt
 
             per_layer = tensorrt.lower(proto, qlayers)
-        G.set_metadata(proto, {"yolo_mpq.deploy_target": target, "yolo_mpq.lowered_from": src.name})
+        G.set_metadata(proto, {"yolo_mpq.deploy_target": target, "yolo_mpq.lowered_from": src.name,
+                               "yolo_mpq.deploy_notes": " | ".join(notes)})
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:

@@ -119,9 +119,15 @@ def trial_line(t) -> str:  # noqa: ANN001
     if m is None:
         return f"  #{t.number:<3} no metrics{dup}{pol}"
     ratio = f" (x{m.latency_ratio:.2f} float)" if m.latency_ratio is not None else ""
+    int8 = ""
+    if m.a8_asked:
+        ran = m.a8_ran_int8 if m.a8_ran_int8 is not None else "?"
+        int8 = f"  A8 {m.a8_asked}/int8 {ran}"
+        if m.a8_ran_float:
+            int8 += f" [bold yellow]({len(m.a8_ran_float)} A8 ran float)[/]"
     return (f"  #{t.number:<3} W4 {100 * m.w4_weight_share:3.0f}%  mAP {m.map50_95:.4f} "
             f"({-100 * (m.map_drop or 0):+.2f} pt)  {m.latency_ms:.2f} ms{ratio}  "
-            f"{m.weight_bytes / 1e6:.2f} MB{dup}{pol}{times}")
+            f"{m.weight_bytes / 1e6:.2f} MB{int8}{dup}{pol}{times}")
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
