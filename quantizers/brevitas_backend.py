@@ -285,7 +285,7 @@ class BrevitasBackend:
             own_input=in_method if own_range(qtype, in_method) else None,
             own_output=self.output_quant and own_range(qtype, out_method),
             act_key=json.dumps([qtype, in_method, out_method, options.act_percentile, self.output_quant,
-                                "ranges-v1"]))
+                                "ranges-v2"]))
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:

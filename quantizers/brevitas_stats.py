@@ -132,6 +132,21 @@ def fixed_asym_quant(lo: float, hi: float, device: Any) -> Any:
     return q.eval()
 
 
+def feeds_silu(module: nn.Module, names: list[str]) -> set[str]:
+    """The layers whose output goes only into a SiLU: the ``conv`` of an Ultralytics ``Conv``
+    block (``act(conv(x))`` once BatchNorm is folded) whose ``act`` is ``nn.SiLU``."""
+    from torch import nn
+
+    out = set()
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if child == "conv" and isinstance(getattr(parent, "act", None), nn.SiLU) \
+                and getattr(parent, "bn", None) is None:
+            out.add(name)
+    return out
+
+
 class InputStatistics:
     """Every quantizable layer's input statistics for one float model and calibration set, cached.
 
@@ -251,7 +266,7 @@ class InputStatistics:
                     cache.layers[n].float_mean = sums[n] / count
             cache.has_float_means = True
         if act:
-            self._store_quantizers(cache, mods, obs_in, obs_out)
+            self._store_quantizers(cache, mods, obs_in, obs_out, feeds_silu(float_module, list(mods)))
 
     def _probes(self, cache: StatsCache, mods: dict[str, nn.Module], calib: CalibrationSet
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -279,13 +294,19 @@ class InputStatistics:
         return obs_in, obs_out
 
     def _store_quantizers(self, cache: StatsCache, mods: dict[str, nn.Module], obs_in: dict[str, Any],
-                          obs_out: dict[str, Any]) -> None:
-        """Keep every layer's calibrated input (and output) quantizer state."""
+                          obs_out: dict[str, Any], silu: set[str]) -> None:
+        """Keep every layer's calibrated input (and output) quantizer state; the output range of a
+        layer whose output only feeds SiLU starts where SiLU makes clipping free
+        (:func:`quantizers.ranges.silu_lower_bound`)."""
+        from quantizers.ranges import silu_lower_bound
+
         for n, ob in obs_in.items():
             lo, hi = ob.mse() if self.own_input == "mse" else ob.minmax()
             cache.probes[n] = fixed_asym_quant(lo, hi, self.device)
         for n, ob in obs_out.items():
             lo, hi = ob.minmax()
+            if n in silu:
+                lo = silu_lower_bound(lo, hi)
             cache.out_probes[n] = fixed_asym_quant(lo, hi, self.device)
         for n in mods:
             cache.probes[n].eval()

@@ -103,3 +103,33 @@ def mse_range(samples: Any, lo: float, hi: float) -> tuple[float, float]:
                 best = (err, lo_c, hi_c)
     assert best is not None
     return best[1], best[2]
+
+
+def silu(x: float) -> float:
+    """``x * sigmoid(x)``."""
+    import math
+
+    return x / (1.0 + math.exp(-x)) if x > -60 else 0.0
+
+
+def silu_lower_bound(lo: float, hi: float, levels: int = 255) -> float:
+    """The lower end of a range feeding SiLU, raised as far as SiLU lets it for free.
+
+    SiLU flattens large negative inputs to ~0 (``SiLU(-8) = -0.003``), so a quantizer whose
+    output only feeds SiLU may clip its range at the ``lo'`` where ``|SiLU(lo')|`` is within
+    half a step of the resulting grid: what SiLU computes changes by less than the grid's own
+    rounding, and the step over the rest of the range shrinks (the unclipped minimum of a
+    convolution's output is often far more negative than its maximum is positive). Never
+    below ``lo``, never above SiLU's minimum (``x = -1.278``).
+    """
+    if lo >= -1.278:
+        return lo
+    a, b = lo, -1.278  # |silu| decreases towards -inf: find the largest-magnitude lo' still worth keeping
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        half_step = 0.5 * (hi - mid) / levels
+        if abs(silu(mid)) <= half_step:
+            a = mid  # clipping at mid is free: try to raise it further
+        else:
+            b = mid
+    return max(lo, a)

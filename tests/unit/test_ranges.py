@@ -40,3 +40,14 @@ def test_torch_tensors_are_observed():
     ob = RangeObserver(batches=1, budget=1000)
     ob.update(torch.linspace(-1.0, 2.0, 5000))
     assert ob.minmax() == (-1.0, 2.0) and sum(s.size for s in ob.samples) == 1024
+
+
+def test_silu_lower_bound_clips_only_what_silu_flattens():
+    from quantizers.ranges import silu, silu_lower_bound
+
+    lo = silu_lower_bound(-20.0, 10.0)
+    assert -20.0 < lo < -1.278
+    # at the new bound SiLU is within half a step of the new grid: clipping there is free
+    assert abs(silu(lo)) <= 0.5 * (10.0 - lo) / 255 + 1e-9
+    assert silu_lower_bound(-1.0, 4.0) == -1.0      # nothing to clip above SiLU's minimum
+    assert silu_lower_bound(-3.0, 0.5) >= -3.0     # never below the observed minimum
