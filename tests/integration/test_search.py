@@ -19,6 +19,7 @@ def _spec(tmp: Path, name: str = "it", **search: object) -> Path:
     data = yaml.safe_load((REPO / "studies" / "demo.yaml").read_text())
     data["name"] = name
     data["granularity"] = "block"
+    data["candidates"] = ["W4A16", "W4A8", "W8A16", "W8A8"]
     data["dataset"]["max_images"] = 24
     data["calibration"]["max_images"] = 8
     data["sensitivity"] = {"images": 8}
