@@ -30,8 +30,13 @@ def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
     assert counts.get("Clip", 0) == 0 and counts["DequantizeLinear"] >= 4 * n - 10
     assert metrics["export"]["export_node_counts"] == {"QuantizeLinear": 2 * n, "DequantizeLinear": 3 * n + n,
                                                        "Clip": n}
-    assert (q["deploy_target"], q["a8_asked"], q["ran_int8"], q["runtime_warning"]) == ("ort-cpu", n, n, "")
-    assert f"A8 asked {n} / ran int8 {n}" in text
+    # what ONNX Runtime runs (read back from its optimized graph): every quantizable layer an int8 kernel
+    assert (q["deploy_target"], q["a8_asked"], q["a8_ran_int8"], q["a8_ran_float"]) == ("ort-cpu", n, n, [])
+    assert f"A8 asked {n} / ran int8 {n}" in text and "warning" not in text
+    assert q["rule_violations"] == 0 and q["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    from quantizers.lowering.checks import check_ort_cpu
+
+    assert check_ort_cpu(out / "model.onnx") == []
     assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
     assert not (out / "export.onnx").exists()
     assert json.loads((out / "assignment.json").read_text())["layers"]["model.0.conv"] == "W8A8"

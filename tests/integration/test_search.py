@@ -76,7 +76,12 @@ def test_run_writes_the_run_directory_and_trials(finished_run: tuple[Path, Path]
         assert m["latency_ratio"] > 0 and m["latency_float_same_window_ms"] > 0 and m["latency_measured_ms"] > 0
         assert m["latency_ms"] == pytest.approx(m["latency_ratio"] * base_ms)
         assert t.values == [m["map50_95"], m["weight_bytes"]]
-        assert set(ua["timings"]) >= {"materialize", "export", "evaluate", "latency", "total"}
+        assert set(ua["timings"]) >= {"materialize", "export", "evaluate", "latency", "lower", "total"}
+        # issue 12: the file is lowered for ort-cpu and what ONNX Runtime runs is recorded
+        assert m["deploy_target"] == "ort-cpu" and ua["deploy target"] == "ort-cpu"
+        assert ua["A8 asked"] == m["a8_asked"] == ua["summary"]["a8_layers"]
+        assert m["a8_ran_int8"] == m["a8_asked"] and "warning" not in ua
+        assert m["onnx_bytes"] == Path(ua["artifact"]).stat().st_size
 
 
 def test_report_files(finished_run: tuple[Path, Path]):
@@ -92,6 +97,14 @@ def test_report_files(finished_run: tuple[Path, Path]):
     assert "Pareto front" in html and "data:image/png;base64," in html
     lines = (rep / "pareto.csv").read_text().strip().splitlines()
     assert lines[0].startswith("number,label") and len(lines) >= 2
+    import csv
+
+    rows = list(csv.DictReader((rep / "pareto.csv").read_text().splitlines()))
+    assert {"a8_asked", "a8_ran_int8", "a8_ran_float", "file_mb", "weight_mb", "deploy_target"} <= set(rows[0])
+    for row in rows:  # every front point ran every A8 layer as int8, and both sizes are there
+        assert row["a8_ran_int8"] == row["a8_asked"] and row["a8_ran_float"] == ""
+        assert float(row["file_mb"]) > 0 and float(row["weight_mb"]) > 0
+    assert "A8 asked / ran int8" in html
     assert "Time per evaluated trial" in (rep / "summary.md").read_text()
 
 
