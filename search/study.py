@@ -62,7 +62,9 @@ class RunSettings:
             raise UserError(f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
         if ACCURACY not in objs:
             raise UserError(f"the objectives must include '{ACCURACY}' (accuracy)")
-        return cls(budget=budget or s.budget, objectives=objs, sampler=sampler or s.sampler,
+        if budget is not None and budget < 1:
+            raise UserError(f"the budget must be at least 1 (got {budget})")
+        return cls(budget=s.budget if budget is None else budget, objectives=objs, sampler=sampler or s.sampler,
                    space=space or s.space, seed=s.seed if seed is None else seed,
                    seed_policies=s.seed_policies if seed_policies is None else seed_policies,
                    max_map_drop=s.max_map_drop, storage=storage_url(run_dir, given=storage, spec_storage=s.storage))

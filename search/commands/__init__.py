@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,3 +41,19 @@ def load_study(value: Path | None, **overrides: Any) -> StudySpec:
     from search.spec import load_spec
 
     return load_spec(study_path(value), **overrides)
+
+
+def spec_value(kind: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that checks a value with the spec's validator of ``kind`` (see
+    :data:`search.spec.VALUE_TYPES`): ``--budget 0`` is refused as ``search.budget: 0`` is."""
+
+    def parse(text: str) -> Any:
+        from search.spec import check_value
+
+        try:
+            return check_value(kind, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = kind  # argparse names the type in its messages
+    return parse

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search.commands import spec_value
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="load a model offline, fold BatchNorm and list its quantizable layers",
@@ -12,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", nargs="?", type=Path, default=None,
                    help="a .pt checkpoint, a .yaml architecture (e.g. yolov10m.yaml) or a study spec "
                         "(default: the demo study)")
-    p.add_argument("--imgsz", type=int, default=None, help="image size for MACs (default: the study's, else 640)")
+    p.add_argument("--imgsz", type=spec_value("imgsz"), default=None,
+                   help="image size for MACs (default: the study's, else 640)")
     p.add_argument("--granularity", "-g", choices=("layer", "block"), default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the layer table as JSON here")
     p.set_defaults(handler=run)

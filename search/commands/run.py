@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from search.commands import add_study_arg
+from search.commands import add_study_arg, spec_value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume, or join) the Optuna study; each trial is a real quantized ONNX",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arg(p)
-    p.add_argument("--budget", "-n", type=int, default=None, help="assignments to evaluate (default: the spec's)")
+    p.add_argument("--budget", "-n", type=spec_value("budget"), default=None,
+                   help="assignments to evaluate (default: the spec's)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: runs/<study>/study.db)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=spec_value("positive"), default=1, help="worker processes on this machine")
     p.add_argument("--device", default=None,
                    help="torch device for calibration: auto, cpu, cuda, cuda:N (with --workers and several GPUs: "
                         "a comma list, one per worker, e.g. cuda:0,cuda:1)")
