@@ -240,9 +240,19 @@ class StudySpec(Section):
         """``runs_dir/<name>`` (default ``./runs/<name>``)."""
         return (Path(self.runs_dir) if self.runs_dir else Path.cwd() / "runs") / self.name
 
+    def record(self) -> dict[str, Any]:
+        """The resolved spec as JSON data fit to record (a run's ``spec.yaml``, the study's ``spec``
+        attribute): the storage URL's password redacted (:func:`search.storage.redact`)."""
+        from search.storage import redact
+
+        data = self.model_dump(mode="json")
+        if data["search"].get("storage"):
+            data["search"]["storage"] = redact(data["search"]["storage"])
+        return data
+
     def to_yaml(self) -> str:
-        """The resolved spec as YAML (what ``spec.yaml`` of a run holds)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved spec as YAML (what ``spec.yaml`` of a run holds), its storage password redacted."""
+        return yaml.safe_dump(self.record(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,14 +27,67 @@ HEARTBEAT_ENV = "YOLO_MPQ_HEARTBEAT_S"
 GRACE_ENV = "YOLO_MPQ_GRACE_S"
 
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z0-9+.-]+://[^:/@?#]*):(.*)@([^@]*)$")
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&][^=&#]*(?:password|passwd|pwd|secret|token)=)([^&#]*)", re.IGNORECASE)
+#: What a password becomes in printed and recorded URLs.
+MASK = "***"
+#: The real storage URL, for run files that record it redacted (see :func:`connectable`).
+STORAGE_ENV = "YOLO_MPQ_STORAGE"
 
 
 def redact(url: str) -> str:
-    """A storage URL fit to print: the password of its user info (any characters, ``@`` included)
-    and ``password=`` query parameters replaced by ``***``."""
-    url = _USERINFO_PASSWORD.sub(r"\1:***@\3", url)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+    """A storage URL fit to print or record: the password of its user info (any characters, ``@``
+    included) and ``password=``-like query parameters replaced by ``***``.
+
+    The one redaction of the project: every URL that is printed, logged, written to a run file
+    (``spec.yaml``) or to a study attribute goes through it.
+    """
+    url = _USERINFO_PASSWORD.sub(rf"\1:{MASK}@\3", url)
+    return _QUERY_PASSWORD.sub(rf"\1{MASK}", url)
+
+
+def secrets_of(url: str) -> list[str]:
+    """The passwords in ``url`` (user info and query), as written and percent-decoded."""
+    from urllib.parse import unquote
+
+    found = []
+    m = _USERINFO_PASSWORD.match(url)
+    if m and m.group(2):
+        found.append(m.group(2))
+    found += [q.group(2) for q in _QUERY_PASSWORD.finditer(url) if q.group(2)]
+    out = [s for s in found if s != MASK]
+    return [*out, *(unquote(s) for s in out)]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (e.g. a driver's error message) without any password of ``url`` in it."""
+    for secret in sorted(set(secrets_of(url)), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _QUERY_PASSWORD.sub(rf"\1{MASK}", _USERINFO_PASSWORD.sub(rf"\1:{MASK}@\3", text))
+
+
+def connectable(url: str) -> str:
+    """The URL to connect with: a redacted one (from a run file) becomes the real one.
+
+    A URL whose password is ``***`` is replaced by ``$YOLO_MPQ_STORAGE`` when that redacts to
+    the same URL; otherwise the masked password is dropped, so the driver reads its own secret
+    store (PostgreSQL: ``PGPASSWORD`` or ``~/.pgpass``). A password with characters that URLs
+    reserve (``@``, ``/``, ``:``, ``#``, ``?``) is percent-encoded, so it reaches the server whole.
+    """
+    from urllib.parse import quote, unquote
+
+    env = os.environ.get(STORAGE_ENV)
+    if MASK in url and env and redact(env) == url:
+        url = env
+    m = _USERINFO_PASSWORD.match(url)
+    if m:
+        password = m.group(2)
+        if password == MASK:
+            url = f"{m.group(1)}@{m.group(3)}"
+        else:
+            url = f"{m.group(1)}:{quote(unquote(password), safe='')}@{m.group(3)}"
+    url = re.sub(r"([?&])[^=&#]*(?:password|passwd|pwd|secret|token)=" + re.escape(MASK) + r"(&?)",
+                 lambda q: q.group(1) if q.group(2) else "", url, flags=re.IGNORECASE)
+    return url.rstrip("?&")
 
 
 def default_url(run_dir: Path) -> str:
@@ -61,6 +114,7 @@ def open_storage(url: str) -> RDBStorage:
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    given, url = url, connectable(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
@@ -75,7 +129,7 @@ def open_storage(url: str) -> RDBStorage:
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                               **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
-        raise UserError(f"cannot open the study storage {redact(url)}: {exc}") from exc
+        raise UserError(f"cannot open the study storage {redact(given)}: {scrub(str(exc), given)}") from None
 
 
 def open_existing(url: str) -> RDBStorage:
@@ -89,21 +143,23 @@ def open_existing(url: str) -> RDBStorage:
     import sqlalchemy.exc
 
     shown = redact(url)
+    given, url = url, connectable(url)
     no_study = f"{shown} holds no Optuna study yet: start `search run --storage URL` first"
     try:
         storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
         storage.get_all_studies()
     except ImportError as exc:
-        raise UserError(f"{shown}: no database driver for this URL ({exc.__cause__ or exc}); for PostgreSQL "
+        reason = scrub(str(exc.__cause__ or exc), given)
+        raise UserError(f"{shown}: no database driver for this URL ({reason}); for PostgreSQL "
                         "install the postgres extra: pip install -e '.[postgres]'") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         cause: BaseException = exc
         while not isinstance(cause, sqlalchemy.exc.SQLAlchemyError) and cause.__cause__ is not None:
             cause = cause.__cause__  # Optuna wraps SQLAlchemy's errors
         if isinstance(cause, sqlalchemy.exc.ArgumentError):
-            raise UserError(f"{shown}: not a valid storage URL ({cause})") from None
+            raise UserError(f"{shown}: not a valid storage URL ({scrub(str(cause), given)})") from None
         orig = getattr(cause, "orig", None) or cause
-        text = str(orig).strip()
+        text = scrub(str(orig), given).strip()
         first = text.splitlines()[0] if text else type(orig).__name__
         if isinstance(cause, sqlalchemy.exc.ProgrammingError) or "no such table" in first or (
                 "relation" in first and "does not exist" in first):

@@ -150,7 +150,7 @@ class StudyRunner:
         study.set_user_attr("key", self.study_key())
         study.set_user_attr("objectives", self.settings.objectives)
         study.set_user_attr("run_dir", str(self.res.run_dir.resolve()))
-        study.set_user_attr("spec", self.res.spec.model_dump(mode="json"))
+        study.set_user_attr("spec", self.res.spec.record())
 
     def _check_joinable(self, study: optuna.Study) -> None:
         name, shown = self.res.spec.name, redact(self.settings.storage)
