@@ -129,7 +129,8 @@ def open_storage(url: str) -> RDBStorage:
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                               **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
-        raise UserError(f"cannot open the study storage {redact(given)}: {scrub(str(exc), given)}") from None
+        reason = (scrub(str(exc), given).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot open the study storage {redact(given)}: {reason}") from None
 
 
 def open_existing(url: str) -> RDBStorage:

@@ -176,8 +176,9 @@ class StudyRunner:
         """Everything before the first trial: run directory, study, sensitivity table, space, float baseline."""
         from search.space import policies, space_for
 
+        self.res.paths.make()
+        study, created = self.open()  # the storage first: a failed start leaves the run files as they were
         self.res.prepare_run_dir()
-        study, created = self.open()
         sweep = SharedSweep(study, self.pipeline, worker=self.worker, log=self.log, progress=self.progress)
 
         def enqueue_policies(table: SensitivityTable) -> None:

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir) if args.run_dir else None,
                                       device=devices[0] if devices else None)
     run_dir = pipeline.resources.run_dir
+    pipeline.resources.paths.make()  # an unusable run directory fails here, before any work
     objectives = [o.strip() for o in args.objectives.split(",")] if args.objectives else None
     settings = RunSettings.from_spec(spec, run_dir, budget=args.budget, storage=args.storage, sampler=args.sampler,
                                      space=args.space, objectives=objectives,
