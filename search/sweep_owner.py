@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mpq.files import write_json
+from mpq.files import write_sealed_json
 from search.sensitivity import SensitivityTable, load_cached, run_sweep, table_path
 
 if TYPE_CHECKING:
@@ -111,4 +111,4 @@ class SharedSweep:
         path = table_path(res, table.metric)
         if not path.is_file():
             res.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(path, table.to_json())
+            write_sealed_json(path, table.to_json())

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from mpq.errors import UserError
     from mpq.files import versions, write_json
     from search.console import console, console_err
-    from search.pipeline import TrialPipeline
+    from search.pipeline import TrialPipeline, artifact_records
     from search.report import collect, load_run, pareto_front, short_label
     from search.trial_attrs import TrialAttrs
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         assignment = attrs.assignment_value()
         stem = f"{spec.name}-trial{n}"
         console_err.print(f"trial {n}: re-materializing {assignment.label()} ...", highlight=False)
+        _check_stored(pipeline.resources.paths.trial(assignment.digest()), n)
         work = out / f".{stem}"
         result = pipeline.run(assignment, out_dir=work, use_cache=False)
         onnx_path = out / f"{stem}.onnx"
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             "study_metrics": {k: getattr(recorded, k) if recorded is not None else None for k in SIDECAR_KEYS},
             "map_difference_vs_study": verified.map50_95 - recorded_map,
             "export": dict(result.export), "timings": dict(result.timings), "versions": versions(),
+            "files": artifact_records(onnx_path),
         }
         write_json(out / f"{stem}.json", sidecar)
         for f in work.iterdir():
@@ -88,3 +90,23 @@ def run(args: argparse.Namespace) -> int:
                       f"{100 * verified.w4_weight_share:.0f}%", short_label(result.summary))
     console.print(table)
     return 0
+
+
+def _check_stored(trial_dir: Path, number: int) -> None:
+    """Warn (naming the file) when the study's stored artifact of trial ``number`` is not the one it measured."""
+    from mpq.files import read_json
+    from search.console import warn
+    from search.pipeline import artifact_mismatch
+
+    metrics = trial_dir / "metrics.json"
+    if not metrics.is_file():
+        return
+    try:
+        records = read_json(metrics).get("files")
+    except ValueError:
+        warn(f"{metrics}: unreadable; trial {number} is re-built from its assignment")
+        return
+    bad = artifact_mismatch(trial_dir, records)
+    if bad is not None:
+        warn(f"{bad}: the study's artifact of trial {number} is not the file it measured; the export "
+             "re-builds it from its assignment (and the next `search run` rebuilds the stored trial)")
