@@ -199,6 +199,9 @@ class StudySpec(Section):
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     device: str = Field(default="auto", description="Torch device for calibration: auto, cpu, cuda, cuda:N.")
+    trust_checkpoint: bool = Field(
+        default=False, description="Load a .pt checkpoint that the restricted loader refuses: a .pt is a pickle, and "
+        "a full unpickle runs any code the file carries. Only for checkpoints from a source you trust.")
     runs_dir: SpecPath | None = Field(
         default=None, description="Where run directories are made (default: ./runs in the working directory).")
 

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
-    spec = load_study(args.study, **overrides)
+    spec = load_study(args.study, trust=args.trust_checkpoint, **overrides)
     pipeline = TrialPipeline.for_spec(spec)
     res = pipeline.resources
     if args.onnx is not None:

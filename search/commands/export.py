@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search.commands import add_trust_arg
+
 #: The metrics the sidecar compares: verified here, recorded by the study, and the float model's.
 SIDECAR_KEYS = ("map50_95", "map50", "latency_ms", "weight_bytes")
 
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--storage", default=None, help="study storage URL (default: the run dir's own)")
     p.add_argument("--device", default=None, help="torch device for calibration")
+    add_trust_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from search.trial_attrs import TrialAttrs
 
     spec, study = load_run(args.run_dir, args.storage)
+    if args.trust_checkpoint:
+        spec = spec.model_copy(update={"trust_checkpoint": True})
     rows = collect(study, spec.search.max_map_drop)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     if args.front:

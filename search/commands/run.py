@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     # --storage is recorded in the run dir's spec.yaml, so `search report/dashboard RUN_DIR` find the study
-    spec = load_study(args.study, **{"search.storage": args.storage})
+    spec = load_study(args.study, trust=args.trust_checkpoint, **{"search.storage": args.storage})
     devices = [d.strip() for d in args.device.split(",")] if args.device else []
     if len(devices) > 1 and args.workers == 1:
         raise UserError("several --device values need --workers N (one device per worker)")
@@ -135,4 +135,6 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     if args.no_policies:
         argv.append("--no-policies")
+    if args.trust_checkpoint:
+        argv.append("--trust-checkpoint")
     return argv

@@ -10,7 +10,7 @@ from search.commands import add_study_arg, study_path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a study spec: keys, values and files, all problems at once",
                        description=__doc__)
-    add_study_arg(p, positional=True)
+    add_study_arg(p, positional=True, model=False)
     p.add_argument("--no-files", action="store_true", help="check keys and values only, not that files exist")
     p.set_defaults(handler=run)
 
