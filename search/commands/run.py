@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--workers must be at least 1")
     # --storage is recorded in the run dir's spec.yaml, so `search report/dashboard RUN_DIR` find the study
     spec = load_study(args.study, trust=args.trust_checkpoint, **{"search.storage": args.storage})
+    from search.data_check import require_data
+
+    require_data(spec)  # a corrupt image or annotation fails now, not after the sweep
     devices = [d.strip() for d in args.device.split(",")] if args.device else []
     if len(devices) > 1 and args.workers == 1:
         raise UserError("several --device values need --workers N (one device per worker)")
