@@ -10,7 +10,7 @@ in parallel threads (the decoder releases the GIL), with a progress bar for larg
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +107,7 @@ def _undecodable(images: Sequence[tuple[str, Path]], progress: bool) -> list[str
 
     unique = list(dict.fromkeys(images))
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        results = pool.map(check, unique)
+        results: Iterable[str | None] = pool.map(check, unique)
         if progress and len(unique) >= PROGRESS_FROM:
             from rich.progress import track
 
