@@ -109,9 +109,10 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def open_storage(url: str) -> RDBStorage:
-    """An RDB storage for running trials, with heartbeats: a killed worker's trial fails, then retries once."""
+    """An RDB storage for running trials, with heartbeats: :func:`fail_stale_trials` fails a killed
+    worker's trial (with the reason) and enqueues its retry."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     given, url = url, connectable(url)
@@ -125,9 +126,7 @@ def open_storage(url: str) -> RDBStorage:
         grace = int(os.environ.get(GRACE_ENV, max(GRACE_S, 3 * heartbeat)))
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and used as documented
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                              **kwargs)
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace, **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
         reason = (scrub(str(exc), given).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot open the study storage {redact(given)}: {reason}") from None
@@ -179,10 +178,42 @@ def delete_study(url: str, name: str) -> None:
         pass
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the RUNNING trials whose worker stopped heartbeating (Optuna retries them once)."""
-    import optuna
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker died, saying so, and enqueue each one's retry (once).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    A worker on this host whose process is gone is found at once (:func:`search.liveness.process_gone`);
+    any other, once its heartbeat is older than the grace period. Each trial gets the ``failure``
+    user attribute before it turns FAIL, and a WAITING copy of its parameters (``retry_of``), which
+    the next ``optimize`` of any worker runs first, unless the trial was itself a retry.
+    Returns the numbers of the trials failed here.
+    """
+    import optuna
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    from search.liveness import process_gone
+
+    S = optuna.trial.TrialState
+    storage = study._storage
+    stale: set[int] = set()
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
+        worker = str(t.user_attrs.get("worker", "?"))
+        if process_gone(worker):
+            reason = f"worker {worker} died (its process is gone)"
+        elif t._trial_id in stale:
+            reason = f"worker {worker} died or was cut off (no heartbeat within the grace period)"
+        else:
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "failure", reason)
+            if not storage.set_trial_state_values(t._trial_id, state=S.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        failed.append(t.number)
+        if "retry_of" not in t.user_attrs and t.params:
+            keep = {k: t.user_attrs[k] for k in ("policy",) if k in t.user_attrs}
+            study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
+    return failed

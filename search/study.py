@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +121,8 @@ class StudyRunner:
 
         storage = open_storage(self.settings.storage)
         name = self.res.spec.name
-        sampler = make_sampler(self.settings, self.settings.max_map_drop is not None, self._worker_seed())
+        constrained = self.settings.max_map_drop is not None
+        sampler = make_sampler(self.settings, constrained, self.settings.seed)
         if create:
             try:
                 study = optuna.create_study(storage=storage, study_name=name,
@@ -132,8 +132,9 @@ class StudyRunner:
             else:
                 self._describe(study)
                 return study, True
-        try:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        try:  # a joining worker samples with its own seed, or it would propose what the others do
+            study = optuna.load_study(study_name=name, storage=storage,
+                                      sampler=make_sampler(self.settings, constrained, self.worker_seed()))
         except KeyError:
             raise UserError(f"no study named '{name}' in {redact(self.settings.storage)}") from None
         self._check_joinable(study)
@@ -166,11 +167,12 @@ class StudyRunner:
             raise UserError(f"the study '{name}' optimizes other objectives "
                             f"({study.user_attrs.get('objectives')}); use --fresh or another name")
 
-    def _worker_seed(self) -> int:
-        index = int(os.environ.get("YOLO_MPQ_WORKER_INDEX", "0"))
-        if self.settings.storage.startswith("sqlite") and index == 0:
-            return self.settings.seed
-        return self.settings.seed + index + zlib.crc32(self.worker.encode()) % 100_000
+    def worker_seed(self) -> int:
+        """The sampler seed of a worker that joins the study: the study's seed and this worker's id
+        (``host:pid``, and ``$YOLO_MPQ_WORKER_INDEX`` under ``--workers``), so workers started by hand on
+        one study do not propose the same assignments. The worker that creates the study uses the study seed."""
+        index = os.environ.get("YOLO_MPQ_WORKER_INDEX", "0")
+        return keys.worker_seed(self.settings.seed, f"{self.worker}#{index}")
 
     def prepare(self) -> tuple[optuna.Study, TrialObjective]:
         """Everything before the first trial: run directory, study, sensitivity table, space, float baseline."""
