@@ -153,11 +153,12 @@ def test_two_workers_one_study_survives_a_killed_worker(postgres_url, tmp_path):
     study = load(postgres_url, name)
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
-    # consistent: nothing left RUNNING, the killed trial failed (stale heartbeat) and was retried
+    # consistent: nothing left RUNNING, the killed trial failed (its process is gone) and was retried
     assert not [t.number for t in trials if t.state == S.RUNNING]
     for number in killed:
         assert by_number[number].state == S.FAIL
-        retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+        assert "died" in by_number[number].user_attrs["failure"]  # the reason is recorded
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
         assert len(retries) == 1 and retries[0].state == S.COMPLETE, [t.state for t in retries]
         assert retries[0].user_attrs["worker"] == ida
     # the budget, exactly: each assignment built once, by one worker, in that worker's run dir
