@@ -90,6 +90,14 @@ def connectable(url: str) -> str:
     return url.rstrip("?&")
 
 
+def _hint(url: str) -> str:
+    """For a recorded (redacted) URL: where the password can come from."""
+    if MASK not in url:
+        return ""
+    return (f" (the run files record this URL without its password: pass --storage URL, set {STORAGE_ENV}=URL, "
+            "or give PostgreSQL the password in PGPASSWORD or ~/.pgpass)")
+
+
 def default_url(run_dir: Path) -> str:
     """The SQLite URL of a run directory's ``study.db`` (absolute: the working directory does not matter)."""
     return f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
@@ -129,7 +137,7 @@ def open_storage(url: str) -> RDBStorage:
             return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace, **kwargs)
     except Exception as exc:  # noqa: BLE001 - connection errors of every driver
         reason = (scrub(str(exc), given).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot open the study storage {redact(given)}: {reason}") from None
+        raise UserError(f"cannot open the study storage {redact(given)}: {reason}{_hint(given)}") from None
 
 
 def open_existing(url: str) -> RDBStorage:
@@ -164,7 +172,7 @@ def open_existing(url: str) -> RDBStorage:
         if isinstance(cause, sqlalchemy.exc.ProgrammingError) or "no such table" in first or (
                 "relation" in first and "does not exist" in first):
             raise UserError(no_study) from None
-        raise UserError(f"cannot open storage {shown}: {first}") from None
+        raise UserError(f"cannot open storage {shown}: {first}{_hint(given)}") from None
     return storage
 
 
