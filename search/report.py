@@ -318,6 +318,24 @@ class Report:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def _warn_changed_artifacts(rows: Sequence[TrialRow]) -> None:
+    """One warning per listed trial whose artifact on this machine is not the file its metrics were measured on."""
+    from search.pipeline import artifact_mismatch
+
+    for row in rows:
+        folder = Path(row.artifact).parent
+        metrics = folder / "metrics.json"
+        if not row.artifact or not metrics.is_file():
+            continue  # built on another machine: its artifact is there
+        try:
+            bad = artifact_mismatch(folder, read_json(metrics).get("files"))
+        except ValueError:
+            bad = f"{metrics}: unreadable"
+        if bad is not None:
+            warn(f"trial {row.number}: {bad}; its metrics are not those of the file on disk "
+                 "(`search run` rebuilds it, `search export` re-verifies it)")
+
+
 def _intact_baseline(path: Path) -> TrialMetrics | None:
     """The float metrics of ``float/baseline.json``; ``None`` (with a warning) when it is not intact."""
     if not path.is_file():
@@ -340,6 +358,7 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     if not rows:
         raise UserError(f"{run_dir}: the study has no completed trials yet")
     front = pareto_front(rows, objectives)
+    _warn_changed_artifacts(front)
     paths = RunPaths(run_dir)
     base_file = paths.float_dir / "baseline.json"
     base, table = _intact_baseline(base_file), None

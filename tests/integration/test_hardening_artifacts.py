@@ -99,3 +99,19 @@ def test_a_changed_sweep_table_is_computed_again(pipeline, capsys):
     path.write_text(path.read_text()[:40])  # half-written
     assert load_cached(res) is None
     _warned(capsys, path)
+
+
+def test_the_report_warns_about_a_listed_trial_whose_artifact_changed(pipeline, capsys):
+    from search.report import TrialRow, _warn_changed_artifacts
+    from search.results import TrialMetrics
+
+    result = pipeline.run(Assignment())
+    row = TrialRow(number=7, digest=result.digest, label="float", policy="", metrics=result.metrics,
+                   summary={}, assignment={}, artifact=str(result.artifact), timings={})
+    capsys.readouterr()
+    _warn_changed_artifacts([row])
+    assert "warning:" not in capsys.readouterr().err
+    result.artifact.write_bytes(result.artifact.read_bytes()[:50])
+    _warn_changed_artifacts([row])
+    assert "trial 7" in _warned(capsys, result.artifact)
+    assert isinstance(result.metrics, TrialMetrics)
