@@ -75,6 +75,20 @@ def test_runs_dir_not_permitted(tmp_path, capsys):
     assert str(runs) in line
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_immutable_folder(tmp_path, capsys, existing):
+    runs = tmp_path / "runs"
+    (runs / "io" if existing else runs).mkdir(parents=True)
+    target = runs / "io" if existing else runs
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        line = _fails_in_one_line(capsys, "run", "--study", str(_spec(tmp_path, runs)), "--no-report")
+        assert str(runs / "io") in line and ("not permitted" in line or "not writable" in line)
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+
+
 def test_runs_dir_on_a_read_only_filesystem(tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         line = _fails_in_one_line(capsys, "run", "--study", str(_spec(tmp_path, ro / "runs")), "--no-report")
