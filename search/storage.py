@@ -221,7 +221,30 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
         failed.append(t.number)
-        if "retry_of" not in t.user_attrs and t.params:
-            keep = {k: t.user_attrs[k] for k in ("policy",) if k in t.user_attrs}
-            study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
+        if t.user_attrs.get("retry_of") is None and t.params:
+            enqueue_retry(study, t)
     return failed
+
+
+def enqueue_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:
+    """Enqueue ``failed``'s parameters again, to run next: ahead of the configurations already waiting
+    (the policy configurations), or the budget could be spent before the retry's turn comes."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    waiting = study.get_trials(deepcopy=False, states=(S.WAITING,))
+    attrs = {"policy": failed.user_attrs.get("policy") or "", "retry_of": failed.number}
+    study.enqueue_trial(dict(failed.params), user_attrs=attrs)
+    if not waiting:
+        return
+    # Optuna runs waiting trials in number order: exchange the retry with the first one waiting
+    first = waiting[0]
+    retry = study.get_trials(deepcopy=False, states=(S.WAITING,))[-1]
+    storage = study._storage
+    moved = {"policy": first.user_attrs.get("policy") or "", "retry_of": first.user_attrs.get("retry_of")}
+    storage.set_trial_system_attr(retry._trial_id, "fixed_params", first.system_attrs.get("fixed_params", {}))
+    for key, value in moved.items():
+        storage.set_trial_user_attr(retry._trial_id, key, value)
+    storage.set_trial_system_attr(first._trial_id, "fixed_params", dict(failed.params))
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(first._trial_id, key, value)

@@ -56,13 +56,13 @@ def _newer(path: Path, since: float) -> bool:
         return False
 
 
-def _building(run_dir: Path, since: float) -> bool:
+def _building(out: str, run_dir: Path, since: float) -> bool:
     """A trial folder whose assignment this process wrote and that has no ONNX yet: materializing or exporting."""
     return any(not (d / "model.onnx").exists() for d in run_dir.glob("trials/*")
                if _newer(d / "assignment.json", since))
 
 
-def _evaluating(run_dir: Path, since: float) -> bool:
+def _evaluating(out: str, run_dir: Path, since: float) -> bool:
     """A trial folder whose ONNX this process wrote and that has no metrics yet: being evaluated."""
     return any(not (d / "metrics.json").exists() for d in run_dir.glob("trials/*") if _newer(d / "model.onnx", since))
 
@@ -80,14 +80,16 @@ KILL_POINTS: list[tuple[str, Callable[[str, Path, float], bool]]] = [
 def _kill_when(proc: subprocess.Popen[bytes], log: Path, run_dir: Path,
                point: Callable[[str, Path, float], bool], delay: float, timeout: float = 600) -> None:
     start, since = time.monotonic(), time.time()
-    while proc.poll() is None and time.monotonic() - start < timeout:
-        if point(log.read_text(errors="replace"), run_dir, since):
-            time.sleep(delay)
-            break
-        time.sleep(0.2)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while proc.poll() is None and time.monotonic() - start < timeout:
+            if point(log.read_text(errors="replace"), run_dir, since):
+                time.sleep(delay)
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _check_files(run_dir: Path) -> None:

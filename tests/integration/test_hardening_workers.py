@@ -55,6 +55,25 @@ def test_a_killed_workers_trial_fails_with_the_reason_and_its_retry_runs(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_retry_runs_before_the_configurations_already_waiting(tmp_path):
+    """The policy configurations wait in the queue; a retry behind them would never run within the budget."""
+    study = _study(tmp_path)
+    for k in (1, 2, 3):
+        study.enqueue_trial({"k": k}, user_attrs={"policy": f"policy-{k}"})
+    study.optimize(lambda t: float(t.suggest_int("k", 0, 1000)), n_trials=1)  # runs policy-1
+    trial = study.ask(SPACE)  # policy-2, then its worker dies
+    assert trial.params["k"] == 2
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{_dead_pid()}")
+    fail_stale_trials(study)
+    study.optimize(lambda t: float(t.suggest_int("k", 0, 1000)), n_trials=3)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.params["k"] for t in done] == [1, 2, 3, done[-1].params["k"]]
+    assert done[1].user_attrs["retry_of"] == trial.number and done[1].user_attrs["policy"] == "policy-2"
+    assert done[2].user_attrs["policy"] == "policy-3" and done[2].user_attrs.get("retry_of") is None
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_silent_worker_on_another_host_fails_after_the_grace_period(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_MPQ_HEARTBEAT_S", "1")
     monkeypatch.setenv("YOLO_MPQ_GRACE_S", "1")
