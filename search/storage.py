@@ -216,6 +216,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "failure", reason)
+            storage.set_trial_user_attr(t._trial_id, "worker_died", True)
             if not storage.set_trial_state_values(t._trial_id, state=S.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -84,7 +84,8 @@ def make_sampler(settings: RunSettings, constrained: bool, seed: int) -> optuna.
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Distinct assignments done, trials running, failed, duplicated, waiting, and all trials."""
+    """Distinct assignments done, trials running, failed (``crashed``: not because their worker died),
+    duplicated, waiting, and all trials."""
     import optuna
 
     S = optuna.trial.TrialState
@@ -92,6 +93,7 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     done = sum(1 for t in trials if t.state == S.COMPLETE and "duplicate_of" not in t.user_attrs)
     return {"done": done, "running": sum(1 for t in trials if t.state == S.RUNNING),
             "failed": sum(1 for t in trials if t.state == S.FAIL),
+            "crashed": sum(1 for t in trials if t.state == S.FAIL and not t.user_attrs.get("worker_died")),
             "duplicates": sum(1 for t in trials if t.state == S.COMPLETE and "duplicate_of" in t.user_attrs),
             "total": len(trials), "waiting": sum(1 for t in trials if t.state == S.WAITING)}
 
@@ -233,12 +235,12 @@ class StudyRunner:
                 waiting = True
                 self.log(f"{c['running']} trial(s) running in other workers; waiting for them to finish")
             time.sleep(2.0)
-        if c["failed"] >= 3 and c["done"] == 0:
+        if c["crashed"] >= 3 and c["done"] == 0:  # a broken setup, not killed workers
             fails = [t.user_attrs.get("failure", "?") for t in study.get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
-            raise UserError(f"the first {c['failed']} trials failed; last reason: {fails[-1]}")
-        if c["failed"] > budget:
-            raise UserError(f"{c['failed']} trials failed; see the 'failure' user attribute of each")
+            raise UserError(f"the first {c['crashed']} trials failed; last reason: {fails[-1]}")
+        if c["crashed"] > budget:
+            raise UserError(f"{c['crashed']} trials failed; see the 'failure' user attribute of each")
         return True
 
     def _report_mine(self, study: optuna.Study, reported: set[int],

@@ -127,7 +127,11 @@ def test_kill_and_resume_keeps_every_completed_trial(tmp_path):
                 if "duplicate_of" not in t.user_attrs:
                     kept.setdefault(t.user_attrs["digest"], t.user_attrs["metrics"])
     proc = _start(spec, log)
-    proc.wait(timeout=900)
+    try:
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
     assert proc.returncode == 0 and "Traceback" not in out, out
     _check_files(run_dir)
