@@ -95,6 +95,12 @@ def float_export_key(*, model: Path, model_digest: str, imgsz: int, max_det: int
     return {"model": str(model), "digest": model_digest, "imgsz": imgsz, "max_det": max_det}
 
 
+def worker_seed(study_seed: int, worker: str) -> int:
+    """A sampler seed derived from the study's seed and a worker's id (stable, below 2**31)."""
+    digest = hashlib.sha256(f"{study_seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31 - 1)
+
+
 def baseline_key(*, onnx: Path, data: str, evaluation: BaseModel, latency: BaseModel) -> dict[str, Any]:
     """What decides the float model's metrics."""
     return {"onnx": file_digest(onnx), "data": data, "eval": _dump(evaluation), "latency": _dump(latency)}

@@ -17,7 +17,9 @@ A stage that transforms the artifact (e.g. lowering it for a deployment target) 
 measurement goes in the evaluator and adds a field to :class:`~search.results.TrialMetrics`.
 
 Results are cached per assignment in ``trials/<digest>/``: a finished ``metrics.json`` made in
-the same context (:meth:`~search.resources.StudyResources.context_key`) is reused. The sweep,
+the same context (:meth:`~search.resources.StudyResources.context_key`) is reused, but only
+while the artifact on disk is the one it measured (its SHA-256 and size, recorded under
+``files``); otherwise the trial is rebuilt with a warning naming the file. The sweep,
 the study, ``search quantize`` and ``search export`` all build through :meth:`TrialPipeline.run`,
 so a trial is the same everywhere.
 """
@@ -29,8 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpq.files import read_json, write_json, write_text
+from mpq.files import file_record, read_json, record_mismatch, write_json, write_text
 from search.baseline import FloatBaseline
+from search.console import warn
 from search.evaluation import ArtifactEvaluator
 from search.resources import StudyResources
 from search.results import TrialResult
@@ -94,7 +97,8 @@ class TrialPipeline:
                              summary=assignment.summary(self.resources.model.layers), timings=timings,
                              artifact=artifact.path, export=artifact.export)
         write_json(out_dir / "metrics.json", {**result.to_json(), "context": self.resources.context_key(),
-                                              "backend": self.resources.spec.backend.name})
+                                              "backend": self.resources.spec.backend.name,
+                                              "files": artifact_records(artifact.path)})
         return result
 
     def build(self, assignment: Assignment, out_dir: Path) -> Artifact:
@@ -124,7 +128,33 @@ class TrialPipeline:
         onnx_path = out_dir / "model.onnx"
         if not (metrics_path.is_file() and onnx_path.is_file()):
             return None
-        data = read_json(metrics_path)
+        try:
+            data = read_json(metrics_path)
+        except ValueError:
+            warn(f"{metrics_path}: unreadable (half-written or edited); rebuilding the trial")
+            return None
         if data.get("digest") != assignment.digest() or data.get("context") != self.resources.context_key():
             return None
+        bad = artifact_mismatch(out_dir, data.get("files"))
+        if bad is not None:
+            warn(f"{bad}; rebuilding the trial instead of reusing its metrics")
+            return None
         return TrialResult.from_json(data, assignment, onnx_path)
+
+
+def artifact_records(path: Path) -> list[dict[str, Any]]:
+    """Digest and size of an artifact and of its external-data file, if it has one."""
+    extra = path.with_name(path.name + ".data")
+    return [file_record(p) for p in (path, extra) if p.is_file()]
+
+
+def artifact_mismatch(folder: Path, records: Any) -> str | None:
+    """``"<file>: <why>"`` for the first recorded file in ``folder`` that is not intact, else ``None``."""
+    if not isinstance(records, list) or not records:
+        return f"{folder / 'model.onnx'}: {record_mismatch(folder / 'model.onnx', None)}"
+    for record in records:
+        path = folder / str(record.get("file", "model.onnx")) if isinstance(record, dict) else folder / "model.onnx"
+        why = record_mismatch(path, record)
+        if why is not None:
+            return f"{path}: {why}"
+    return None

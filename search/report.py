@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import UserError
-from mpq.files import read_json, write_text
+from mpq.files import read_json, read_sealed_json, write_text
 from mpq.objectives import OBJECTIVES
+from search.console import warn
 from search.paths import RunPaths
 from search.results import TrialMetrics
 from search.trial_attrs import TrialAttrs
@@ -328,6 +329,35 @@ class Report:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def _warn_changed_artifacts(rows: Sequence[TrialRow]) -> None:
+    """One warning per listed trial whose artifact on this machine is not the file its metrics were measured on."""
+    from search.pipeline import artifact_mismatch
+
+    for row in rows:
+        folder = Path(row.artifact).parent
+        metrics = folder / "metrics.json"
+        if not row.artifact or not metrics.is_file():
+            continue  # built on another machine: its artifact is there
+        try:
+            bad = artifact_mismatch(folder, read_json(metrics).get("files"))
+        except ValueError:
+            bad = f"{metrics}: unreadable"
+        if bad is not None:
+            warn(f"trial {row.number}: {bad}; its metrics are not those of the file on disk "
+                 "(`search run` rebuilds it, `search export` re-verifies it)")
+
+
+def _intact_baseline(path: Path) -> TrialMetrics | None:
+    """The float metrics of ``float/baseline.json``; ``None`` (with a warning) when it is not intact."""
+    if not path.is_file():
+        return None
+    try:
+        return TrialMetrics.from_json(read_json(path)["metrics"])
+    except (ValueError, KeyError, TypeError) as exc:
+        warn(f"{path}: unreadable ({exc}); the report leaves the float baseline out")
+        return None
+
+
 def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None = None) -> Report:
     """Write the report files of a run directory and return what they contain."""
     import optuna
@@ -339,15 +369,18 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     if not rows:
         raise UserError(f"{run_dir}: the study has no completed trials yet")
     front = pareto_front(rows, objectives)
+    _warn_changed_artifacts(front)
     paths = RunPaths(run_dir)
     base_file = paths.float_dir / "baseline.json"
-    base = TrialMetrics.from_json(read_json(base_file)["metrics"]) if base_file.is_file() else None
-    table = None
+    base, table = _intact_baseline(base_file), None
     sens = run_dir / "sensitivity.json"
-    if sens.is_file():
-        table = read_json(sens)
-    elif "sensitivity" in study.user_attrs:
+    if "sensitivity" in study.user_attrs:  # the table the study ran with
         table = json.loads(study.user_attrs["sensitivity"])
+    elif sens.is_file():
+        try:
+            table = read_sealed_json(sens)
+        except ValueError as exc:
+            warn(f"{sens}: {exc}; the report leaves the sensitivity table out")
     S = optuna.trial.TrialState
     all_trials = study.get_trials(deepcopy=False)
     counts = {"complete": sum(t.state == S.COMPLETE for t in all_trials),

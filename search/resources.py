@@ -62,7 +62,8 @@ class StudyResources:
         """The fused float model."""
         from mpq.model import load_model
 
-        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det)
+        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det,
+                          trust=self.spec.trust_checkpoint)
 
     @cached_property
     def model_digest(self) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from mpq import keys
 from mpq.assignment import Assignment, LayerGroup, Precision
 from mpq.errors import UserError
-from mpq.files import read_json, write_json
+from mpq.files import read_sealed_json, write_json, write_sealed_json
 
 if TYPE_CHECKING:
     from search.baseline import FloatBaseline
@@ -127,8 +127,11 @@ def load_cached(res: StudyResources, metric: str | None = None) -> SensitivityTa
     if not path.is_file():
         return None
     try:
-        table = SensitivityTable.from_json(read_json(path))
-    except (KeyError, ValueError):
+        table = SensitivityTable.from_json(read_sealed_json(path))
+    except (KeyError, ValueError, TypeError) as exc:
+        from search.console import warn
+
+        warn(f"{path}: {exc}; running the sweep again")
         return None
     return table if table.key == sweep_key(res, metric, sweep_candidates(res)) else None
 
@@ -159,7 +162,7 @@ def run_sweep(res: StudyResources, baseline: FloatBaseline, *, metric: str | Non
     table = SensitivityTable(metric, sweep_key(res, metric, candidates), [g.name for g in res.groups], scores,
                              time.perf_counter() - start, extra)
     res.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(table_path(res, metric), table.to_json())
+    write_sealed_json(table_path(res, metric), table.to_json())
     return table
 
 

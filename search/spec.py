@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -96,6 +97,34 @@ def _path_validator(value: Any, info: ValidationInfo) -> Any:
 SpecPath = Annotated[Path, BeforeValidator(_path_validator), PlainSerializer(str, return_type=str)]
 
 
+def _imgsz_multiple(v: int) -> int:
+    if v % 32:
+        near = max(32, round(v / 32) * 32)
+        raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {near}")
+    return v
+
+
+#: A square input size: at least 32 and a multiple of 32 (the spec's ``imgsz`` and ``--imgsz``).
+ImageSize = Annotated[int, Field(ge=32), AfterValidator(_imgsz_multiple)]
+#: A number of trials (the spec's ``search.budget`` and ``--budget``).
+Budget = Annotated[int, Field(gt=0)]
+#: A positive count (``--workers``, batch sizes).
+PositiveInt = Annotated[int, Field(gt=0)]
+
+#: The value types the command line checks with the spec's own validators (see :func:`check_value`).
+VALUE_TYPES: dict[str, Any] = {"imgsz": ImageSize, "budget": Budget, "positive": PositiveInt}
+
+
+def check_value(kind: str, text: str) -> Any:
+    """``text`` (a command-line value) validated as the spec validates ``kind``; ``ValueError`` names why."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(VALUE_TYPES[kind]).validate_python(int(text) if text.lstrip("-").isdigit() else text)
+    except ValidationError as exc:
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+
+
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
@@ -141,7 +170,7 @@ class SensitivitySpec(Section):
 class SearchSpec(Section):
     """The Optuna multi-objective study."""
 
-    budget: int = Field(default=50, gt=0, description="Number of trials.")
+    budget: Budget = Field(default=50, description="Number of trials.")
     objectives: list[ObjectiveName] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES), min_length=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
@@ -157,7 +186,7 @@ class StudySpec(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the run directory.")
     model: SpecPath = Field(description="Ultralytics checkpoint (.pt) or architecture (.yaml).")
-    imgsz: int = Field(default=640, ge=32, description="Square input size (multiple of 32).")
+    imgsz: ImageSize = Field(default=640, description="Square input size (multiple of 32).")
     granularity: Literal["layer", "block"] = "layer"
     candidates: list[PrecisionField] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1)
     keep_float: list[str] = Field(
@@ -171,6 +200,9 @@ class StudySpec(Section):
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     device: str = Field(default="auto", description="Torch device for calibration: auto, cpu, cuda, cuda:N.")
+    trust_checkpoint: bool = Field(
+        default=False, description="Load a .pt checkpoint that the restricted loader refuses: a .pt is a pickle, and "
+        "a full unpickle runs any code the file carries. Only for checkpoints from a source you trust.")
     runs_dir: SpecPath | None = Field(
         default=None, description="Where run directories are made (default: ./runs in the working directory).")
 
@@ -178,14 +210,6 @@ class StudySpec(Section):
     @classmethod
     def _backend_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz_multiple(cls, v: int) -> int:
-        if v % 32:
-            near = max(32, round(v / 32) * 32)
-            raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {near}")
-        return v
 
     @field_validator("candidates")
     @classmethod
@@ -220,9 +244,19 @@ class StudySpec(Section):
         """``runs_dir/<name>`` (default ``./runs/<name>``)."""
         return (Path(self.runs_dir) if self.runs_dir else Path.cwd() / "runs") / self.name
 
+    def record(self) -> dict[str, Any]:
+        """The resolved spec as JSON data fit to record (a run's ``spec.yaml``, the study's ``spec``
+        attribute): the storage URL's password redacted (:func:`search.storage.redact`)."""
+        from search.storage import redact
+
+        data = self.model_dump(mode="json")
+        if data["search"].get("storage"):
+            data["search"]["storage"] = redact(data["search"]["storage"])
+        return data
+
     def to_yaml(self) -> str:
-        """The resolved spec as YAML (what ``spec.yaml`` of a run holds)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved spec as YAML (what ``spec.yaml`` of a run holds), its storage password redacted."""
+        return yaml.safe_dump(self.record(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------

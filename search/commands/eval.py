@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.commands import add_study_arg
+from search.commands import add_study_arg, spec_value
 
 if TYPE_CHECKING:
     from evaluators.base import AccuracyResult, LatencyResult
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-ultralytics", action=argparse.BooleanOptionalAction, default=None,
                    help="also run Ultralytics' validator on the same ONNX (default: on for the float model)")
     p.add_argument("--latency", action="store_true", help="also measure latency with the study's latency settings")
-    p.add_argument("--batch-size", type=int, default=None, help="override evaluation.batch_size")
+    p.add_argument("--batch-size", type=spec_value("positive"), default=None, help="override evaluation.batch_size")
     p.set_defaults(handler=run)
 
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
-    spec = load_study(args.study, **overrides)
+    spec = load_study(args.study, trust=args.trust_checkpoint, **overrides)
     pipeline = TrialPipeline.for_spec(spec)
     res = pipeline.resources
     if args.onnx is not None:

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend and args.backend != load_study(args.study).backend.name:
         overrides["backend"] = {"name": args.backend}  # that backend's default options
     overrides.update(parse_overrides(args.overrides))
-    spec = load_study(args.study, **overrides)
+    spec = load_study(args.study, trust=args.trust_checkpoint, **overrides)
     pipeline = TrialPipeline.for_spec(spec, device=args.device, progress=True)
     res = pipeline.resources
     assignment, label = build_assignment(args, res)

@@ -140,6 +140,29 @@ def test_export_reverifies(finished_run: tuple[Path, Path], tmp_path: Path):
     assert bad.returncode == 2 and "no trial 999" in bad.stderr
 
 
+def test_a_truncated_trial_artifact_is_rebuilt_not_reused(finished_run: tuple[Path, Path], tmp_path: Path):
+    """Issue 14: a finished trial's model.onnx truncated, then export and ``run --fresh``."""
+    from mpq.files import record_mismatch
+
+    spec, run_dir = finished_run
+    study = _study(run_dir)
+    trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                 and "duplicate_of" not in t.user_attrs)
+    onnx_path = Path(trial.user_attrs["artifact"])
+    onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
+    out = _search("export", str(run_dir), "--trial", str(trial.number), "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "warning:" in out.stderr and str(onnx_path) in out.stderr.replace("\n", "")
+    out = _search("run", "--study", str(spec), "--budget", "6", "--no-report", "--fresh")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and str(onnx_path) in out.stderr
+    again = [t for t in _study(run_dir).trials if t.user_attrs.get("digest") == trial.user_attrs["digest"]
+             and "duplicate_of" not in t.user_attrs]
+    assert again and again[0].user_attrs["cached"] is False  # rebuilt, not reused
+    records = json.loads((onnx_path.parent / "metrics.json").read_text())["files"]
+    assert record_mismatch(onnx_path, records[0]) is None and onnx_path.stat().st_size > 1000
+
+
 def test_a_changed_spec_does_not_silently_join_the_old_study(finished_run: tuple[Path, Path]):
     spec, run_dir = finished_run
     data = yaml.safe_load(spec.read_text())
