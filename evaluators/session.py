@@ -147,8 +147,12 @@ def _device_of(provider: str, options: Mapping[str, Any]) -> str:
 def open_session(model: str | os.PathLike[str] | bytes, *, providers: Sequence[str] = (CPU,),
                  threads: int | None = None, disable_cpu_fallback: bool = False, source: str | None = None,
                  cache_dir: Path | None = None,
-                 provider_options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, SessionReport, ModelIO]:
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 optimized_model_path: str | os.PathLike[str] | None = None) -> tuple[Any, SessionReport, ModelIO]:
     """Create an ONNX Runtime session for ``model`` (a path, or serialized bytes named by ``source``).
+
+    ``optimized_model_path``: also write the graph ONNX Runtime runs after its optimizations
+    there (``SessionOptions.optimized_model_filepath``; see :mod:`evaluators.runtime`).
 
     Raises:
         ModelFormatError: the file is missing, empty, corrupt or not loadable by ONNX Runtime.
@@ -174,6 +178,8 @@ def open_session(model: str | os.PathLike[str] | bytes, *, providers: Sequence[s
         so.intra_op_num_threads = int(threads)
     if disable_cpu_fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
     opts = [dict((provider_options or {}).get(p) or _default_options(p, cache_dir)) for p in chosen]
     try:
         sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,

@@ -10,6 +10,10 @@ CUDA memory, stream and timing events come from ``torch.cuda``. Engines are cach
 version and the GPU name. ``tensorrt`` is imported only inside functions: ``search --help``
 and CPU-only machines never load it; where it cannot run, :func:`tensorrt_unavailable_reason`
 says why and :meth:`TensorRTLatencyEvaluator.evaluate` raises :class:`EvaluatorUnavailable`.
+
+Per-layer precisions come from the engine inspector (``ProfilingVerbosity.DETAILED`` at build
+time): :func:`engine_layer_precisions` reads which engine layers consume INT8 tensors (10.x
+``Format/Datatype``, 11.x ``DataType``) and maps them back to the ONNX layers.
 """
 
 from __future__ import annotations
@@ -51,10 +55,80 @@ def tensorrt_available() -> bool:
 
 def engine_cache_name(onnx_digest: str, *, batch: int, imgsz: int, fp16: bool, int8: bool, trt_version: str,
                       gpu: str) -> str:
-    """File name of a cached engine: everything the engine depends on."""
+    """File name of a cached engine: everything the engine depends on (engines are built with
+    detailed profiling verbosity, so the inspector can report per-layer precisions)."""
     gpu_slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() or "gpu"
     flags = "".join(f for f, on in (("fp16", fp16), ("int8", int8)) if on) or "fp32"
-    return f"{onnx_digest}-b{batch}-s{imgsz}-{flags}-trt{trt_version}-{gpu_slug}.engine"
+    return f"{onnx_digest}-b{batch}-s{imgsz}-{flags}-trt{trt_version}-{gpu_slug}-detailed.engine"
+
+
+def _tensor_types(entry: Any) -> list[str]:
+    """The data-type strings of an inspector layer's inputs (TensorRT 10: ``Format/Datatype``;
+    11: ``DataType`` beside ``Format``)."""
+    out = []
+    for t in entry.get("Inputs", []) if isinstance(entry, dict) else []:
+        if isinstance(t, dict):
+            out.append(str(t.get("DataType") or t.get("Format/Datatype") or t.get("Format") or ""))
+    return out
+
+
+def parse_engine_information(info: str | dict[str, Any], layer_nodes: dict[str, str],
+                             asked: dict[str, str] | None = None) -> Any:
+    """A :class:`evaluators.runtime.RuntimeReport` from the engine inspector's JSON.
+
+    Args:
+        info: ``EngineInspector.get_engine_information(LayerInformationFormat.JSON)`` (text or parsed).
+        layer_nodes: layer name -> the ONNX node name of its Conv/Gemm/MatMul (fused engine
+            layers keep the ONNX node names in their ``Name``).
+        asked: layer name -> precision asked (``W8A8``).
+
+    A layer runs INT8 when the engine layer that holds its node is a convolution / matrix
+    multiply reading an INT8 tensor. Engines built without ``ProfilingVerbosity.DETAILED``
+    list names only: then every layer is reported ``unknown``.
+    """
+    import json
+
+    from evaluators.runtime import LayerRuntime, RuntimeReport
+
+    data = json.loads(info) if isinstance(info, str) else info
+    layers = data.get("Layers", []) if isinstance(data, dict) else []
+    detailed = any(isinstance(entry, dict) for entry in layers)
+    per_layer = {}
+    for layer, node in layer_nodes.items():
+        kernel, int8 = ("missing", False)
+        for entry in layers:
+            name = entry.get("Name", "") if isinstance(entry, dict) else str(entry)
+            if not node or node not in name:
+                continue
+            if not detailed:
+                kernel = "unknown (engine built without ProfilingVerbosity.DETAILED)"
+                continue
+            ltype = str(entry.get("LayerType", "")) + " " + str(entry.get("ParameterType", ""))
+            if not any(k in ltype for k in ("Convolution", "Conv", "Gemm", "MatrixMultiply", "MatMul")):
+                if kernel == "missing":
+                    kernel = ltype.strip() or "other"
+                continue
+            types = " ".join(_tensor_types(entry)).lower()
+            kernel, int8 = ltype.strip(), "int8" in types
+            break
+        per_layer[layer] = LayerRuntime(layer=layer, asked=(asked or {}).get(layer, "?"), kernel=kernel, int8=int8)
+    notes = () if detailed else ("the engine lists layer names only (no ProfilingVerbosity.DETAILED)",)
+    return RuntimeReport(engine="tensorrt", provider="TensorRT", per_layer=per_layer, notes=notes)
+
+
+def engine_layer_precisions(engine_bytes: bytes, layer_nodes: dict[str, str], asked: dict[str, str] | None = None
+                            ) -> Any:
+    """Deserialize ``engine_bytes`` and report, per layer, whether TensorRT runs it INT8
+    (:func:`parse_engine_information` on the engine inspector's JSON)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise EvaluatorError("TensorRT could not deserialize the engine to inspect it")
+    inspector = engine.create_engine_inspector()
+    return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON), layer_nodes,
+                                    asked)
 
 
 def has_qdq(onnx_path: str | os.PathLike[str]) -> bool:
@@ -133,13 +207,18 @@ class TensorRTLatencyEvaluator:
         t0 = time.perf_counter()
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # TensorRT 10: networks are always explicit batch
+        # TensorRT 10: networks are always explicit batch (flags 0, weak typing with the INT8/FP16 flags
+        # below); TensorRT 11 removed those flags: strongly typed, the Q/DQ nodes decide
+        weak = hasattr(trt.BuilderFlag, "INT8")
+        strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        network = builder.create_network(0 if weak or strongly is None else 1 << int(strongly))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelFormatError(f"{onnx_path}: TensorRT's ONNX parser rejected it: {errors[:600]}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions for the inspector
         if self.fp16 and hasattr(trt.BuilderFlag, "FP16"):  # removed in TensorRT 11 (strong typing)
             config.set_flag(trt.BuilderFlag.FP16)
         if int8 and hasattr(trt.BuilderFlag, "INT8"):
@@ -215,6 +294,16 @@ class TensorRTLatencyEvaluator:
                 times.append(float(start.elapsed_time(end)))
         stats = summarize_ms(times)
         gpu = torch.cuda.get_device_name(self.device)
+        precisions: dict[str, Any] = {}
+        try:  # what ran INT8, per layer (a failed inspection must not lose the latency)
+            from evaluators.onnx_graph import load
+            from evaluators.runtime import asked_from_metadata, layer_nodes
+
+            graph = load(onnx_path)
+            report = engine_layer_precisions(data, layer_nodes(graph), asked_from_metadata(graph))
+            precisions = report.to_dict()
+        except Exception as exc:  # noqa: BLE001 - inspector output varies across TensorRT versions
+            precisions = {"error": f"{type(exc).__name__}: {exc}"}
         return LatencyResult(
             engine="tensorrt", provider="TensorRT", device=f"cuda:{self.device} ({gpu})", batch_size=self.batch_size,
             threads=None, warmup=self.warmup, runs=self.runs, mean_ms=stats["mean_ms"], median_ms=stats["median_ms"],
@@ -222,5 +311,6 @@ class TensorRTLatencyEvaluator:
             extra={"onnx": str(onnx_path), "engine_path": str(path), "engine_cached": cached,
                    "build_s": round(build_s, 2), "tensorrt": trt.__version__, "fp16": self.fp16,
                    "int8": self.int8 and has_qdq(onnx_path), "std_ms": stats["std_ms"],
+                   "layer_precisions": precisions,
                    "timing": "CUDA events around execute_async_v3 (device time; no host<->device copies)"},
         )

@@ -59,6 +59,55 @@ def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a written artifact was: its name, SHA-256 and size (recorded where the file is written)."""
+    path = Path(path)
+    return {"file": path.name, "sha256": file_digest(path, 64), "bytes": path.stat().st_size}
+
+
+def record_mismatch(path: str | os.PathLike[str], record: Any) -> str | None:
+    """Why the file at ``path`` is not the one ``record`` (:func:`file_record`) describes, or ``None``.
+
+    A missing record counts as a mismatch: a file whose content cannot be checked is not reused.
+    """
+    path = Path(path)
+    if not isinstance(record, dict) or "sha256" not in record or "bytes" not in record:
+        return "no recorded digest (written before artifacts were checked)"
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes, {record['bytes']} recorded (truncated or replaced)"
+    if file_digest(path, 64) != record["sha256"]:
+        return "content differs from its recorded SHA-256"
+    return None
+
+
+def json_digest(data: Any) -> str:
+    """SHA-256 of JSON data in canonical form (sorted keys): seals a JSON file's content."""
+    text = json.dumps(data, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_sealed_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` with a ``sha256`` of its own content, so :func:`read_sealed_json` finds any change."""
+    return write_json(path, {**data, "sha256": json_digest(data)})
+
+
+def read_sealed_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The data :func:`write_sealed_json` wrote; ``ValueError`` saying why when the file is not intact."""
+    try:
+        data = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    if not isinstance(data, dict) or "sha256" not in data:
+        raise ValueError("no recorded digest (written before results were checked)")
+    seal = data.pop("sha256")
+    if json_digest(data) != seal:
+        raise ValueError("content differs from its recorded SHA-256")
+    return data
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)

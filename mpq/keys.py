@@ -66,18 +66,24 @@ def calibration_key(images: np.ndarray, paths: Iterable[Path], batch_size: int) 
 
 
 def context_key(*, model: str, data: str, imgsz: int, backend: BaseModel, evaluation: BaseModel,
-                latency: BaseModel) -> dict[str, Any]:
-    """What, besides the assignment, decides a trial's result."""
-    return {"model": model, "data": data, "imgsz": imgsz, "backend": _dump(backend), "eval": _dump(evaluation),
-            "latency": _dump(latency)}
+                latency: BaseModel, deploy: BaseModel | None = None) -> dict[str, Any]:
+    """What, besides the assignment, decides a trial's result (``deploy``: the target its file is lowered for)."""
+    out = {"model": model, "data": data, "imgsz": imgsz, "backend": _dump(backend), "eval": _dump(evaluation),
+           "latency": _dump(latency)}
+    if deploy is not None:
+        out["deploy"] = _dump(deploy)
+    return out
 
 
 def sweep_key(*, model: str, data: str, imgsz: int, granularity: str, groups: Sequence[str], backend: BaseModel,
-              metric: str, candidates: Iterable[Precision], images: int) -> dict[str, Any]:
-    """What decides a sensitivity table."""
-    return {"model": model, "data": data, "imgsz": imgsz, "granularity": granularity, "groups": list(groups),
-            "backend": _dump(backend), "metric": metric, "candidates": [str(p) for p in candidates],
-            "images": images}
+              metric: str, candidates: Iterable[Precision], images: int, deploy: str | None = None) -> dict[str, Any]:
+    """What decides a sensitivity table (``deploy``: the target its probes model and are lowered for)."""
+    out = {"model": model, "data": data, "imgsz": imgsz, "granularity": granularity, "groups": list(groups),
+           "backend": _dump(backend), "metric": metric, "candidates": [str(p) for p in candidates],
+           "images": images}
+    if deploy is not None:
+        out["deploy"] = deploy
+    return out
 
 
 def study_key(*, context: dict[str, Any], objectives: Sequence[str], space: str, granularity: str,
@@ -90,6 +96,12 @@ def study_key(*, context: dict[str, Any], objectives: Sequence[str], space: str,
 def float_export_key(*, model: Path, model_digest: str, imgsz: int, max_det: int) -> dict[str, Any]:
     """What decides the float model's ONNX export."""
     return {"model": str(model), "digest": model_digest, "imgsz": imgsz, "max_det": max_det}
+
+
+def worker_seed(study_seed: int, worker: str) -> int:
+    """A sampler seed derived from the study's seed and a worker's id (stable, below 2**31)."""
+    digest = hashlib.sha256(f"{study_seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31 - 1)
 
 
 def baseline_key(*, onnx: Path, data: str, evaluation: BaseModel, latency: BaseModel) -> dict[str, Any]:

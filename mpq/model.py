@@ -25,10 +25,13 @@ Layer names are the module names of the Ultralytics ``DetectionModel``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import re
+import threading
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -260,8 +263,13 @@ def layer_table(module: nn.Module, imgsz: int) -> list[LayerInfo]:
     return layers
 
 
-def _read_model(path: Path) -> Any:
-    """Return an Ultralytics DetectionModel from a .pt or .yaml file, offline."""
+def _read_model(path: Path, trust: bool = False) -> Any:
+    """Return an Ultralytics DetectionModel from a .pt or .yaml file, offline.
+
+    A ``.pt`` is a pickle, and unpickling can run any code the file carries; it is loaded with
+    Ultralytics' restricted loader (``torch.load(weights_only=True)`` and an allow-list of its
+    model classes) unless ``trust`` says the file's source is trusted.
+    """
     from mpq.env import import_ultralytics
 
     import_ultralytics()
@@ -284,27 +292,56 @@ def _read_model(path: Path) -> Any:
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint not found (this tool never downloads weights; "
                              "put the .pt file there or fix the path)")
-    from ultralytics.nn.tasks import load_checkpoint
+    from ultralytics.nn import tasks
 
+    if not trust and not tasks._SafeLoad.SUPPORTED:
+        raise ModelLoadError(f"{path}: this torch cannot load checkpoints without running their code "
+                             f"(weights_only loading needs torch >= 2.6); {TRUST_HINT}")
     try:
-        model, _ckpt = load_checkpoint(str(path), device="cpu", fuse=False)
+        with _SAFE_LOCK, _safe_load(tasks, not trust):
+            model, _ckpt = tasks.load_checkpoint(str(path), device="cpu", fuse=False)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path}: cannot be read as an Ultralytics checkpoint: {exc}") from exc
+        text = str(exc).replace("ERROR ❌️ ", "").strip().splitlines()[0]
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc.__cause__ or ""))
+        if not trust and refused:
+            raise ModelLoadError(f"{path}: refused: the checkpoint references {refused.group(1)}, outside the "
+                                 f"Ultralytics model classes, which loading would run; {TRUST_HINT}") from None
+        raise ModelLoadError(f"{path}: cannot be read as an Ultralytics checkpoint: {text}") from None
     return model
 
 
+#: How a user loads a checkpoint that the safe loader refuses.
+TRUST_HINT = ("if you trust its source, pass --trust-checkpoint (or trust_checkpoint: true in the spec), "
+              "which lets the file run code on this machine")
+_SAFE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _safe_load(tasks: Any, safe: bool) -> Iterator[None]:
+    """Ultralytics' own restricted loading (``torch.load(weights_only=True)`` against its allow-list of
+    model classes) for one ``load_checkpoint`` call; ``safe=False`` is a full, code-running unpickle."""
+    before = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = safe
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = before
+
+
 def load_model(path: str | os.PathLike[str], imgsz: int = 640, *, max_det: int = 300,
-               head: str = HEAD_AUTO, end2end: bool | None = None) -> LoadedModel:
+               head: str = HEAD_AUTO, end2end: bool | None = None, trust: bool = False) -> LoadedModel:
     """Load, fuse and wrap a detector with the head ``head`` (see the module docstring).
 
-    ``end2end`` is the older spelling: True means ``head="one2one"``, False ``"one2many"``.
+    ``end2end`` is the older spelling: True means ``head="one2one"``, False ``"one2many"``;
+    ``trust`` allows a checkpoint that the restricted loader refuses to run its own code
+    (see :func:`_read_model`).
     """
     import torch
     from ultralytics.nn.modules.head import Detect
 
     start = time.perf_counter()
     path = Path(path)
-    det = _read_model(path)
+    det = _read_model(path, trust)
     det = det.float().eval()
     det_head = det.model[-1]
     if not isinstance(det_head, Detect):

@@ -47,7 +47,7 @@ from quantizers.base import (
     stamp_metadata,
 )
 from quantizers.brevitas_options import CAPABILITIES, NAME, BrevitasOptions
-from quantizers.brevitas_stats import InputStatistics, LayerStats, output_mean
+from quantizers.brevitas_stats import InputStatistics, LayerStats, asym_minmax_quant, output_mean
 
 if TYPE_CHECKING:
     import torch
@@ -108,45 +108,89 @@ def weight_quantizer(bits: int, options: BrevitasOptions) -> Any:
     return quant
 
 
-def input_quantizer(options: BrevitasOptions) -> Any:
-    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer."""
-    from brevitas.core.stats import NegativeMinOrZero
+def activation_choice(options: BrevitasOptions, target: str = "qcdq") -> tuple[str, str, str]:
+    """``(act_quant_type, input calibration, output calibration)`` with ``auto`` resolved for
+    the deploy target.
+
+    ``ort-cpu``: ``asym`` (uint8 with a zero point: ONNX Runtime's u8 kernels take any zero
+    point, and YOLO's post-SiLU inputs (>= -0.28) and all-negative class logits would waste
+    half of a symmetric grid), inputs ``mse`` (the clipped range with the least
+    quantization error, :func:`quantizers.ranges.mse_range`), outputs ``max`` (the
+    unclipped min..max): measured best of the variants tried on the demo
+    (docs/benchmarks.md, "Deployment"). Elsewhere (``tensorrt``, ``qcdq``): ``sym`` +
+    ``percentile`` (TensorRT takes zero point 0 only). An explicit ``act_calibration``
+    applies to inputs and outputs.
+    """
+    qtype = options.act_quant_type
+    method = options.act_calibration
+    if qtype == "auto":
+        qtype = "asym" if target == "ort-cpu" else "sym"
+    if method == "auto":
+        return (qtype, "mse", "max") if target == "ort-cpu" else (qtype, "percentile", "percentile")
+    return qtype, method, method
+
+
+def own_range(qtype: str, method: str) -> bool:
+    """Whether this backend computes the range itself (asymmetric ``max``/``mse``:
+    :class:`quantizers.ranges.RangeObserver`, global min/max and an MSE search) and loads it
+    into a min/max Brevitas quantizer, instead of Brevitas' per-batch statistics."""
+    return qtype == "asym" and method in ("max", "mse")
+
+
+def input_quantizer(options: BrevitasOptions, target: str = "qcdq", role: str = "input") -> Any:
+    """The Brevitas per-tensor 8-bit quantizer for the input of an A8 layer (``role``
+    ``output``: the quantizer on its output, for targets that need one)."""
     from brevitas.inject.enum import StatsOp
     from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE
-    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat, ShiftedUint8ActPerTensorFloatMSE
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
 
-    method = options.act_calibration
+    qtype, in_method, out_method = activation_choice(options, target)
+    method = out_method if role == "output" else in_method
+    if own_range(qtype, method):
+        return asym_minmax_quant()  # range computed by the backend (RangeObserver), loaded as state
     p = options.act_percentile
-    if options.act_quant_type == "sym":
+    if qtype == "sym":
         if method == "mse":
             return Int8ActPerTensorFloatMSE
         if method == "max":
             return Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX)
         return Int8ActPerTensorFloat.let(high_percentile_q=p)
-    if method == "mse":
-        return ShiftedUint8ActPerTensorFloatMSE
-    if method == "max":
-        return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX,
-                                                 zero_point_stats_impl=NegativeMinOrZero)
     return ShiftedUint8ActPerTensorFloat.let(high_percentile_q=p, low_percentile_q=100.0 - p)
 
 
+def output_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
+    """The Brevitas per-tensor 8-bit quantizer on the output of an A8 layer, for deployment
+    targets whose integer kernels requantize their output (``ort-cpu``: ``DQ -> Conv -> Q``
+    becomes ``QLinearConv``): the same kind as the input quantizers (calibration: see
+    :func:`activation_choice`)."""
+    return input_quantizer(options, target, role="output")
+
+
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
-                input_quant_state: dict[str, Any] | None = None) -> nn.Module:
+                input_quant_state: dict[str, Any] | None = None,
+                output_quant_state: dict[str, Any] | None = None, target: str = "qcdq") -> nn.Module:
     """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
 
     ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
-    weight scales are initialized here, from the float weights.
+    weight scales are initialized here, from the float weights. ``output_quant_state`` (A8
+    layers, for targets that quantize outputs) adds a calibrated output quantizer and an
+    int32 bias at scale ``input scale x weight scale``, which is what an integer kernel
+    adds to its accumulator: the fake-quant module then computes what the deployed
+    ``QLinearConv`` computes.
     """
     import brevitas.nn as qnn
     import torch
+    from brevitas.quant.scaled_int import Int32Bias
     from torch import nn
 
     wq = weight_quantizer(precision.w_bits, options) if precision.quantizes_weights else None
-    iq = input_quantizer(options) if precision.quantizes_inputs else None
+    iq = input_quantizer(options, target) if precision.quantizes_inputs else None
+    with_output = output_quant_state is not None and precision.quantizes_inputs and precision.quantizes_weights
+    oq = output_quantizer(options, target) if with_output else None
+    bq = Int32Bias if (with_output and layer.bias is not None) else None
     weight = layer.weight
-    common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=None,
-                  output_quant=None, return_quant_tensor=False, device=weight.device, dtype=weight.dtype)
+    common = dict(bias=layer.bias is not None, weight_quant=wq, input_quant=iq, bias_quant=bq,
+                  output_quant=oq, return_quant_tensor=False, device=weight.device, dtype=weight.dtype)
     q: Any
     if isinstance(layer, nn.Conv2d):
         if not isinstance(layer.padding, tuple):
@@ -168,6 +212,8 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
         q.bias.requires_grad_(False)
     if input_quant_state is not None:
         q.input_quant.load_state_dict(input_quant_state)
+    if oq is not None and output_quant_state is not None:
+        q.output_quant.load_state_dict(output_quant_state)
     q.eval()
     if wq is not None:
         with torch.no_grad():
@@ -212,8 +258,9 @@ class BrevitasBackend:
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, target: str = "qcdq") -> None:
         from mpq.device import resolve_device
+        from quantizers.lowering import target_info
 
         _quiet_imports()
 
@@ -228,9 +275,17 @@ class BrevitasBackend:
         except RuntimeError as exc:
             raise BrevitasError(str(exc)) from None
         self.progress = progress
-        self._stats = InputStatistics(act_quant=lambda: input_quantizer(options), device=self.device,
-                                      act_key=json.dumps([options.act_calibration, options.act_percentile,
-                                                          options.act_quant_type]))
+        #: the deployment target (``deploy.target``); ``ort-cpu`` needs output quantizers on A8 layers
+        self.target = target
+        self.output_quant = target_info(target).needs_output_quant
+        qtype, in_method, out_method = activation_choice(options, target)
+        self._stats = InputStatistics(
+            act_quant=lambda: input_quantizer(options, target), device=self.device,
+            output_quant=(lambda: output_quantizer(options, target)) if self.output_quant else None,
+            own_input=in_method if own_range(qtype, in_method) else None,
+            own_output=self.output_quant and own_range(qtype, out_method),
+            act_key=json.dumps([qtype, in_method, out_method, options.act_percentile, self.output_quant,
+                                "ranges-v2"]))
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -261,9 +316,12 @@ class BrevitasBackend:
         for name, precision in assignment.items():
             float_layer = work.get_submodule(name)
             state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
-            q = quant_layer(float_layer, precision, self.options, state)
+            out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
+            q = quant_layer(float_layer, precision, self.options, state, out_state, self.target)
             _set_submodule(work, name, q)
-            layers_info[name] = {"precision": str(precision), "type": type(q).__name__}
+            layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
+                                 "output_quant": out_state is not None and precision.quantizes_inputs
+                                 and precision.quantizes_weights}
         timings["quantize"] = time.perf_counter() - t
 
         if self.options.gptq or self.options.gpfq:
@@ -292,7 +350,9 @@ class BrevitasBackend:
             "options": self.options.model_dump(mode="json"),
             "layers": layers_info,
             "stats_cached": cached,
-            "act_quant": self.options.act_quant_type,
+            "act_quant": activation_choice(self.options, self.target)[0],
+            "act_calibration": dict(zip(("input", "output"), activation_choice(self.options, self.target)[1:],
+                                        strict=True)),
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -342,7 +402,7 @@ class BrevitasBackend:
                 "16": "float32 initializer",
             },
             "activations": ("A8 layer inputs: QuantizeLinear -> DequantizeLinear per tensor, "
-                            + ("int8, zero point 0" if self.options.act_quant_type == "sym"
+                            + ("int8, zero point 0" if activation_choice(self.options, self.target)[0] == "sym"
                                else "uint8 with zero point")),
             **provenance,
             "device": str(device),

@@ -41,12 +41,15 @@ class BrevitasOptions(BackendOptions):
         "(per_tensor: what the seeds did for 4 bits; only for comparison).")
     weight_percentile: float = Field(
         default=99.9, gt=50.0, le=100.0, description="Percentile of |w| per channel for weight_scale: percentile.")
-    act_calibration: Literal["max", "percentile", "mse"] = Field(
-        default="percentile", description="How activation ranges are set from the calibration images.")
+    act_calibration: Literal["auto", "max", "percentile", "mse"] = Field(
+        default="auto", description="How activation ranges (A8 inputs, and outputs for deploy.target ort-cpu) are "
+        "set from the calibration images. auto: MSE-clipped inputs and min..max outputs for ort-cpu, percentile "
+        "otherwise.")
     act_percentile: float = Field(default=99.99, gt=50.0, le=100.0)
-    act_quant_type: Literal["sym", "asym"] = Field(
-        default="sym", description="A8 inputs as int8 with zero point 0 (sym: what TensorRT requires) or "
-        "uint8 with a zero point (asym).")
+    act_quant_type: Literal["auto", "sym", "asym"] = Field(
+        default="auto", description="A8 activations as int8 with zero point 0 (sym: what TensorRT requires) or "
+        "uint8 with a zero point (asym: what ONNX Runtime's CPU kernels take at no cost). auto: asym for "
+        "deploy.target ort-cpu, sym otherwise.")
     bias_correction: bool = True
     gptq: bool = False
     gpfq: bool = False

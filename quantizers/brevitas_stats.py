@@ -88,6 +88,7 @@ class LayerStats:
     float_mean: torch.Tensor | None = None
     quant_mean: torch.Tensor | None = None
     input_quant_state: dict[str, Any] | None = None
+    output_quant_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -102,6 +103,7 @@ class StatsCache:
     has_act: bool = False
     has_quant_means: bool = False
     probes: dict[str, Any] = field(default_factory=dict)
+    out_probes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     def matches(self, module: nn.Module, calib_key: str, act_key: str) -> bool:
@@ -109,6 +111,40 @@ class StatsCache:
         return self.module_ref() is module and self.calib_key == calib_key and self.act_key == act_key
 
 
+def asym_minmax_quant() -> Any:
+    """The Brevitas uint8 per-tensor min/max quantizer (an injector) whose range is loaded, not searched."""
+    from brevitas.core.stats import NegativeMinOrZero
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
+
+    return ShiftedUint8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MIN_MAX, zero_point_stats_impl=NegativeMinOrZero)
+
+
+def fixed_asym_quant(lo: float, hi: float, device: Any) -> Any:
+    """A calibrated Brevitas uint8 quantizer (``QuantIdentity``) over exactly ``[lo, hi]``."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.graph.calibrate import calibration_mode
+
+    q = qnn.QuantIdentity(act_quant=asym_minmax_quant(), return_quant_tensor=False).to(device)
+    with torch.no_grad(), calibration_mode(q):
+        q(torch.tensor([lo, hi], dtype=torch.float32, device=device))
+    return q.eval()
+
+
+def feeds_silu(module: nn.Module, names: list[str]) -> set[str]:
+    """The layers whose output goes only into a SiLU: the ``conv`` of an Ultralytics ``Conv``
+    block (``act(conv(x))`` once BatchNorm is folded) whose ``act`` is ``nn.SiLU``."""
+    from torch import nn
+
+    out = set()
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if child == "conv" and isinstance(getattr(parent, "act", None), nn.SiLU) \
+                and getattr(parent, "bn", None) is None:
+            out.add(name)
+    return out
 
 
 class InputStatistics:
@@ -118,12 +154,23 @@ class InputStatistics:
         act_quant: makes the per-tensor input quantizer (a Brevitas injector) to calibrate.
         act_key: identifies the activation options; a change recomputes the statistics.
         device: torch device of the passes.
+        output_quant: makes the quantizer of every layer's output (deployment targets whose
+            integer kernels requantize their output, ``ort-cpu``); ``None``: no output quantizer.
+        own_input: ``"mse"`` / ``"max"``: the input ranges are computed here
+            (:class:`quantizers.ranges.RangeObserver`, uint8 over the MSE-clipped or full
+            range) instead of by Brevitas' per-batch statistics; ``None``: Brevitas calibrates.
+        own_output: the output ranges are computed here (uint8 over the full min..max).
     """
 
-    def __init__(self, *, act_quant: Callable[[], Any], act_key: str, device: str) -> None:
+    def __init__(self, *, act_quant: Callable[[], Any], act_key: str, device: str,
+                 output_quant: Callable[[], Any] | None = None, own_input: str | None = None,
+                 own_output: bool = False) -> None:
         self.act_quant = act_quant
         self.act_key = act_key
         self.device = device
+        self.output_quant = output_quant
+        self.own_input = own_input
+        self.own_output = own_output
         self._cache: StatsCache | None = None
 
     def get(self, model: LoadedModel, calib: CalibrationSet, *, act: bool, means: bool, quant_means: bool,
@@ -167,18 +214,15 @@ class InputStatistics:
 
     def _float_pass(self, float_module: nn.Module, mods: dict[str, nn.Module], cache: StatsCache,
                     calib: CalibrationSet, *, means: bool, act: bool, progress: bool) -> None:
-        """Average each layer's unfolded input and calibrate one input quantizer per layer
-        (Brevitas ``calibration_mode``), in one float pass with hooks on every quantizable layer."""
-        import brevitas.nn as qnn
+        """Average each layer's unfolded input and calibrate one input (and output) quantizer per
+        layer (Brevitas ``calibration_mode`` or this module's range observers), in one float pass
+        with hooks on every quantizable layer."""
         import torch
         from brevitas.graph.calibrate import calibration_mode
         from torch import nn
 
-        probes: dict[str, Any] = cache.probes
-        if act:
-            iq = self.act_quant()
-            probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
-                           for n in mods})
+        obs_in, obs_out = self._probes(cache, mods, calib) if act else ({}, {})
+        probes, out_probes = cache.probes, cache.out_probes
         sums: dict[str, torch.Tensor] = {}
         count = 0
 
@@ -189,11 +233,25 @@ class InputStatistics:
                     m = unfolded_input_mean(mod, x)
                     sums[name] = sums[name] + m if name in sums else m
                 if act:
-                    probes[name](x)
+                    if name in obs_in:
+                        obs_in[name].update(x)
+                    else:
+                        probes[name](x)
+            return hook
+
+        def out_hook_for(name: str):  # noqa: ANN202
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                if name in obs_out:
+                    obs_out[name].update(output)
+                else:
+                    out_probes[name](output)
             return hook
 
         hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in mods.items()]
-        container = nn.ModuleDict({n.replace(".", "__"): m for n, m in probes.items()})
+        if act and (out_probes or obs_out):
+            hooks += [m.register_forward_hook(out_hook_for(n)) for n, m in mods.items()]
+        container = nn.ModuleDict({**{n.replace(".", "__"): m for n, m in probes.items()},
+                                   **{"out__" + n.replace(".", "__"): m for n, m in out_probes.items()}})
         try:
             with torch.no_grad(), calibration_mode(container) if act else contextlib.nullcontext():
                 for x in self._batches(calib, "calibration: float statistics", progress):
@@ -208,11 +266,57 @@ class InputStatistics:
                     cache.layers[n].float_mean = sums[n] / count
             cache.has_float_means = True
         if act:
-            for n in mods:
-                probes[n].eval()
-                cache.layers[n].input_quant_state = {k: v.detach().clone()
-                                                     for k, v in probes[n].act_quant.state_dict().items()}
-            cache.has_act = True
+            self._store_quantizers(cache, mods, obs_in, obs_out, feeds_silu(float_module, list(mods)))
+
+    def _probes(self, cache: StatsCache, mods: dict[str, nn.Module], calib: CalibrationSet
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Set up the quantizers to calibrate (``cache.probes`` / ``cache.out_probes``) or, for
+        ranges computed here, the observers; returns (input observers, output observers)."""
+        import brevitas.nn as qnn
+
+        from quantizers.ranges import RangeObserver
+
+        n_batches = max(1, -(-len(calib) // calib.batch_size))
+        obs_in: dict[str, Any] = {}
+        obs_out: dict[str, Any] = {}
+        if self.own_input:
+            obs_in = {n: RangeObserver(batches=n_batches) for n in mods}
+        else:
+            iq = self.act_quant()
+            cache.probes.update({n: qnn.QuantIdentity(act_quant=iq, return_quant_tensor=False).to(self.device)
+                                 for n in mods})
+        if self.output_quant is not None and self.own_output:
+            obs_out = {n: RangeObserver(batches=n_batches, budget=0) for n in mods}
+        elif self.output_quant is not None:
+            oq = self.output_quant()
+            cache.out_probes.update({n: qnn.QuantIdentity(act_quant=oq, return_quant_tensor=False).to(self.device)
+                                     for n in mods})
+        return obs_in, obs_out
+
+    def _store_quantizers(self, cache: StatsCache, mods: dict[str, nn.Module], obs_in: dict[str, Any],
+                          obs_out: dict[str, Any], silu: set[str]) -> None:
+        """Keep every layer's calibrated input (and output) quantizer state; the output range of a
+        layer whose output only feeds SiLU starts where SiLU makes clipping free
+        (:func:`quantizers.ranges.silu_lower_bound`)."""
+        from quantizers.ranges import silu_lower_bound
+
+        for n, ob in obs_in.items():
+            lo, hi = ob.mse() if self.own_input == "mse" else ob.minmax()
+            cache.probes[n] = fixed_asym_quant(lo, hi, self.device)
+        for n, ob in obs_out.items():
+            lo, hi = ob.minmax()
+            if n in silu:
+                lo = silu_lower_bound(lo, hi)
+            cache.out_probes[n] = fixed_asym_quant(lo, hi, self.device)
+        for n in mods:
+            cache.probes[n].eval()
+            cache.layers[n].input_quant_state = {k: v.detach().clone()
+                                                 for k, v in cache.probes[n].act_quant.state_dict().items()}
+            if n in cache.out_probes:
+                cache.out_probes[n].eval()
+                cache.layers[n].output_quant_state = {
+                    k: v.detach().clone() for k, v in cache.out_probes[n].act_quant.state_dict().items()}
+        cache.has_act = True
 
     def _quantized_input_pass(self, float_module: nn.Module, mods: dict[str, nn.Module], cache: StatsCache,
                               calib: CalibrationSet, *, progress: bool) -> None:

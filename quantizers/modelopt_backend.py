@@ -110,9 +110,14 @@ def import_mtq() -> Any:
     return mtq
 
 
-def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, Any]:
+def quant_config(assignment: Assignment, options: ModelOptOptions, *, output_quant: bool = False) -> dict[str, Any]:
     """The ModelOpt ``quantize`` config for ``assignment``: a deny-all rule, then one rule per
-    quantized weight and per A8 input, naming the quantizer exactly (no wildcards)."""
+    quantized weight and per A8 input, naming the quantizer exactly (no wildcards).
+
+    ``output_quant`` (deployment targets whose integer kernels requantize their output,
+    ``ort-cpu``): also an 8-bit per-tensor ``output_quantizer`` on every layer that quantizes
+    both its input and its weight (what becomes ``QLinearConv``), calibrated like the inputs.
+    """
     histogram = options.calibration in ("entropy", "percentile")
     rules: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for name, precision in assignment.items():
@@ -124,6 +129,8 @@ def quant_config(assignment: Assignment, options: ModelOptOptions) -> dict[str, 
             if histogram:
                 cfg["calibrator"] = "histogram"
             rules.append({"quantizer_name": f"{name}.input_quantizer", "cfg": cfg})
+            if output_quant and precision.quantizes_weights:
+                rules.append({"quantizer_name": f"{name}.output_quantizer", "cfg": dict(cfg)})
     return {"quant_cfg": rules, "algorithm": None}
 
 
@@ -259,6 +266,34 @@ def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: Quantized
             "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
 
 
+def snap_biases(work: nn.Module, outputs: dict[str, Any]) -> int:
+    """Put the float bias of every layer with an output quantizer on the int32 grid
+    ``input scale x weight scale`` (per output channel), which is what an integer kernel
+    (``QLinearConv``) adds to its accumulator: ModelOpt has no bias quantizer for Conv, so
+    without this the torch model and the lowered ``ort-cpu`` file would differ by up to half
+    a step per channel (each such difference flips some outputs of the output quantizer).
+    Scales are computed as the export writes them (``amax / 127`` in float32). Returns the
+    number of layers changed."""
+    import torch
+
+    changed = 0
+    with torch.no_grad():
+        for name in outputs:
+            layer: Any = work.get_submodule(name)
+            if getattr(layer, "bias", None) is None:
+                continue
+            iq = layer.input_quantizer
+            bound = torch.tensor(2.0 ** (int(iq.num_bits) - 1) - 1.0)
+            s_x = (iq.amax.detach().float().cpu() / bound).reshape(())
+            _, s_w, _ = integer_weight(layer)
+            step = (s_x * torch.from_numpy(s_w)).float()
+            bias = layer.bias.detach().float().cpu()
+            snapped = torch.round(bias.double() / step.double()).float() * step
+            layer.bias.copy_(snapped.to(layer.bias.device, layer.bias.dtype))
+            changed += 1
+    return changed
+
+
 def enabled_quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
     """The enabled weight and input quantizers, by layer name; checks every rule took."""
     weights: dict[str, Any] = {}
@@ -278,6 +313,20 @@ def enabled_quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[st
                                     f"quantizer (got {iq})")
             inputs[name] = iq
     return weights, inputs
+
+
+def enabled_output_quantizers(work: nn.Module, assignment: Assignment) -> dict[str, Any]:
+    """The enabled output quantizers (layers quantizing input and weight), by layer name."""
+    outputs: dict[str, Any] = {}
+    for name, precision in assignment.items():
+        if not (precision.quantizes_inputs and precision.quantizes_weights):
+            continue
+        oq = getattr(work.get_submodule(name), "output_quantizer", None)
+        if oq is None or not oq.is_enabled or int(oq.num_bits) != precision.a_bits:
+            raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit output "
+                                f"quantizer (got {oq})")
+        outputs[name] = oq
+    return outputs
 
 
 def _calibration_pass(module: nn.Module, calib: CalibrationSet, device: str) -> None:
@@ -302,8 +351,9 @@ class ModelOptBackend:
     name = NAME
     capabilities = CAPABILITIES
 
-    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
+    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", target: str = "qcdq") -> None:
         from mpq.device import resolve_device
+        from quantizers.lowering import target_info
 
         if options is None:
             options = ModelOptOptions()
@@ -315,6 +365,9 @@ class ModelOptBackend:
             self.device = resolve_device(device)
         except RuntimeError as exc:
             raise ModelOptError(str(exc)) from None
+        #: the deployment target (``deploy.target``); ``ort-cpu`` needs output quantizers on A8 layers
+        self.target = target
+        self.output_quant = target_info(target).needs_output_quant
         self._stats_cache: _InputStats | None = None
 
     # -- public API -----------------------------------------------------------------------
@@ -329,21 +382,22 @@ class ModelOptBackend:
         timings["copy"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        config = quant_config(assignment, self.options)
+        config = quant_config(assignment, self.options, output_quant=self.output_quant)
         with quiet():
             mtq.quantize(work, config)
         weights, inputs = enabled_quantizers(work, assignment)
+        outputs = enabled_output_quantizers(work, assignment) if self.output_quant else {}
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
         if weights:
             t = time.perf_counter()
-            for q in inputs.values():
+            for q in (*inputs.values(), *outputs.values()):
                 q.disable()
             algorithm: dict[str, Any] = {"method": self.options.weight_calibration}
             with quiet():
                 mtq.calibrate(work, algorithm=algorithm, forward_loop=None)
-            for q in inputs.values():
+            for q in (*inputs.values(), *outputs.values()):
                 q.enable()
             timings["calibrate_weights"] = time.perf_counter() - t
         cached = True
@@ -354,15 +408,20 @@ class ModelOptBackend:
             stats, cached = self._input_stats(model, calib)
             for name, q in inputs.items():
                 q.amax = stats.amax[name].to(self.device)
+            for name, q in outputs.items():
+                q.amax = stats.out_amax[name].to(self.device)
             timings["calibrate_inputs"] = time.perf_counter() - t
+        rounded = snap_biases(work, outputs) if outputs else 0
         work.eval()
         timings["total"] = time.perf_counter() - start
         info = {
             "device": self.device,
             "options": self.options.model_dump(mode="json"),
-            "quantizers": {"weights": len(weights), "inputs": len(inputs)},
+            "quantizers": {"weights": len(weights), "inputs": len(inputs), "outputs": len(outputs)},
+            "target": self.target,
             "rules": len(config["quant_cfg"]),
             "float_modules_restored": restored,
+            "biases_on_int32_grid": rounded,
             "calibration_images": len(calib),
             "input_stats_cached": cached,
         }
@@ -428,7 +487,7 @@ class ModelOptBackend:
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
         from mpq.keys import calibration_key
 
-        return json.dumps([method, calibration_key(calib.images, calib.paths, calib.batch_size)])
+        return json.dumps([method, calibration_key(calib.images, calib.paths, calib.batch_size), self.output_quant])
 
     def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
         """Every quantizable layer's calibrated INT8 input range for ``model`` and ``calib``,
@@ -445,30 +504,33 @@ class ModelOptBackend:
         mtq = import_mtq()
         work = model.fresh().module.to(self.device).eval()
         names = [lay.name for lay in model.quantizable_layers]
-        everything = Assignment({n: Precision(16, 8) for n in names})
+        everything = Assignment({n: Precision(8 if self.output_quant else 16, 8) for n in names})
         with quiet():
-            mtq.quantize(work, quant_config(everything, self.options))
+            mtq.quantize(work, quant_config(everything, self.options, output_quant=self.output_quant))
         _, inputs = enabled_quantizers(work, everything)
-        for q in inputs.values():
+        outputs = enabled_output_quantizers(work, everything) if self.output_quant else {}
+        for q in (*inputs.values(), *outputs.values()):
             q.disable_quant()
             q.enable_calib()
         amax: dict[str, Any] = {}
+        out_amax: dict[str, Any] = {}
         with quiet():
             _calibration_pass(work, calib, self.device)
             method = self.options.calibration
-            for name, q in inputs.items():
-                try:
-                    if method == "max":
-                        q.load_calib_amax()
-                    elif method == "entropy":
-                        q.load_calib_amax("entropy")
-                    else:
-                        q.load_calib_amax("percentile", percentile=self.options.percentile)
-                except RuntimeError as exc:
-                    raise ModelOptError(f"layer '{name}': input calibration failed: {exc}") from exc
-                amax[name] = q.amax.detach().clone()
+            for table, quantizers, what in ((amax, inputs, "input"), (out_amax, outputs, "output")):
+                for name, q in quantizers.items():
+                    try:
+                        if method == "max":
+                            q.load_calib_amax()
+                        elif method == "entropy":
+                            q.load_calib_amax("entropy")
+                        else:
+                            q.load_calib_amax("percentile", percentile=self.options.percentile)
+                    except RuntimeError as exc:
+                        raise ModelOptError(f"layer '{name}': {what} calibration failed: {exc}") from exc
+                    table[name] = q.amax.detach().clone()
         del work
-        self._stats_cache = _InputStats(key=key, module=weakref.ref(model.module), amax=amax)
+        self._stats_cache = _InputStats(key=key, module=weakref.ref(model.module), amax=amax, out_amax=out_amax)
         return self._stats_cache, False
 
 
@@ -479,3 +541,4 @@ class _InputStats:
     key: str
     module: Callable[[], Any]
     amax: dict[str, Any] = field(default_factory=dict)
+    out_amax: dict[str, Any] = field(default_factory=dict)

@@ -113,7 +113,8 @@ class ModelOptOnnxBackend:
     name = NAME
     capabilities: Capabilities = CAPABILITIES
 
-    def __init__(self, *, options: ModelOptOnnxOptions | None = None, device: str = "cpu") -> None:
+    def __init__(self, *, options: ModelOptOnnxOptions | None = None, device: str = "cpu",
+                 target: str = "qcdq") -> None:
         if options is None:
             options = ModelOptOnnxOptions()
         if not isinstance(options, ModelOptOnnxOptions):
@@ -121,6 +122,9 @@ class ModelOptOnnxBackend:
                                     f"{type(options).__name__} (backend name '{getattr(options, 'name', '?')}')")
         self.options = options
         self.device = device
+        #: the deployment target; this backend cannot model output quantizers in ModelOpt's ONNX PTQ,
+        #: so for ``ort-cpu`` the lowering calibrates them (quantizers.lowering.calibrate)
+        self.target = target
         self._workdir = Path(tempfile.mkdtemp(prefix="yolo-mpq-modelopt-onnx-"))
         weakref.finalize(self, shutil.rmtree, self._workdir, True)
         self._float: _FloatGraph | None = None

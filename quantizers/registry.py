@@ -111,10 +111,15 @@ def backend_class(name: str) -> Any:
     return getattr(module, attr)
 
 
-def get_backend(options: BackendOptions | str, device: str = "cpu") -> QuantizerBackend:
-    """Instantiate the backend for a spec's ``backend`` section (or a bare name: default options)."""
+def get_backend(options: BackendOptions | str, device: str = "cpu", *, target: str = "qcdq") -> QuantizerBackend:
+    """Instantiate the backend for a spec's ``backend`` section (or a bare name: default options).
+
+    ``target`` is the study's ``deploy.target``: a backend that can model what the target
+    runs (a quantizer on each A8 layer's output for ``ort-cpu``) builds it in its fake-quant
+    model, so that the lowered file computes what the backend computed.
+    """
     if isinstance(options, str):
         options = backend_info(options).options(name=options)
     cls = backend_class(options.name)
-    backend: QuantizerBackend = cls(options=options, device=device)
+    backend: QuantizerBackend = cls(options=options, device=device, target=target)
     return backend

@@ -36,6 +36,12 @@ backend-agnostic:
   where the assignment put them, float layers included;
 - (:class:`FakeQuantContract`) the torch fake-quant model and the ONNX agree on real images.
 
+A backend built for a deployment target (its ``target`` attribute, ``deploy.target`` of the
+spec: ``ort-cpu``, ``tensorrt``) is checked on the file lowered for that target
+(:func:`quantizers.lowering.lower`), which is what every trial measures: on ``ort-cpu`` a
+weight-only layer holds float values of its grid (no DequantizeLinear), and a layer reading an
+int8 layer's output reads it through that layer's output quantizer (an 8-bit input).
+
 Tolerance of the torch-vs-ONNX check, measured rather than guessed: Q/DQ nodes compute
 exactly what the torch quantizers compute, but the float convolutions accumulate in a
 different order, so an A8 input within float rounding of a quantization boundary flips by one
@@ -53,6 +59,7 @@ caught by the read-back test.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +183,68 @@ def mixed_assignment(model: Any, backend: Any) -> Assignment:
     return Assignment({lay.name: precs[k % len(precs)] for k, lay in enumerate(low)})
 
 
+def target_of(backend: Any) -> str:
+    """The deployment target ``backend`` was built for (``qcdq``: its export as it is)."""
+    return str(getattr(backend, "target", "qcdq"))
+
+
+def graph_precision(backend: Any, precision: Precision) -> tuple[int, int]:
+    """The (w_bits, a_bits) the graph itself shows for a layer built at ``precision``: on
+    ort-cpu a weight-only layer holds float values of its grid (no DequantizeLinear)."""
+    if target_of(backend) == "ort-cpu" and not precision.quantizes_inputs:
+        return 16, 16
+    return precision.w_bits, precision.a_bits
+
+
+def reads_int8_output(path: Path) -> set[str]:
+    """Layers whose input is the dequantized output of an integer Conv (``Conv -> Q -> DQ ->
+    layer``, no activation between): on ort-cpu every reader of an int8 layer's output reads
+    it through that layer's output quantizer, so the graph shows them an 8-bit input."""
+    import onnx
+
+    from mpq.onnx_nodes import module_name_from_node
+    from quantizers.lowering.graph import GraphIndex
+
+    model = onnx.load(str(path))
+    index = GraphIndex(model)
+    out = set()
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        dq = index.producer.get(node.input[0])
+        q = index.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        src = index.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        name = module_name_from_node(node.name)
+        if src is not None and src.op_type == "Conv" and name is not None:
+            out.add(name)
+    return out
+
+
+def assert_on_grid(path: Path, bits: dict[str, int]) -> None:
+    """Weight-only layers lowered as float: every output channel holds at most 2**bits distinct
+    values (the quantized grid), as float32 initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    for layer, b in bits.items():
+        w = numpy_helper.to_array(inits[f"{layer}.weight"])
+        assert w.dtype == np.float32, layer
+        per_channel = max(len(np.unique(c)) for c in w.reshape(w.shape[0], -1))
+        assert per_channel <= 2 ** b, f"{layer}: {per_channel} distinct values in a channel, more than {b} bits hold"
+
+
+@dataclass(frozen=True)
+class LoweredBuild:
+    """A backend's export lowered for its target: ``path``/``node_counts`` are the lowered file's."""
+
+    path: Path
+    seconds: float
+    node_counts: dict[str, int]
+    lowering: Any
+    export: Any
+
+
 # --------------------------------------------------------------------------------------
 # The suites
 # --------------------------------------------------------------------------------------
@@ -187,11 +256,23 @@ class _Builds:
 
     @staticmethod
     def build(backend: Any, model: Any, assignment: Assignment, calib: Any, workdir: Path, tag: str) -> Any:
-        """Materialize and export once per (backend, model, assignment) per session."""
-        key = (backend.name, id(backend), id(model), tag, assignment.digest())
+        """Materialize, export and lower (for the backend's target) once per (backend, model,
+        assignment) per session."""
+        target = target_of(backend)
+        key = (backend.name, id(backend), id(model), target, tag, assignment.digest())
         if key not in _BUILDS:
             qmodel = backend.materialize(model, assignment, calib)
-            result = backend.export(qmodel, workdir / backend.name / f"{tag}-{assignment.digest()}.onnx")
+            folder = workdir / backend.name / target
+            if target == "qcdq":
+                result = backend.export(qmodel, folder / f"{tag}-{assignment.digest()}.onnx")
+            else:
+                from quantizers.lowering import lower
+
+                export = backend.export(qmodel, folder / f"{tag}-{assignment.digest()}.export.onnx")
+                lowered = lower(export.path, folder / f"{tag}-{assignment.digest()}.onnx", target=target,
+                                layers=model.layers, images=calib.images)
+                result = LoweredBuild(path=lowered.path, seconds=export.seconds + lowered.seconds,
+                                      node_counts=dict(lowered.node_counts), lowering=lowered, export=export)
             _BUILDS[key] = (qmodel, result)
         return _BUILDS[key]
 
@@ -262,15 +343,27 @@ class BackendContract(_Builds):
         assignment = mixed_assignment(model, backend)
         _, result = self.build(backend, model, assignment, contract_calib, contract_workdir, "mixed")
         found = layer_precisions(result.path)
+        lowering = getattr(result, "lowering", None)
+        via_output = reads_int8_output(result.path) if lowering is not None else set()
         wrong = {}
         for lay in model.layers:
             want = assignment.get(lay.name)
             got = found.get(lay.name)
-            if got is None or (got.w_bits, got.a_bits) != (want.w_bits, want.a_bits):
+            expect = graph_precision(backend, want)
+            if got is not None and lay.name in via_output and not want.quantizes_inputs and got.a_bits == 8:
+                expect = (expect[0], 8)  # reads an int8 layer's dequantized output
+            if got is None or (got.w_bits, got.a_bits) != expect:
                 wrong[lay.name] = (str(want), got.label if got else "missing", got.weight_detail if got else "",
                                    got.input_detail if got else "")
         assert not wrong, f"layers whose ONNX precision differs from the assignment: {wrong}"
         assert {str(p) for p in assignment.precisions.values()} == set(map(str, conv_precisions(backend)))
+        if lowering is not None:  # what each layer was lowered from, as the lowering read it from the export
+            built = {k: f"W{v['w_bits']}A{v['a_bits']}" for k, v in lowering.layers.items()}
+            assert {k: v for k, v in built.items() if v != "W16A16"} == {k: str(p) for k, p in assignment.items()}
+            grid = [k for k, v in lowering.layers.items() if v["form"] == "float-grid"]
+            assert sorted(grid) == sorted(k for k, p in assignment.items()
+                                          if p.quantizes_weights and not p.quantizes_inputs)
+            assert_on_grid(result.path, {k: assignment[k].w_bits for k in grid})
 
     def test_single_layer_assignment_touches_only_that_layer(self, backend: Any, contract_model: Any,
                                                              contract_calib: Any, contract_workdir: Path) -> None:
@@ -282,7 +375,8 @@ class BackendContract(_Builds):
                                     "single")
         found = layer_precisions(result.path)
         low = {name: g.label for name, g in found.items() if (g.w_bits, g.a_bits) != (16, 16)}
-        assert low == {layer: str(p)}
+        gp = graph_precision(backend, p)
+        assert low == ({layer: f"W{gp[0]}A{gp[1]}"} if gp != (16, 16) else {})
         if qmodel.module is not None:
             base = dict(model.module.named_modules())
             changed = [n for n, m in qmodel.module.named_modules()

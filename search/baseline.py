@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from mpq import keys
 from mpq.assignment import Assignment
-from mpq.files import read_json, write_json
+from mpq.files import file_record, read_json, record_mismatch, write_json
+from search.console import warn
 from search.evaluation import ArtifactEvaluator, LatencyReference
 from search.results import TrialMetrics
 
@@ -41,10 +42,14 @@ class FloatBaseline:
         stamp = self.dir / "source.json"
         key = keys.float_export_key(model=spec.model, model_digest=self.res.model_digest, imgsz=spec.imgsz,
                                     max_det=spec.evaluation.max_det)
-        if path.is_file() and stamp.is_file() and read_json(stamp) == key:
-            return path
+        recorded = _read(stamp)
+        if path.is_file() and recorded.get("key") == key:
+            why = record_mismatch(path, recorded.get("file"))
+            if why is None:
+                return path
+            warn(f"{path}: {why}; exporting the float model again")
         export_onnx(self.res.model.module, path, spec.imgsz)
-        write_json(stamp, key)
+        write_json(stamp, {"key": key, "file": file_record(path)})
         return path
 
     def metrics(self) -> TrialMetrics:
@@ -59,12 +64,11 @@ class FloatBaseline:
         cache = self.dir / "baseline.json"
         key = keys.baseline_key(onnx=onnx_path, data=self.res.data_digest, evaluation=spec.evaluation,
                                 latency=spec.latency)
-        if cache.is_file():
-            data = read_json(cache)
-            if data.get("key") == key:
-                return TrialMetrics.from_json(data["metrics"])
+        data = _read(cache)
+        if data.get("key") == key and "metrics" in data:
+            return TrialMetrics.from_json(data["metrics"])
         metrics = self.evaluator.evaluate(onnx_path, Assignment(), {})
-        write_json(cache, {"key": key, "metrics": metrics.to_json()})
+        write_json(cache, {"key": key, "file": file_record(onnx_path), "metrics": metrics.to_json()})
         return metrics
 
     def latency_reference(self) -> LatencyReference | None:
@@ -73,3 +77,17 @@ class FloatBaseline:
         if lat.reference != "float" or lat.engine != "ort":
             return None
         return LatencyReference(onnx=self.onnx(), baseline_ms=float(self.metrics().latency_ms))
+
+
+def _read(path: Path) -> dict:
+    """A cache file's JSON object; ``{}`` when there is none, with a warning when it is not intact."""
+    if not path.is_file():
+        return {}
+    try:
+        data = read_json(path)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        warn(f"{path}: unreadable (half-written or edited); making it again")
+        return {}
+    return data

@@ -67,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         console_err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
         return exc.exit_code
+    except OSError as exc:  # read-only, not permitted, not a directory, disk full, ...
+        from search.console import console_err
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        console_err.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, markup=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and the next run resumes from it", file=sys.stderr)
         return 130

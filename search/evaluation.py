@@ -82,10 +82,31 @@ class ArtifactEvaluator:
                else self.latency.evaluate(onnx_path))
         timings["latency"] = time.perf_counter() - t0
         cost = analytic_cost(self.res.model.layers, assignment)
-        return TrialMetrics(
+        runtime = self.runtime(onnx_path, assignment, timings)
+        return TrialMetrics(**runtime,
             map50_95=acc.map50_95, map50=acc.map50, map75=acc.map75, per_class=acc.per_class,
             images_per_s=acc.images_per_s, provider=acc.provider, **latency_fields(lat, reference),
             latency_provider=lat.provider, latency_device=lat.device, latency_batch=lat.batch_size,
             weight_bytes=cost.weight_bytes, size_ratio=cost.size_ratio, bops=cost.bops,
             w4_weight_share=cost.w4_weight_share, onnx_bytes=onnx_path.stat().st_size,
             head=acc.extra.get("postprocess", {}).get("head"))
+
+    def runtime(self, onnx_path: Path, assignment: Assignment, timings: dict[str, float]) -> dict[str, Any]:
+        """What ONNX Runtime runs as int8 (``a8_asked``, ``a8_ran_int8``, ``a8_ran_float``), read back
+        from its optimized graph of ``onnx_path`` with the latency's providers; adds ``runtime_check``
+        to ``timings``. Only for the ``ort`` latency engine and assignments with A8 layers."""
+        spec = self.res.spec
+        asked = {lay.name: str(assignment.get(lay.name)) for lay in self.res.model.quantizable_layers}
+        n_a8 = sum(1 for p in asked.values() if p.endswith("A8"))
+        if n_a8 == 0:
+            return {"a8_asked": 0, "a8_ran_int8": 0}
+        if spec.latency.engine != "ort":
+            return {"a8_asked": n_a8}
+        from evaluators.runtime import int8_layers
+
+        t0 = time.perf_counter()
+        report = int8_layers(onnx_path, providers=spec.latency.providers or spec.evaluation.providers,
+                             threads=spec.latency.threads, asked=asked)
+        timings["runtime_check"] = time.perf_counter() - t0
+        return {"a8_asked": report.asked_a8, "a8_ran_int8": report.ran_int8,
+                "a8_ran_float": tuple(report.a8_ran_float)}

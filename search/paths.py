@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpq.errors import UserError
 from mpq.files import environment, write_json, write_text
 
 
@@ -51,8 +52,29 @@ class RunPaths:
         """The sweep table of ``metric``: ``sensitivity.json`` for the study's own metric."""
         return self.root / ("sensitivity.json" if metric == default_metric else f"sensitivity-{metric}.json")
 
+    def make(self) -> None:
+        """Create the run directory (nothing in it yet); an unusable place is a one-line error.
+
+        Raises:
+            UserError: the path or a parent is a regular file, or is read-only, or not permitted.
+        """
+        import os
+
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"the run directory {root} exists and is not a folder (runs_dir / --run-dir "
+                            "must name a folder)") from None
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {exc.filename or root}: "
+                            f"{exc.strerror or exc}") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"the run directory {root} is not writable (read-only or not permitted)")
+
     def prepare(self, spec_yaml: str, env: dict[str, Any]) -> None:
-        """Create the run directory and write ``spec.yaml`` and ``env.json``."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the run directory and write ``spec.yaml`` and ``env.json`` (call it once the storage is
+        reachable: a failed start must not replace the ``spec.yaml`` of earlier work)."""
+        self.make()
         write_text(self.root / "spec.yaml", spec_yaml)
         write_json(self.root / "env.json", {**environment(), **env})

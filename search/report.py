@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import UserError
-from mpq.files import read_json, write_text
+from mpq.files import read_json, read_sealed_json, write_text
 from mpq.objectives import OBJECTIVES
 from search import report_verify
+from search.console import warn
 from search.paths import RunPaths
 from search.results import TrialMetrics
 from search.trial_attrs import TrialAttrs
@@ -274,8 +275,17 @@ def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Pat
 # ---------------------------------------------------------------------------------------------
 COLUMNS = [("trial", "number"), ("label", "label"), ("policy", "policy"), ("mAP50-95", "map50_95"),
            ("vs float", "map_drop"), ("mAP50", "map50"), ("latency ms", "latency_ms"), ("weights MB", "weight_mb"),
-           ("size vs float", "size_ratio"), ("W4 share", "w4_weight_share"), ("A8 layers", "a8_layers"),
-           ("GBOPs", "gbops"), ("ONNX", "artifact")]
+           ("file MB", "file_mb"), ("size vs float", "size_ratio"), ("W4 share", "w4_weight_share"),
+           ("A8 asked / ran int8", "a8_int8"), ("GBOPs", "gbops"), ("ONNX", "artifact")]
+
+
+def a8_int8(m: TrialMetrics) -> str:
+    """``82 / 82`` (A8 layers asked / run as int8 kernels), with the count that ran float when any did."""
+    if m.a8_asked is None:
+        return ""
+    ran = "?" if m.a8_ran_int8 is None else str(m.a8_ran_int8)
+    text = f"{m.a8_asked} / {ran}"
+    return text + f" ({len(m.a8_ran_float)} ran float!)" if m.a8_ran_float else text
 
 
 def row_values(r: TrialRow) -> dict[str, Any]:
@@ -284,8 +294,10 @@ def row_values(r: TrialRow) -> dict[str, Any]:
     return {"number": r.number, "label": r.label, "policy": r.policy, "map50_95": m.map50_95,
             "map_drop": m.map_drop, "map50": m.map50, "latency_ms": m.latency_ms,
             "latency_ratio": m.latency_ratio, "latency_measured_ms": m.latency_measured_ms,
-            "weight_mb": float(m.weight_bytes) / 1e6, "size_ratio": m.size_ratio,
-            "w4_weight_share": m.w4_weight_share, "a8_layers": r.summary.get("a8_layers"),
+            "weight_mb": float(m.weight_bytes) / 1e6, "file_mb": float(m.onnx_bytes) / 1e6,
+            "size_ratio": m.size_ratio, "w4_weight_share": m.w4_weight_share, "a8_layers": r.summary.get("a8_layers"),
+            "deploy_target": m.deploy_target, "a8_asked": m.a8_asked, "a8_ran_int8": m.a8_ran_int8,
+            "a8_ran_float": ";".join(m.a8_ran_float), "a8_int8": a8_int8(m),
             "gbops": float(m.bops) / 1e9, "artifact": r.artifact, "digest": r.digest,
             "feasible": r.feasible}
 
@@ -299,7 +311,7 @@ def _fmt(key: str, v: Any) -> str:
         return f"{-100 * v:+.2f} pt"
     if key in ("size_ratio", "w4_weight_share"):
         return f"{100 * v:.0f}%"
-    if key in ("latency_ms", "weight_mb", "gbops"):
+    if key in ("latency_ms", "weight_mb", "file_mb", "gbops"):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
 
@@ -320,6 +332,35 @@ class Report:
     verification: Verification | None = None
 
 
+def _warn_changed_artifacts(rows: Sequence[TrialRow]) -> None:
+    """One warning per listed trial whose artifact on this machine is not the file its metrics were measured on."""
+    from search.pipeline import artifact_mismatch
+
+    for row in rows:
+        folder = Path(row.artifact).parent
+        metrics = folder / "metrics.json"
+        if not row.artifact or not metrics.is_file():
+            continue  # built on another machine: its artifact is there
+        try:
+            bad = artifact_mismatch(folder, read_json(metrics).get("files"))
+        except ValueError:
+            bad = f"{metrics}: unreadable"
+        if bad is not None:
+            warn(f"trial {row.number}: {bad}; its metrics are not those of the file on disk "
+                 "(`search run` rebuilds it, `search export` re-verifies it)")
+
+
+def _intact_baseline(path: Path) -> TrialMetrics | None:
+    """The float metrics of ``float/baseline.json``; ``None`` (with a warning) when it is not intact."""
+    if not path.is_file():
+        return None
+    try:
+        return TrialMetrics.from_json(read_json(path)["metrics"])
+    except (ValueError, KeyError, TypeError) as exc:
+        warn(f"{path}: unreadable ({exc}); the report leaves the float baseline out")
+        return None
+
+
 def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None = None, *,
                 verify: bool = True) -> Report:
     """Write the report files of a run directory and return what they contain.
@@ -338,15 +379,18 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     if not rows:
         raise UserError(f"{run_dir}: the study has no completed trials yet")
     front = pareto_front(rows, objectives)
+    _warn_changed_artifacts(front)
     paths = RunPaths(run_dir)
     base_file = paths.float_dir / "baseline.json"
-    base = TrialMetrics.from_json(read_json(base_file)["metrics"]) if base_file.is_file() else None
-    table = None
+    base, table = _intact_baseline(base_file), None
     sens = run_dir / "sensitivity.json"
-    if sens.is_file():
-        table = read_json(sens)
-    elif "sensitivity" in study.user_attrs:
+    if "sensitivity" in study.user_attrs:  # the table the study ran with
         table = json.loads(study.user_attrs["sensitivity"])
+    elif sens.is_file():
+        try:
+            table = read_sealed_json(sens)
+        except ValueError as exc:
+            warn(f"{sens}: {exc}; the report leaves the sensitivity table out")
     S = optuna.trial.TrialState
     all_trials = study.get_trials(deepcopy=False)
     counts = {"complete": sum(t.state == S.COMPLETE for t in all_trials),
@@ -403,8 +447,8 @@ def _write_csv(path: Path, rows: Sequence[TrialRow], ver: Verification | None = 
     from mpq.files import atomic_path
 
     keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "latency_ratio",
-            "latency_measured_ms", "weight_mb", "size_ratio",
-            "w4_weight_share", "a8_layers", "gbops", "feasible", "digest", "artifact",
+            "latency_measured_ms", "weight_mb", "file_mb", "size_ratio", "w4_weight_share", "a8_layers",
+            "deploy_target", "a8_asked", "a8_ran_int8", "a8_ran_float", "gbops", "feasible", "digest", "artifact",
             *report_verify.CSV_COLUMNS]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -424,13 +468,15 @@ def summary_markdown(rep: Report) -> str:
     spec, base = rep.spec, rep.base
     lines = [f"# Mixed-precision search: {spec.name}", ""]
     lines.append(f"Model `{Path(str(spec.model)).name}` at {spec.imgsz}x{spec.imgsz}, backend `{spec.backend.name}`, "
-                 f"objectives {', '.join(rep.objectives)}, {rep.counts['unique']} assignments evaluated "
+                 f"deploy target `{spec.deploy.target}`, objectives {', '.join(rep.objectives)}, "
+                 f"{rep.counts['unique']} assignments evaluated "
                  f"({rep.counts['complete']} trials, {rep.counts['duplicates']} duplicates, "
                  f"{rep.counts['failed']} failed).")
     if base is not None:
         lines.append(f"Float baseline: mAP50-95 **{base.map50_95:.4f}**, mAP50 {base.map50:.4f}, latency "
                      f"{base.latency_ms:.3g} ms ({base.latency_provider}), weights "
                      f"{base.weight_bytes / 1e6:.2f} MB.")
+    lines += [f"**Warning:** {w}" for w in runtime_warnings(rep.rows)]
     lines += ["", "## Pareto front", ""]
     cols = [c for c in COLUMNS if c[1] != "artifact"]
     lines.append("| " + " | ".join(c[0] for c in cols) + " |")
@@ -491,6 +537,8 @@ def html_page(rep: Report, images: dict[str, str]) -> str:
                     text = esc(text)
                 cells.append(f"<td>{text}</td>")
             cls = "" if r.feasible else ' class="infeasible"'
+            if r.metrics.a8_ran_float:
+                cls = ' class="warn"'
             body.append(f"<tr{cls}>{''.join(cells)}</tr>")
         return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -507,6 +555,7 @@ def html_page(rep: Report, images: dict[str, str]) -> str:
                          "its median ratio to float times the float baseline's milliseconds, so a CPU whose "
                          "speed drifts during the search does not reorder trials (raw milliseconds: "
                          "<code>latency_measured_ms</code> in trials.csv).")
+    warn_html = "".join(f'<p class="warn"><b>Warning:</b> {esc(w)}</p>' for w in runtime_warnings(rep.rows))
     t = _timing_means(rep.rows)
     timing = (f"<p>Mean time per evaluated trial: materialize {t['materialize']:.2f} s, export {t['export']:.2f} s, "
               f"COCO eval {t['evaluate']:.2f} s, latency {t['latency']:.2f} s (total {t['total']:.2f} s).</p>"
@@ -518,14 +567,17 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
 table {{ border-collapse: collapse; font-size: 13px; margin: 1em 0; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }}
 th {{ background: #f4f4f4; }} td:nth-child(2), td:nth-child(3) {{ text-align: left; }}
-tr.infeasible {{ color: #999; }} figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+tr.infeasible {{ color: #999; }} tr.warn {{ background: #fff3cd; }} p.warn {{ color: #8a6d00; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
 </style></head><body>
 <h1>Mixed-precision search: {esc(spec.name)}</h1>
 <p>Model <code>{esc(Path(str(spec.model)).name)}</code> at {spec.imgsz}x{spec.imgsz}, backend
-<code>{esc(spec.backend.name)}</code>, objectives {esc(', '.join(rep.objectives))}.
+<code>{esc(spec.backend.name)}</code>, deploy target <code>{esc(spec.deploy.target)}</code>,
+objectives {esc(', '.join(rep.objectives))}.
 {rep.counts['unique']} assignments evaluated ({rep.counts['complete']} trials, {rep.counts['duplicates']} duplicates,
 {rep.counts['failed']} failed). {base_txt}</p>
+{warn_html}
 <h2>Pareto front ({len(rep.front)} configurations)</h2>
 {table_html(rep.front)}
 {report_verify.html_block(rep)}
@@ -541,6 +593,11 @@ img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
 <details><summary>{len(rep.rows)} evaluated assignments</summary>{table_html(rep.rows)}</details>
 </body></html>
 """
+
+
+def runtime_warnings(rows: Sequence[TrialRow]) -> list[str]:
+    """One sentence per trial with A8 layers that the runtime ran as float (never silent)."""
+    return [f"trial {r.number}: {r.metrics.runtime_warning}" for r in rows if r.metrics.a8_ran_float]
 
 
 def short_label(summary: Mapping[str, Any]) -> str:
@@ -563,15 +620,24 @@ def front_table(rep: Report) -> Any:
 
     table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)",
                   caption=report_verify.terminal_caption(rep) or None)
-    for name in ("#", "mAP50-95", "vs float", *report_verify.terminal_columns(rep), "ms", "MB", "W4", "layers"):
+    for name in ("#", "mAP50-95", "vs float", *report_verify.terminal_columns(rep), "ms", "MB", "file MB", "W4",
+                 "A8 / int8", "layers"):
         table.add_column(name, justify="left" if name == "layers" else "right")
     if rep.base is not None:
         b = rep.base
         table.add_row("float", f"{b.map50_95:.4f}", "", *report_verify.terminal_cells(rep, None),
-                      f"{b.latency_ms:.3g}", f"{b.weight_bytes / 1e6:.2f}", "0%", "float", style="dim")
+                      f"{b.latency_ms:.3g}", f"{b.weight_bytes / 1e6:.2f}", f"{b.onnx_bytes / 1e6:.2f}", "0%", "",
+                      "float", style="dim")
     for r in rep.front:
         m = r.metrics
+        a8 = a8_int8(m)
         table.add_row(str(r.number), f"{m.map50_95:.4f}", f"{-100 * (m.map_drop or 0):+.2f}",
                       *report_verify.terminal_cells(rep, r), f"{m.latency_ms:.3g}", f"{m.weight_bytes / 1e6:.2f}",
-                      f"{100 * m.w4_weight_share:.0f}%", short_label(r.summary))
+                      f"{m.onnx_bytes / 1e6:.2f}",
+                      f"{100 * m.w4_weight_share:.0f}%", f"[bold yellow]{a8}[/]" if m.a8_ran_float else a8,
+                      short_label(r.summary))
+    if any(r.metrics.a8_ran_float for r in rep.front):
+        table.caption = (f"{table.caption}\n" if table.caption else "") + (
+            "[bold yellow]warning:[/] A8 layers ran as float in "
+            + ", ".join(f"#{r.number}" for r in rep.front if r.metrics.a8_ran_float))
     return table

@@ -62,7 +62,8 @@ class StudyResources:
         """The fused float model."""
         from mpq.model import load_model
 
-        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det, head=self.spec.head)
+        return load_model(self.spec.model, self.spec.imgsz, max_det=self.spec.evaluation.max_det, head=self.spec.head,
+                          trust=self.spec.trust_checkpoint)
 
     @cached_property
     def model_digest(self) -> str:
@@ -85,7 +86,7 @@ class StudyResources:
         """The spec's quantizer backend (its framework is imported now)."""
         from quantizers import get_backend
 
-        return get_backend(self.spec.backend, device=self.device)
+        return get_backend(self.spec.backend, device=self.device, target=self.spec.deploy.target)
 
     def candidates_for(self, group: LayerGroup) -> list[Precision]:
         """The study's candidates this backend can build for every layer of ``group`` (float excluded)."""
@@ -138,4 +139,4 @@ class StudyResources:
         """What, besides the assignment, decides a trial's result."""
         s = self.spec
         return keys.context_key(model=self.model_digest, data=self.data_digest, imgsz=s.imgsz, backend=s.backend,
-                                evaluation=s.evaluation, latency=s.latency)
+                                evaluation=s.evaluation, latency=s.latency, deploy=s.deploy)

@@ -33,6 +33,14 @@ class TrialMetrics:
     the float model, its median ratio to float (``latency_ratio``) times the float baseline's
     milliseconds; ``latency_measured_ms`` is always the raw median. ``map_drop`` (float
     mAP50-95 minus this model's) is set by the study; ``head`` names the head and so the post-processing.
+
+    Deployment (issue 12): ``deploy_target`` is the target the file was lowered for;
+    ``a8_asked`` the layers the assignment quantizes at A8, ``a8_ran_int8`` those the runtime
+    runs as an integer kernel (read back from ONNX Runtime's optimized graph) and
+    ``a8_ran_float`` the A8 layers it runs as float (each one a warning);
+    ``weight_bytes`` is the packed weight size (INT4 two per byte), ``onnx_bytes`` the
+    file's bytes on disk, ``weight_bytes_packed`` the lowering's count of the packed weights
+    with their scales and biases; ``rule_violations`` the target rules the file breaks.
     """
 
     map50_95: float
@@ -57,6 +65,21 @@ class TrialMetrics:
     map_drop: float | None = None
     head: str | None = None
     """The detection head scored (``one2one``: NMS-free top-k; ``one2many``: NMS), from the file's output."""
+    deploy_target: str | None = None
+    a8_asked: int | None = None
+    a8_ran_int8: int | None = None
+    a8_ran_float: tuple[str, ...] = ()
+    weight_bytes_packed: int | None = None
+    rule_violations: int | None = None
+
+    @property
+    def runtime_warning(self) -> str:
+        """A sentence naming the A8 layers that run as float; empty when every A8 layer runs int8."""
+        bad = list(self.a8_ran_float)
+        if not bad:
+            return ""
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        return f"{len(bad)} of {self.a8_asked} layers asked for A8 run as float: {shown}"
 
     def value(self, objective: str) -> float:
         """The value of ``objective`` (``map``, ``latency``, ``size``, ``bops``) for this model."""
@@ -73,7 +96,7 @@ class TrialMetrics:
             value = getattr(self, f.name)
             if f.name == "per_class" or (value is None and f.default is None):
                 continue
-            out[f.name] = value
+            out[f.name] = list(value) if isinstance(value, tuple) else value
         out = {k: out[k] for k in _JSON_ORDER if k in out}
         out["per_class"] = dict(self.per_class)
         if self.map_drop is not None:
@@ -86,13 +109,15 @@ class TrialMetrics:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         values["per_class"] = dict(values.get("per_class") or {})
+        values["a8_ran_float"] = tuple(values.get("a8_ran_float") or ())
         return cls(**values)
 
 
 _JSON_ORDER = ("map50_95", "map50", "map75", "images_per_s", "provider", "latency_ms", "latency_p90_ms",
                "latency_measured_ms", "latency_ratio", "latency_float_same_window_ms", "latency_provider",
                "latency_device", "latency_batch", "weight_bytes", "size_ratio", "bops", "w4_weight_share",
-               "onnx_bytes", "head")
+               "onnx_bytes", "weight_bytes_packed", "deploy_target", "a8_asked", "a8_ran_int8", "a8_ran_float",
+               "rule_violations", "head")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import numpy as np
 from mpq import keys
 from mpq.assignment import Assignment, LayerGroup, Precision
 from mpq.errors import UserError
-from mpq.files import read_json, write_json
+from mpq.files import read_sealed_json, write_json, write_sealed_json
 
 if TYPE_CHECKING:
     from search.baseline import FloatBaseline
@@ -105,7 +105,7 @@ def sweep_key(res: StudyResources, metric: str, candidates: Iterable[Precision])
     s = res.spec
     return keys.sweep_key(model=res.model_digest, data=res.data_digest, imgsz=s.imgsz, granularity=s.granularity,
                           groups=[g.name for g in res.groups], backend=s.backend, metric=metric,
-                          candidates=candidates, images=s.sensitivity.images)
+                          candidates=candidates, images=s.sensitivity.images, deploy=s.deploy.target)
 
 
 def sweep_candidates(res: StudyResources) -> list[Precision]:
@@ -127,8 +127,11 @@ def load_cached(res: StudyResources, metric: str | None = None) -> SensitivityTa
     if not path.is_file():
         return None
     try:
-        table = SensitivityTable.from_json(read_json(path))
-    except (KeyError, ValueError):
+        table = SensitivityTable.from_json(read_sealed_json(path))
+    except (KeyError, ValueError, TypeError) as exc:
+        from search.console import warn
+
+        warn(f"{path}: {exc}; running the sweep again")
         return None
     return table if table.key == sweep_key(res, metric, sweep_candidates(res)) else None
 
@@ -159,7 +162,7 @@ def run_sweep(res: StudyResources, baseline: FloatBaseline, *, metric: str | Non
     table = SensitivityTable(metric, sweep_key(res, metric, candidates), [g.name for g in res.groups], scores,
                              time.perf_counter() - start, extra)
     res.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(table_path(res, metric), table.to_json())
+    write_sealed_json(table_path(res, metric), table.to_json())
     return table
 
 
@@ -288,8 +291,12 @@ class BlockCache:
 
 
 def _export_tmp(res: StudyResources, qm: Any, tmp: Path) -> Path:
+    """Export a probe and lower it for the deploy target: a probe is measured on what a trial would run."""
+    from search import deploy
+
     path = tmp / "probe.onnx"
-    res.backend.export(qm, path)
+    exported = res.backend.export(qm, deploy.export_path(res, path)).path
+    deploy.lower_export(res, exported, path, qm.assignment, {})
     return path
 
 

@@ -24,6 +24,7 @@ minimizers of summed sensitivity for several size budgets.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -271,7 +272,8 @@ def policies(space: SearchSpace, ks: Sequence[int] | None = None,
             if k > (n if space.kind == "topk" else space.max_keep):
                 continue
             a = space.topk(k, a8)
-            label = f"top-{k} float, rest {'W4A8' if a8 else 'W4A16'}"
+            rest = Counter(str(p) for p in a.precisions.values() if not p.is_float).most_common(1)
+            label = f"top-{k} float, rest {rest[0][0] if rest else 'float'}"
             add(label, a, space.params_for(a, a8_share=1.0 if a8 else 0.0, keep_top=k))
     if space.kind == "topk":
         return out

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -36,7 +37,7 @@ from pydantic import (
 from mpq.assignment import DEFAULT_CANDIDATES, Precision
 from mpq.errors import UserError
 from mpq.objectives import DEFAULT_OBJECTIVES, ObjectiveName
-from mpq.options import BackendOptions, EvaluationSpec, LatencySpec, PrecisionField, Section
+from mpq.options import BackendOptions, DeploySpec, EvaluationSpec, LatencySpec, PrecisionField, Section
 from quantizers.registry import backend_info, options_models
 
 DEMO_SCHEME = "demo://"
@@ -94,6 +95,34 @@ def _path_validator(value: Any, info: ValidationInfo) -> Any:
 
 
 SpecPath = Annotated[Path, BeforeValidator(_path_validator), PlainSerializer(str, return_type=str)]
+
+
+def _imgsz_multiple(v: int) -> int:
+    if v % 32:
+        near = max(32, round(v / 32) * 32)
+        raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {near}")
+    return v
+
+
+#: A square input size: at least 32 and a multiple of 32 (the spec's ``imgsz`` and ``--imgsz``).
+ImageSize = Annotated[int, Field(ge=32), AfterValidator(_imgsz_multiple)]
+#: A number of trials (the spec's ``search.budget`` and ``--budget``).
+Budget = Annotated[int, Field(gt=0)]
+#: A positive count (``--workers``, batch sizes).
+PositiveInt = Annotated[int, Field(gt=0)]
+
+#: The value types the command line checks with the spec's own validators (see :func:`check_value`).
+VALUE_TYPES: dict[str, Any] = {"imgsz": ImageSize, "budget": Budget, "positive": PositiveInt}
+
+
+def check_value(kind: str, text: str) -> Any:
+    """``text`` (a command-line value) validated as the spec validates ``kind``; ``ValueError`` names why."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(VALUE_TYPES[kind]).validate_python(int(text) if text.lstrip("-").isdigit() else text)
+    except ValidationError as exc:
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -167,7 +196,7 @@ class SensitivitySpec(Section):
 class SearchSpec(Section):
     """The Optuna multi-objective study."""
 
-    budget: int = Field(default=50, gt=0, description="Number of trials.")
+    budget: Budget = Field(default=50, description="Number of trials.")
     objectives: list[ObjectiveName] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES), min_length=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
@@ -183,7 +212,7 @@ class StudySpec(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the run directory.")
     model: SpecPath = Field(description="Ultralytics checkpoint (.pt) or architecture (.yaml).")
-    imgsz: int = Field(default=640, ge=32, description="Square input size (multiple of 32).")
+    imgsz: ImageSize = Field(default=640, description="Square input size (multiple of 32).")
     head: Literal["auto", "one2one", "one2many"] = Field(
         default="auto", description="The detection head the float baseline, every trial and every export use. "
         "auto: the one the checkpoint selects, as Ultralytics' own predict/val/export do (a YOLOv10 trained "
@@ -199,9 +228,13 @@ class StudySpec(Section):
     backend: BackendSpec = Field(default_factory=lambda: backend_info("brevitas").options(name="brevitas"))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     device: str = Field(default="auto", description="Torch device for calibration: auto, cpu, cuda, cuda:N.")
+    trust_checkpoint: bool = Field(
+        default=False, description="Load a .pt checkpoint that the restricted loader refuses: a .pt is a pickle, and "
+        "a full unpickle runs any code the file carries. Only for checkpoints from a source you trust.")
     runs_dir: SpecPath | None = Field(
         default=None, description="Where run directories are made (default: ./runs in the working directory).")
 
@@ -209,14 +242,6 @@ class StudySpec(Section):
     @classmethod
     def _backend_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz_multiple(cls, v: int) -> int:
-        if v % 32:
-            near = max(32, round(v / 32) * 32)
-            raise ValueError(f"must be a multiple of 32 (the model's largest stride), e.g. {near}")
-        return v
 
     @field_validator("candidates")
     @classmethod
@@ -251,9 +276,19 @@ class StudySpec(Section):
         """``runs_dir/<name>`` (default ``./runs/<name>``)."""
         return (Path(self.runs_dir) if self.runs_dir else Path.cwd() / "runs") / self.name
 
+    def record(self) -> dict[str, Any]:
+        """The resolved spec as JSON data fit to record (a run's ``spec.yaml``, the study's ``spec``
+        attribute): the storage URL's password redacted (:func:`search.storage.redact`)."""
+        from search.storage import redact
+
+        data = self.model_dump(mode="json")
+        if data["search"].get("storage"):
+            data["search"]["storage"] = redact(data["search"]["storage"])
+        return data
+
     def to_yaml(self) -> str:
-        """The resolved spec as YAML (what ``spec.yaml`` of a run holds)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved spec as YAML (what ``spec.yaml`` of a run holds), its storage password redacted."""
+        return yaml.safe_dump(self.record(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,9 @@ class RunSettings:
             raise UserError(f"unknown objective(s) {bad}; choose from {', '.join(OBJECTIVES)}")
         if ACCURACY not in objs:
             raise UserError(f"the objectives must include '{ACCURACY}' (accuracy)")
-        return cls(budget=budget or s.budget, objectives=objs, sampler=sampler or s.sampler,
+        if budget is not None and budget < 1:
+            raise UserError(f"the budget must be at least 1 (got {budget})")
+        return cls(budget=s.budget if budget is None else budget, objectives=objs, sampler=sampler or s.sampler,
                    space=space or s.space, seed=s.seed if seed is None else seed,
                    seed_policies=s.seed_policies if seed_policies is None else seed_policies,
                    max_map_drop=s.max_map_drop, storage=storage_url(run_dir, given=storage, spec_storage=s.storage))
@@ -83,7 +84,8 @@ def make_sampler(settings: RunSettings, constrained: bool, seed: int) -> optuna.
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Distinct assignments done, trials running, failed, duplicated, waiting, and all trials."""
+    """Distinct assignments done, trials running, failed (``crashed``: not because their worker died),
+    duplicated, waiting, and all trials."""
     import optuna
 
     S = optuna.trial.TrialState
@@ -91,6 +93,7 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     done = sum(1 for t in trials if t.state == S.COMPLETE and "duplicate_of" not in t.user_attrs)
     return {"done": done, "running": sum(1 for t in trials if t.state == S.RUNNING),
             "failed": sum(1 for t in trials if t.state == S.FAIL),
+            "crashed": sum(1 for t in trials if t.state == S.FAIL and not t.user_attrs.get("worker_died")),
             "duplicates": sum(1 for t in trials if t.state == S.COMPLETE and "duplicate_of" in t.user_attrs),
             "total": len(trials), "waiting": sum(1 for t in trials if t.state == S.WAITING)}
 
@@ -120,7 +123,8 @@ class StudyRunner:
 
         storage = open_storage(self.settings.storage)
         name = self.res.spec.name
-        sampler = make_sampler(self.settings, self.settings.max_map_drop is not None, self._worker_seed())
+        constrained = self.settings.max_map_drop is not None
+        sampler = make_sampler(self.settings, constrained, self.settings.seed)
         if create:
             try:
                 study = optuna.create_study(storage=storage, study_name=name,
@@ -130,8 +134,9 @@ class StudyRunner:
             else:
                 self._describe(study)
                 return study, True
-        try:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        try:  # a joining worker samples with its own seed, or it would propose what the others do
+            study = optuna.load_study(study_name=name, storage=storage,
+                                      sampler=make_sampler(self.settings, constrained, self.worker_seed()))
         except KeyError:
             raise UserError(f"no study named '{name}' in {redact(self.settings.storage)}") from None
         self._check_joinable(study)
@@ -148,7 +153,7 @@ class StudyRunner:
         study.set_user_attr("key", self.study_key())
         study.set_user_attr("objectives", self.settings.objectives)
         study.set_user_attr("run_dir", str(self.res.run_dir.resolve()))
-        study.set_user_attr("spec", self.res.spec.model_dump(mode="json"))
+        study.set_user_attr("spec", self.res.spec.record())
 
     def _check_joinable(self, study: optuna.Study) -> None:
         name, shown = self.res.spec.name, redact(self.settings.storage)
@@ -164,18 +169,20 @@ class StudyRunner:
             raise UserError(f"the study '{name}' optimizes other objectives "
                             f"({study.user_attrs.get('objectives')}); use --fresh or another name")
 
-    def _worker_seed(self) -> int:
-        index = int(os.environ.get("YOLO_MPQ_WORKER_INDEX", "0"))
-        if self.settings.storage.startswith("sqlite") and index == 0:
-            return self.settings.seed
-        return self.settings.seed + index + zlib.crc32(self.worker.encode()) % 100_000
+    def worker_seed(self) -> int:
+        """The sampler seed of a worker that joins the study: the study's seed and this worker's id
+        (``host:pid``, and ``$YOLO_MPQ_WORKER_INDEX`` under ``--workers``), so workers started by hand on
+        one study do not propose the same assignments. The worker that creates the study uses the study seed."""
+        index = os.environ.get("YOLO_MPQ_WORKER_INDEX", "0")
+        return keys.worker_seed(self.settings.seed, f"{self.worker}#{index}")
 
     def prepare(self) -> tuple[optuna.Study, TrialObjective]:
         """Everything before the first trial: run directory, study, sensitivity table, space, float baseline."""
         from search.space import policies, space_for
 
+        self.res.paths.make()
+        study, created = self.open()  # the storage first: a failed start leaves the run files as they were
         self.res.prepare_run_dir()
-        study, created = self.open()
         sweep = SharedSweep(study, self.pipeline, worker=self.worker, log=self.log, progress=self.progress)
 
         def enqueue_policies(table: SensitivityTable) -> None:
@@ -228,12 +235,12 @@ class StudyRunner:
                 waiting = True
                 self.log(f"{c['running']} trial(s) running in other workers; waiting for them to finish")
             time.sleep(2.0)
-        if c["failed"] >= 3 and c["done"] == 0:
+        if c["crashed"] >= 3 and c["done"] == 0:  # a broken setup, not killed workers
             fails = [t.user_attrs.get("failure", "?") for t in study.get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
-            raise UserError(f"the first {c['failed']} trials failed; last reason: {fails[-1]}")
-        if c["failed"] > budget:
-            raise UserError(f"{c['failed']} trials failed; see the 'failure' user attribute of each")
+            raise UserError(f"the first {c['crashed']} trials failed; last reason: {fails[-1]}")
+        if c["crashed"] > budget:
+            raise UserError(f"{c['crashed']} trials failed; see the 'failure' user attribute of each")
         return True
 
     def _report_mine(self, study: optuna.Study, reported: set[int],

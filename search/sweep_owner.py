@@ -8,7 +8,8 @@ Through the study's user attributes, so it works across machines with nothing bu
    ``before_publish`` (the study enqueues its policy configurations there) and publishes the
    table as ``sensitivity``;
 3. any other worker waits for ``sensitivity``; if the owner's heartbeat is older than
-   :data:`SWEEP_STALE_S`, it takes the sweep over.
+   :data:`SWEEP_STALE_S`, or the owner ran on this host and its process is gone, it takes the
+   sweep over.
 
 Every worker keeps a copy of the table in its run directory.
 """
@@ -20,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mpq.files import write_json
+from mpq.files import write_sealed_json
+from search.liveness import process_gone
 from search.sensitivity import SensitivityTable, load_cached, run_sweep, table_path
 
 if TYPE_CHECKING:
@@ -92,6 +94,10 @@ class SharedSweep:
                 return table
             attrs = self.study.user_attrs
             beat = float(attrs.get("sweep_heartbeat", started))
+            owner = str(attrs.get("sweep_owner", "?"))
+            if owner != self.worker and process_gone(owner):
+                self.log(f"sweep owner {owner} is gone (its process ended): taking the sweep over")
+                return None
             if time.time() - beat > SWEEP_STALE_S:
                 self.log(f"sweep owner {attrs.get('sweep_owner', '?')} is silent: taking the sweep over")
                 return None
@@ -111,4 +117,4 @@ class SharedSweep:
         path = table_path(res, table.metric)
         if not path.is_file():
             res.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(path, table.to_json())
+            write_sealed_json(path, table.to_json())

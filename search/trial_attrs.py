@@ -8,7 +8,9 @@ are the only code that sets them; :meth:`TrialAttrs.of` reads them back.
 - a duplicate of an earlier trial's assignment: those copied, and ``duplicate_of``;
 - failed: ``failure`` and ``assignment``;
 - evaluated: ``metrics`` (with ``map_drop``), ``constraint`` (with a mAP-drop limit) and flat
-  scalars the dashboard's trial table sorts on (``mAP50-95``, ``latency ms``, ...).
+  scalars the dashboard's trial table sorts on (``mAP50-95``, ``latency ms``, ...); what the
+  deploy target runs: ``deploy target``, ``A8 asked``, ``A8 ran int8``, ``file MB`` and, when
+  an A8 layer ran as float, ``A8 ran float`` (the layers) and ``warning`` (a sentence).
 """
 
 from __future__ import annotations
@@ -105,14 +107,28 @@ def write_metrics(trial: optuna.Trial, metrics: TrialMetrics, max_map_drop: floa
     # flat scalars first: the dashboard's trial table sorts and filters on them
     for key, value in (("mAP50-95", metrics.map50_95), ("mAP change (pt)", -100 * metrics.map_drop),
                        ("latency ms", metrics.latency_ms), ("weights MB", metrics.weight_bytes / 1e6),
-                       ("W4 weight share", metrics.w4_weight_share)):
+                       ("file MB", metrics.onnx_bytes / 1e6), ("W4 weight share", metrics.w4_weight_share)):
         if value is not None:
             trial.set_user_attr(key, round(float(value), 5))
     if metrics.head is not None:
         trial.set_user_attr("head", metrics.head)
+    write_deployment(trial, metrics)
     trial.set_user_attr("metrics", metrics.to_json())
     if max_map_drop is not None:
         trial.set_user_attr("constraint", metrics.map_drop - max_map_drop)
+
+
+def write_deployment(trial: optuna.Trial, metrics: TrialMetrics) -> None:
+    """What the deploy target runs: A8 asked / ran int8 and, as a visible warning, the A8 layers that ran float."""
+    if metrics.deploy_target is not None:
+        trial.set_user_attr("deploy target", metrics.deploy_target)
+    if metrics.a8_asked is not None:
+        trial.set_user_attr("A8 asked", metrics.a8_asked)
+    if metrics.a8_ran_int8 is not None:
+        trial.set_user_attr("A8 ran int8", metrics.a8_ran_int8)
+    if metrics.a8_ran_float:
+        trial.set_user_attr("A8 ran float", list(metrics.a8_ran_float))
+        trial.set_user_attr("warning", metrics.runtime_warning)
 
 
 def constraint(trial: Any) -> list[float]:

@@ -3,7 +3,12 @@
 The storage is the run directory's ``study.db`` (SQLite), or the storage recorded in its
 ``spec.yaml`` when that is not SQLite (a PostgreSQL study shared by several workers), or
 any ``--storage URL``. The server listens on loopback unless ``--host`` says otherwise,
-prints the address of the study page, and runs until Ctrl-C. Trials show their metrics,
+prints the address of the study page, and runs until Ctrl-C.
+
+It is read-only: nothing can be deleted, renamed or written through it. ``--allow-writes``
+lifts that, and needs ``--token`` (or ``$YOLO_MPQ_DASHBOARD_TOKEN``), as listening beyond
+loopback does: every request must then carry the token (open the page once with
+``?token=TOKEN``; see :mod:`search.dashboard_access`). Trials show their metrics,
 assignment summary and artifact paths (user attributes), and multi-objective studies
 their Pareto front.
 """
@@ -39,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="let the dashboard delete/rename studies and write notes (default: read-only); needs --token")
+    p.add_argument("--token", default=None,
+                   help="a secret every request must carry (open the page once with ?token=TOKEN); needed for "
+                        "--allow-writes and for a --host beyond loopback (default: $YOLO_MPQ_DASHBOARD_TOKEN)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
     p.set_defaults(handler=run)
 
@@ -179,7 +189,27 @@ def make_server(app: Any, host: str, port: int, verbose: bool = False) -> Any:
                         "(0 picks a free one) or --host") from None
 
 
+def access_token(args: argparse.Namespace) -> str | None:
+    """The token of ``--token`` or the environment; required for writes and for a non-loopback host."""
+    import os
+
+    from search.dashboard_access import TOKEN_ENV
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and len(token) < 12:
+        raise UserError("--token: use at least 12 characters (e.g. python -c 'import secrets; "
+                        "print(secrets.token_urlsafe())')")
+    if token is None and args.allow_writes:
+        raise UserError(f"--allow-writes needs --token TOKEN (or ${TOKEN_ENV}): without it anyone who reaches "
+                        "the port could delete studies")
+    if token is None and args.host not in LOOPBACK:
+        raise UserError(f"--host {args.host} is reachable from other machines: pass --token TOKEN (or "
+                        f"${TOKEN_ENV}) so that only those who know it see the studies")
+    return token
+
+
 def run(args: argparse.Namespace) -> int:
+    token = access_token(args)
     spec_file = Path(args.study) if args.study and is_spec_path(args.study) else None
     asked_name = args.study if args.study and spec_file is None else None
     target = resolve_target(args.run_dir, args.storage, spec_file, asked_name)
@@ -196,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
 
     from optuna_dashboard import wsgi
 
-    app = wsgi(storage)
+    from search.dashboard_access import AccessGuard
+
+    app = AccessGuard(wsgi(storage), allow_writes=args.allow_writes, token=token)
     server = make_server(app, args.host, args.port, verbose=args.verbose)
     host, port = server.server_address[:2]
     shown_host = f"[{host}]" if ":" in host else host
@@ -210,9 +242,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"study '{name}': {study_page(base, sid)}", flush=True)
     else:
         print("no study in this storage yet; it appears once a worker starts (reload the page)", flush=True)
+    if token is not None:
+        print("every request needs the token: open the page once with ?token=TOKEN", flush=True)
+    print("read-write: studies can be deleted and edited" if args.allow_writes
+          else "read-only (--allow-writes --token TOKEN to edit studies)", flush=True)
     if args.host not in LOOPBACK:
-        print(f"warning: listening on {args.host}, reachable from other machines; the dashboard has no "
-              "login and can edit or delete studies", file=sys.stderr, flush=True)
+        print(f"warning: listening on {args.host}, reachable from other machines (token required)",
+              file=sys.stderr, flush=True)
     print("Ctrl-C to stop", flush=True)
     try:
         server.serve_forever()

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.commands import add_study_arg
+from search.commands import add_study_arg, spec_value
 
 if TYPE_CHECKING:
     from evaluators.base import AccuracyResult, LatencyResult
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search: the subset trials are scored on (default); verify: the held-out "
                         "verification split (dataset.verify)")
     p.add_argument("--latency", action="store_true", help="also measure latency with the study's latency settings")
-    p.add_argument("--batch-size", type=int, default=None, help="override evaluation.batch_size")
+    p.add_argument("--batch-size", type=spec_value("positive"), default=None, help="override evaluation.batch_size")
     p.set_defaults(handler=run)
 
 
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
-    spec = load_study(args.study, **overrides)
+    spec = load_study(args.study, trust=args.trust_checkpoint, **overrides)
     pipeline = TrialPipeline.for_spec(spec)
     res = pipeline.resources
     if args.onnx is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search.commands import add_trust_arg
+
 #: The metrics the sidecar compares: verified here, recorded by the study, and the float model's.
 SIDECAR_KEYS = ("map50_95", "map50", "latency_ms", "weight_bytes")
 
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--storage", default=None, help="study storage URL (default: the run dir's own)")
     p.add_argument("--device", default=None, help="torch device for calibration")
+    add_trust_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -36,12 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from mpq.errors import UserError
     from mpq.files import versions, write_json
     from search.console import console, console_err
-    from search.pipeline import TrialPipeline
+    from search.pipeline import TrialPipeline, artifact_records
     from search.report import collect, load_run, pareto_front, short_label
     from search.trial_attrs import TrialAttrs
     from search.verification import describe, splits_for
 
     spec, study = load_run(args.run_dir, args.storage)
+    if args.trust_checkpoint:
+        spec = spec.model_copy(update={"trust_checkpoint": True})
     rows = collect(study, spec.search.max_map_drop)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     if args.front:
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         assignment = attrs.assignment_value()
         stem = f"{spec.name}-trial{n}"
         console_err.print(f"trial {n}: re-materializing {assignment.label()} ...", highlight=False)
+        _check_stored(pipeline.resources.paths.trial(assignment.digest()), n)
         work = out / f".{stem}"
         result = pipeline.run(assignment, out_dir=work, use_cache=False)
         onnx_path = out / f"{stem}.onnx"
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             "head": splits.head, "verification": {**checked.to_json(), **splits.describe_splits(),
                                                   "text": describe(checked, splits.summary())},
             "export": dict(result.export), "timings": dict(result.timings), "versions": versions(),
+            "files": artifact_records(onnx_path),
         }
         write_json(out / f"{stem}.json", sidecar)
         for f in work.iterdir():
@@ -115,3 +122,23 @@ def _caption(splits) -> str:  # noqa: ANN001
         return f"head {splits.head}; {IN_SAMPLE}"
     return (f"head {splits.head}; re-measured on the search split ({len(splits.search.subset)} images); verify: the "
             f"exported file on {len(splits.verify.subset)} held-out images; [95%]: paired bootstrap vs float")
+
+
+def _check_stored(trial_dir: Path, number: int) -> None:
+    """Warn (naming the file) when the study's stored artifact of trial ``number`` is not the one it measured."""
+    from mpq.files import read_json
+    from search.console import warn
+    from search.pipeline import artifact_mismatch
+
+    metrics = trial_dir / "metrics.json"
+    if not metrics.is_file():
+        return
+    try:
+        records = read_json(metrics).get("files")
+    except ValueError:
+        warn(f"{metrics}: unreadable; trial {number} is re-built from its assignment")
+        return
+    bad = artifact_mismatch(trial_dir, records)
+    if bad is not None:
+        warn(f"{bad}: the study's artifact of trial {number} is not the file it measured; the export "
+             "re-builds it from its assignment (and the next `search run` rebuilds the stored trial)")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from search.commands import add_trust_arg, spec_value
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="load a model offline, fold BatchNorm and list its quantizable layers",
@@ -13,11 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", nargs="?", type=Path, default=None,
                    help="a .pt checkpoint, a .yaml architecture (e.g. yolov10m.yaml) or a study spec "
                         "(default: the demo study)")
-    p.add_argument("--imgsz", type=int, default=None, help="image size for MACs (default: the study's, else 640)")
+    p.add_argument("--imgsz", type=spec_value("imgsz"), default=None,
+                   help="image size for MACs (default: the study's, else 640)")
     p.add_argument("--granularity", "-g", choices=("layer", "block"), default=None)
     p.add_argument("--head", choices=("auto", "one2one", "one2many"), default=None,
                    help="detection head (default: the study's 'head', else auto: the one the checkpoint selects)")
     p.add_argument("--json", type=Path, default=None, help="also write the layer table as JSON here")
+    add_trust_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -41,18 +45,20 @@ def run(args: argparse.Namespace) -> int:
 
     target: Path | None = args.target
     granularity = args.granularity
+    trust = args.trust_checkpoint
     if target is None or _is_study(target):
         spec = load_study(target)
         model_path, imgsz = spec.model, args.imgsz or spec.imgsz
         granularity = granularity or spec.granularity
         max_det = spec.evaluation.max_det
         head = args.head or spec.head
+        trust = trust or spec.trust_checkpoint
     else:
         model_path, imgsz, max_det = target, args.imgsz or 640, 300
         granularity = granularity or "layer"
         head = args.head or "auto"
     with console.status(f"loading {model_path.name} (imgsz {imgsz}) ..."):
-        model = load_model(model_path, imgsz, max_det=max_det, head=head)
+        model = load_model(model_path, imgsz, max_det=max_det, head=head, trust=trust)
     console.print(layer_table_view(model, granularity))
     quant = model.quantizable_layers
     skipped = [lay for lay in model.layers if not lay.quantizable]

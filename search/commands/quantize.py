@@ -7,7 +7,8 @@ one from ``--assignment FILE.json``, materialize it with the study's backend (or
 float vs quantized mAP, size, latency, Q/DQ counts and times.
 
 Output goes to ``--out DIR`` (default ``runs/<study>/quantize/<label>-<digest>/``):
-``model.onnx``, ``model.onnx.json`` (what is in the file), ``assignment.json`` and
+``model.onnx`` (lowered for the study's ``deploy.target``), ``model.onnx.json`` (what is in the
+file: target, rules, per-layer forms, sizes), ``assignment.json`` and
 ``metrics.json`` (quantized and float metrics). A finished result is reused unless
 ``--force``. Backend options can be changed for one call with ``--set``, e.g.
 ``--set backend.gptq=true --set backend.act_calibration=mse``.
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend and args.backend != load_study(args.study).backend.name:
         overrides["backend"] = {"name": args.backend}  # that backend's default options
     overrides.update(parse_overrides(args.overrides))
-    spec = load_study(args.study, **overrides)
+    spec = load_study(args.study, trust=args.trust_checkpoint, **overrides)
     pipeline = TrialPipeline.for_spec(spec, device=args.device, progress=True)
     res = pipeline.resources
     assignment, label = build_assignment(args, res)
@@ -136,10 +137,30 @@ def run(args: argparse.Namespace) -> int:
     data["delta"] = {k: getattr(result.metrics, k) - getattr(base, k) for k in DELTA_KEYS}
     write_json(metrics_path, data)
     console.print(comparison_table(spec.name, base, float_onnx.stat().st_size, result, res))
+    print_deployment(result)
     console.print(f"wrote {out_dir / 'model.onnx'} and {metrics_path}"
                   + (" (reused a finished result; --force rebuilds)" if result.cached else "")
                   + f" in {time.perf_counter() - t0:.1f} s", highlight=False)
     return 0
+
+
+def print_deployment(result: TrialResult) -> None:
+    """The deploy target, what ONNX Runtime runs as int8 (a warning naming every A8 layer that
+    runs float), the lowered file's rule violations and the target's notes."""
+    from search.console import console, console_err
+
+    q = result.metrics
+    meta = result.export.get("metadata", {})
+    line = f"deploy target {q.deploy_target or '?'}"
+    if q.a8_ran_int8 is not None:
+        line += f": A8 asked {q.a8_asked} / ran int8 {q.a8_ran_int8} (ONNX Runtime's optimized graph)"
+    console.print(line, highlight=False)
+    if q.runtime_warning:
+        console_err.print(f"[bold yellow]warning:[/] {q.runtime_warning}", highlight=False)
+    for v in meta.get("violations", [])[:5]:
+        console_err.print(f"[yellow]rule[/] [{v['rule']}] {v['node']}: {v['message']}", highlight=False)
+    for note in meta.get("notes", []):
+        console.print(f"  note: {note}", highlight=False, style="dim")
 
 
 #: The metrics whose change vs float ``metrics.json`` records under ``delta``.
@@ -165,18 +186,19 @@ def comparison_table(study: str, base: TrialMetrics, float_bytes: int, result: T
         steps = [f"{k.split('.', 1)[1]} {v:.1f}" for k, v in t.items()
                  if k.startswith("materialize.") and k != "materialize.total" and v >= 0.05]
         caption = (f"times (s): materialize {t.get('materialize', 0):.1f} ({', '.join(steps)}), "
-                   f"export {t.get('export', 0):.1f}, evaluate {t.get('evaluate', 0):.1f}, "
-                   f"latency {t.get('latency', 0):.1f}")
+                   f"export {t.get('export', 0):.1f}, lower {t.get('lower', 0):.1f}, "
+                   f"evaluate {t.get('evaluate', 0):.1f}, latency {t.get('latency', 0):.1f}")
     provider = q.latency_provider.removesuffix("ExecutionProvider")
     table = Table(title=f"{study}: float vs {assignment.label(res.model.layers)} ({res.spec.backend.name}, "
-                        f"{len(assignment)}/{len(res.model.quantizable_layers)} layers)", caption=caption)
+                        f"{len(assignment)}/{len(res.model.quantizable_layers)} layers, deploy "
+                        f"{res.spec.deploy.target})", caption=caption)
     table.add_column("")
     table.add_column("float", justify="right")
     table.add_column("quantized", justify="right")
     table.add_column("change", justify="right")
     table.add_row("mAP50-95", f"{base.map50_95:.4f}", f"{q.map50_95:.4f}", f"{q.map50_95 - base.map50_95:+.4f}")
     table.add_row("mAP50", f"{base.map50:.4f}", f"{q.map50:.4f}", f"{q.map50 - base.map50:+.4f}")
-    table.add_row("weights (analytic)", _mb(base.weight_bytes), _mb(q.weight_bytes),
+    table.add_row("weights (packed INT4/INT8)", _mb(base.weight_bytes), _mb(q.weight_bytes),
                   f"x{q.weight_bytes / max(base.weight_bytes, 1):.3f}")
     table.add_row("ONNX file", _mb(float_bytes), _mb(q.onnx_bytes), f"x{q.onnx_bytes / max(float_bytes, 1):.3f}")
     table.add_row(f"latency ({provider}, b{q.latency_batch})", f"{base.latency_ms:.2f} ms",
@@ -184,4 +206,8 @@ def comparison_table(study: str, base: TrialMetrics, float_bytes: int, result: T
     table.add_row("Q / DQ / Clip", "0 / 0 / 0",
                   f"{counts.get('QuantizeLinear', 0)} / {counts.get('DequantizeLinear', 0)} / {counts.get('Clip', 0)}",
                   "")
+    if q.a8_asked:
+        ran = q.a8_ran_int8 if q.a8_ran_int8 is not None else "?"
+        table.add_row("A8 asked / ran int8", "", f"{q.a8_asked} / {ran}",
+                      f"[bold yellow]{len(q.a8_ran_float)} ran float[/]" if q.a8_ran_float else "")
     return table

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from search.commands import add_study_arg
+from search.commands import add_study_arg, spec_value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume, or join) the Optuna study; each trial is a real quantized ONNX",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arg(p)
-    p.add_argument("--budget", "-n", type=int, default=None, help="assignments to evaluate (default: the spec's)")
+    p.add_argument("--budget", "-n", type=spec_value("budget"), default=None,
+                   help="assignments to evaluate (default: the spec's)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: runs/<study>/study.db)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=spec_value("positive"), default=1, help="worker processes on this machine")
     p.add_argument("--device", default=None,
                    help="torch device for calibration: auto, cpu, cuda, cuda:N (with --workers and several GPUs: "
                         "a comma list, one per worker, e.g. cuda:0,cuda:1)")
@@ -49,13 +50,17 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     # --storage is recorded in the run dir's spec.yaml, so `search report/dashboard RUN_DIR` find the study
-    spec = load_study(args.study, **{"search.storage": args.storage})
+    spec = load_study(args.study, trust=args.trust_checkpoint, **{"search.storage": args.storage})
+    from search.data_check import require_data
+
+    require_data(spec)  # a corrupt image or annotation fails now, not after the sweep
     devices = [d.strip() for d in args.device.split(",")] if args.device else []
     if len(devices) > 1 and args.workers == 1:
         raise UserError("several --device values need --workers N (one device per worker)")
     pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir) if args.run_dir else None,
                                       device=devices[0] if devices else None)
     run_dir = pipeline.resources.run_dir
+    pipeline.resources.paths.make()  # an unusable run directory fails here, before any work
     objectives = [o.strip() for o in args.objectives.split(",")] if args.objectives else None
     settings = RunSettings.from_spec(spec, run_dir, budget=args.budget, storage=args.storage, sampler=args.sampler,
                                      space=args.space, objectives=objectives,
@@ -119,9 +124,15 @@ def trial_line(t) -> str:  # noqa: ANN001
     if m is None:
         return f"  #{t.number:<3} no metrics{dup}{pol}"
     ratio = f" (x{m.latency_ratio:.2f} float)" if m.latency_ratio is not None else ""
+    int8 = ""
+    if m.a8_asked:
+        ran = m.a8_ran_int8 if m.a8_ran_int8 is not None else "?"
+        int8 = f"  A8 {m.a8_asked}/int8 {ran}"
+        if m.a8_ran_float:
+            int8 += f" [bold yellow]({len(m.a8_ran_float)} A8 ran float)[/]"
     return (f"  #{t.number:<3} W4 {100 * m.w4_weight_share:3.0f}%  mAP {m.map50_95:.4f} "
             f"({-100 * (m.map_drop or 0):+.2f} pt)  {m.latency_ms:.2f} ms{ratio}  "
-            f"{m.weight_bytes / 1e6:.2f} MB{dup}{pol}{times}")
+            f"{m.weight_bytes / 1e6:.2f} MB{int8}{dup}{pol}{times}")
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
@@ -133,4 +144,6 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     if args.no_policies:
         argv.append("--no-policies")
+    if args.trust_checkpoint:
+        argv.append("--trust-checkpoint")
     return argv

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from search.sensitivity import run_sweep
     from search.views import sensitivity_tables
 
-    spec = load_study(args.study)
+    spec = load_study(args.study, trust=args.trust_checkpoint)
     pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device)
     res = pipeline.resources
     res.prepare_run_dir()

@@ -153,11 +153,12 @@ def test_two_workers_one_study_survives_a_killed_worker(postgres_url, tmp_path):
     study = load(postgres_url, name)
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
-    # consistent: nothing left RUNNING, the killed trial failed (stale heartbeat) and was retried
+    # consistent: nothing left RUNNING, the killed trial failed (its process is gone) and was retried
     assert not [t.number for t in trials if t.state == S.RUNNING]
     for number in killed:
         assert by_number[number].state == S.FAIL
-        retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+        assert "died" in by_number[number].user_attrs["failure"]  # the reason is recorded
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
         assert len(retries) == 1 and retries[0].state == S.COMPLETE, [t.state for t in retries]
         assert retries[0].user_attrs["worker"] == ida
     # the budget, exactly: each assignment built once, by one worker, in that worker's run dir
@@ -182,14 +183,19 @@ def test_two_workers_one_study_survives_a_killed_worker(postgres_url, tmp_path):
             onnx.checker.check_model(str(onnx_file))
     # the sensitivity table was computed once (by the owner) and shared through the storage
     assert study.user_attrs["sweep_owner"] in (ida, idb)
-    table_a = json.loads((run_a / "sensitivity.json").read_text())
-    table_b = json.loads((run_b / "sensitivity.json").read_text())
+    from mpq.files import read_sealed_json
+
+    table_a = read_sealed_json(run_a / "sensitivity.json")  # sealed: its digest checks out
+    table_b = read_sealed_json(run_b / "sensitivity.json")
     assert table_a == table_b == json.loads(study.user_attrs["sensitivity"])
-    # the run dirs record the shared storage, so report/dashboard on either find the study
+    # the run dirs record the shared storage (its password redacted), so report/dashboard on either find
+    # the study, with the password from --storage, YOLO_MPQ_STORAGE, PGPASSWORD or ~/.pgpass
     import yaml
 
+    from search.storage import redact
+
     for run_dir in (run_a, run_b):
-        assert yaml.safe_load((run_dir / "spec.yaml").read_text())["search"]["storage"] == postgres_url
+        assert yaml.safe_load((run_dir / "spec.yaml").read_text())["search"]["storage"] == redact(postgres_url)
 
     # --- a restart joins the finished study, resumes, and has nothing left to do ---------------------
     log_c = tmp_path / "c.log"

@@ -24,8 +24,21 @@ def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
     assert metrics["delta"]["map50_95"] == q["map50_95"] - f["map50_95"]
     assert q["weight_bytes"] < 0.3 * f["weight_bytes"]
     n = 82
-    assert metrics["export"]["node_counts"] == {"QuantizeLinear": n, "DequantizeLinear": 2 * n, "Clip": n}
+    # the demo deploys to ort-cpu: every layer a QLinearConv unit (input Q shared per tensor, output Q,
+    # weight and int32 bias DQs), no Clip; the backend's QCDQ export is lowered and removed
+    counts = metrics["export"]["node_counts"]
+    assert counts.get("Clip", 0) == 0 and counts["DequantizeLinear"] >= 4 * n - 10
+    assert metrics["export"]["export_node_counts"] == {"QuantizeLinear": 2 * n, "DequantizeLinear": 3 * n + n,
+                                                       "Clip": n}
+    # what ONNX Runtime runs (read back from its optimized graph): every quantizable layer an int8 kernel
+    assert (q["deploy_target"], q["a8_asked"], q["a8_ran_int8"], q["a8_ran_float"]) == ("ort-cpu", n, n, [])
+    assert f"A8 asked {n} / ran int8 {n}" in text and "warning" not in text
+    assert q["rule_violations"] == 0 and q["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    from quantizers.lowering.checks import check_ort_cpu
+
+    assert check_ort_cpu(out / "model.onnx") == []
     assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
+    assert not (out / "export.onnx").exists()
     assert json.loads((out / "assignment.json").read_text())["layers"]["model.0.conv"] == "W8A8"
     # a second call reuses the finished result
     assert main(args) == 0

@@ -19,6 +19,7 @@ def _spec(tmp: Path, name: str = "it", **search: object) -> Path:
     data = yaml.safe_load((REPO / "studies" / "demo.yaml").read_text())
     data["name"] = name
     data["granularity"] = "block"
+    data["candidates"] = ["W4A16", "W4A8", "W8A16", "W8A8"]
     data["dataset"]["max_images"] = 24
     data["dataset"]["verify"] = {"max_images": 24}
     data["calibration"]["max_images"] = 8
@@ -76,7 +77,12 @@ def test_run_writes_the_run_directory_and_trials(finished_run: tuple[Path, Path]
         assert m["latency_ratio"] > 0 and m["latency_float_same_window_ms"] > 0 and m["latency_measured_ms"] > 0
         assert m["latency_ms"] == pytest.approx(m["latency_ratio"] * base_ms)
         assert t.values == [m["map50_95"], m["weight_bytes"]]
-        assert set(ua["timings"]) >= {"materialize", "export", "evaluate", "latency", "total"}
+        assert set(ua["timings"]) >= {"materialize", "export", "evaluate", "latency", "lower", "total"}
+        # issue 12: the file is lowered for ort-cpu and what ONNX Runtime runs is recorded
+        assert m["deploy_target"] == "ort-cpu" and ua["deploy target"] == "ort-cpu"
+        assert ua["A8 asked"] == m["a8_asked"] == ua["summary"]["a8_layers"]
+        assert m["a8_ran_int8"] == m["a8_asked"] and "warning" not in ua
+        assert m["onnx_bytes"] == Path(ua["artifact"]).stat().st_size
 
 
 def test_report_files(finished_run: tuple[Path, Path]):
@@ -92,6 +98,14 @@ def test_report_files(finished_run: tuple[Path, Path]):
     assert "Pareto front" in html and "data:image/png;base64," in html
     lines = (rep / "pareto.csv").read_text().strip().splitlines()
     assert lines[0].startswith("number,label") and len(lines) >= 2
+    import csv
+
+    rows = list(csv.DictReader((rep / "pareto.csv").read_text().splitlines()))
+    assert {"a8_asked", "a8_ran_int8", "a8_ran_float", "file_mb", "weight_mb", "deploy_target"} <= set(rows[0])
+    for row in rows:  # every front point ran every A8 layer as int8, and both sizes are there
+        assert row["a8_ran_int8"] == row["a8_asked"] and row["a8_ran_float"] == ""
+        assert float(row["file_mb"]) > 0 and float(row["weight_mb"]) > 0
+    assert "A8 asked / ran int8" in html
     assert "Time per evaluated trial" in (rep / "summary.md").read_text()
 
 
@@ -190,6 +204,29 @@ def test_export_reverifies(finished_run: tuple[Path, Path], tmp_path: Path):
     assert "verify" in out.stdout and "held-out" in out.stdout  # the table's verification columns
     bad = _search("export", str(run_dir), "--trial", "999")
     assert bad.returncode == 2 and "no trial 999" in bad.stderr
+
+
+def test_a_truncated_trial_artifact_is_rebuilt_not_reused(finished_run: tuple[Path, Path], tmp_path: Path):
+    """Issue 14: a finished trial's model.onnx truncated, then export and ``run --fresh``."""
+    from mpq.files import record_mismatch
+
+    spec, run_dir = finished_run
+    study = _study(run_dir)
+    trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                 and "duplicate_of" not in t.user_attrs)
+    onnx_path = Path(trial.user_attrs["artifact"])
+    onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
+    out = _search("export", str(run_dir), "--trial", str(trial.number), "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "warning:" in out.stderr and str(onnx_path) in out.stderr.replace("\n", "")
+    out = _search("run", "--study", str(spec), "--budget", "6", "--no-report", "--fresh")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and str(onnx_path) in out.stderr
+    again = [t for t in _study(run_dir).trials if t.user_attrs.get("digest") == trial.user_attrs["digest"]
+             and "duplicate_of" not in t.user_attrs]
+    assert again and again[0].user_attrs["cached"] is False  # rebuilt, not reused
+    records = json.loads((onnx_path.parent / "metrics.json").read_text())["files"]
+    assert record_mismatch(onnx_path, records[0]) is None and onnx_path.stat().st_size > 1000
 
 
 def test_a_changed_spec_does_not_silently_join_the_old_study(finished_run: tuple[Path, Path]):

@@ -11,8 +11,35 @@ from quantizers.brevitas_options import BrevitasOptions
 def test_defaults_are_the_good_ptq():
     o = BrevitasOptions()
     assert (o.weight_scale, o.weight_scale_8bit, o.weight_granularity) == ("mse", "max", "per_channel")
-    assert (o.act_calibration, o.act_quant_type, o.bias_correction) == ("percentile", "sym", True)
+    assert (o.act_calibration, o.act_quant_type, o.bias_correction) == ("auto", "auto", True)
     assert not o.gptq and not o.gpfq and o.optimize_onnx
+
+
+def test_auto_activations_follow_the_deploy_target():
+    from quantizers.brevitas_backend import activation_choice
+
+    o = BrevitasOptions()
+    # TensorRT (and the research export) take symmetric int8 only; ONNX Runtime's u8 kernels any zero point
+    assert activation_choice(o, "tensorrt") == activation_choice(o, "qcdq") == ("sym", "percentile", "percentile")
+    assert activation_choice(o, "ort-cpu") == ("asym", "mse", "max")
+    explicit = BrevitasOptions(act_quant_type="sym", act_calibration="max")
+    assert activation_choice(explicit, "ort-cpu") == ("sym", "max", "max")
+
+
+def test_output_quantizer_only_for_targets_that_requantize():
+    import torch
+
+    from mpq.assignment import Precision
+    from quantizers.brevitas_backend import quant_layer
+
+    conv = torch.nn.Conv2d(4, 6, 3)
+    plain = quant_layer(conv, Precision(8, 8), BrevitasOptions())
+    assert not plain.output_quant.is_quant_enabled and not plain.bias_quant.is_quant_enabled
+    state = {"fused_activation_quant_proxy.tensor_quant.scaling_impl.value": torch.tensor(4.0),
+             "fused_activation_quant_proxy.tensor_quant.zero_point_impl.value": torch.tensor(-1.0)}
+    out = quant_layer(conv, Precision(8, 8), BrevitasOptions(), state, state, target="ort-cpu")
+    assert out.output_quant.is_quant_enabled and out.bias_quant.is_quant_enabled  # int32 bias, as QLinearConv
+    assert not out.output_quant.is_signed
 
 
 def test_gptq_and_gpfq_are_alternatives():

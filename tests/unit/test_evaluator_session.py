@@ -154,7 +154,7 @@ def test_engine_cache_name_depends_on_everything():
 
     base = {"batch": 1, "imgsz": 640, "fp16": True, "int8": True, "trt_version": "10.13.0", "gpu": "NVIDIA H100 80GB"}
     name = engine_cache_name("abc", **base)
-    assert name == "abc-b1-s640-fp16int8-trt10.13.0-nvidia-h100-80gb.engine"
+    assert name == "abc-b1-s640-fp16int8-trt10.13.0-nvidia-h100-80gb-detailed.engine"
     for key, value in (("batch", 8), ("imgsz", 320), ("fp16", False), ("int8", False), ("trt_version", "10.3"),
                        ("gpu", "RTX 5090")):
         assert engine_cache_name("abc", **{**base, key: value}) != name

@@ -101,3 +101,16 @@ def test_suggest_and_policies_round_trip_through_optuna(kind: str):
             assert a == s.topk(params["keep_top"], params.get("a8", False))
         if kind == "ranked":
             assert a == s.choose(params["tradeoff"], params.get("a8_share", 0.0), params["keep_top"])
+
+
+def test_latency_demo_candidates_reach_uniform_w8a8_first():
+    """The demo's latency study (candidates W8A16, W8A8, float; objectives map, latency): uniform
+    W8A8 (every layer an int8 kernel on ort-cpu) is reachable and enqueued among the policies."""
+    layers, groups, table, _ = _model()
+    options = {g.name: [P("W8A16"), P("W8A8"), FLOAT] for g in groups}
+    s = SearchSpace("ranked", groups, options, table, {lay.name: lay for lay in layers}, ("latency",))
+    assert s.has_a8_choice()
+    configs = dict(policies(s))
+    assert "top-0 float, rest W8A8" in configs
+    a = s.choose(configs["top-0 float, rest W8A8"]["tradeoff"], configs["top-0 float, rest W8A8"]["a8_share"], 0)
+    assert len(a) == 12 and all(p == P("W8A8") for _, p in a.items())
