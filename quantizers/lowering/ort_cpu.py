@@ -40,6 +40,10 @@ The lowering (one rule per layer kind, all here):
 - **W16A8** (input quantizer, float weights): left as the backend wrote it, noted: it
   cannot run as an integer kernel (the weight is float) and the runtime report shows it.
 - float layers: untouched.
+- **SiLU between A8 layers** (``deploy.int8_silu``, default on): :func:`int8_silu` completes the
+  ``DQ -> Sigmoid -> Q`` and ``DQ, DQ -> Mul -> Q`` units ONNX Runtime fuses into
+  ``com.microsoft.QLinearSigmoid`` / ``QLinearMul``, so the activation stays 8-bit from one
+  ``QLinearConv`` to the next (measured: docs/benchmarks.md, "Deployment targets").
 """
 
 from __future__ import annotations
