@@ -263,7 +263,8 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
         y_p = _node_qparams(index, dq)
         if (q_src is None or q_src.op_type != "QuantizeLinear" or y_p is None or y_p.qtype != "uint8" or not qs
                 or any(u.op_type != "Shape" for u in others) or mul.output[0] in index.graph_outputs
-                or len({_key(_node_qparams(index, q)) for q in qs}) != 1):
+                or len({_key(_node_qparams(index, q)) for q in qs}) != 1
+                or getattr(_node_qparams(index, qs[0]), "qtype", None) != "uint8"):
             skipped += 1
             continue
         q_dq = next(iter(index.consumers.get(qs[0].output[0], [])), None)
