@@ -231,9 +231,9 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
 
     - the ``Sigmoid`` reads its own copy of the convolution's ``DequantizeLinear`` (a QDQ
       node unit owns its DQ nodes);
-    - its output gets ``Q -> DQ`` on uint8 over ``[sigmoid(lo), sigmoid(hi)]``, where
-      ``lo..hi`` is the range of the convolution's output grid (exact bounds: Sigmoid is
-      monotonic, so nothing is clipped);
+    - its output gets ``Q -> DQ`` on uint8 over ``[0, sigmoid(hi)]``, where ``hi`` is the top
+      of the convolution's output grid (Sigmoid is monotonic: nothing is clipped; the grid
+      holds 0 so that its zero point is a uint8);
     - other readers of the ``Mul`` output that do not compute on it (``Shape``) read the
       quantizer's ``DequantizeLinear`` instead.
 
@@ -273,8 +273,7 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
             continue
         scope = scope_of(sig)
         s, z = float(np.asarray(y_p.scale).reshape(())), int(np.asarray(y_p.zero_point).reshape(()))
-        lo, hi = (0 - z) * s, (255 - z) * s
-        del lo
+        hi = (255 - z) * s
         sig_q = _range_uint8(0.0, float(1.0 / (1.0 + np.exp(-hi))))
         # the Sigmoid's own DequantizeLinear (the node unit of QLinearSigmoid)
         dq2 = ed.node("DequantizeLinear", list(dq.input), f"{x}.for_sigmoid", f"{scope}/sigmoid_input/DequantizeLinear",
