@@ -4,7 +4,8 @@ TensorRT rule check on the demo and on ``yolov10m.yaml``.
 1. Demo (``studies/demo.yaml``, ``deploy.target: ort-cpu``): uniform W8A8, W4A8, W8A16 and
    W4A16 built as every trial is (``TrialPipeline.run``: materialize, export, lower,
    COCO mAP, latency, what ONNX Runtime runs), plus, for comparison, the same W8A8 /
-   W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), ONNX Runtime's own
+   W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), W8A8 with the SiLU left
+   in float (``deploy.int8_silu: false``), ONNX Runtime's own
    ``quantize_static`` (QDQ, u8 activations, s8 per-channel weights, Conv only, MinMax) on
    the float ONNX, and W4A16 with its weights kept as int8 + ``DequantizeLinear`` (what the
    ort-cpu lowering avoids). Then every file is timed against the float ONNX in one
