@@ -4,7 +4,8 @@ TensorRT rule check on the demo and on ``yolov10m.yaml``.
 1. Demo (``studies/demo.yaml``, ``deploy.target: ort-cpu``): uniform W8A8, W4A8, W8A16 and
    W4A16 built as every trial is (``TrialPipeline.run``: materialize, export, lower,
    COCO mAP, latency, what ONNX Runtime runs), plus, for comparison, the same W8A8 /
-   W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), ONNX Runtime's own
+   W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), W8A8 with the SiLU left
+   in float (``deploy.int8_silu: false``), ONNX Runtime's own
    ``quantize_static`` (QDQ, u8 activations, s8 per-channel weights, Conv only, MinMax) on
    the float ONNX, and W4A16 with its weights kept as int8 + ``DequantizeLinear`` (what the
    ort-cpu lowering avoids). Then every file is timed against the float ONNX in one
@@ -35,10 +36,16 @@ sys.path.insert(0, str(REPO))
 from machine_info import machine  # noqa: E402  (benchmarks/ is the script folder)
 
 
-def _spec(target: str, out: Path) -> Any:
+def _spec(target: str, out: Path, **deploy: Any) -> Any:
     from search.spec import load_spec
 
-    return load_spec(REPO / "studies" / "demo.yaml", runs_dir=str(out), deploy={"target": target})
+    return load_spec(REPO / "studies" / "demo.yaml", runs_dir=str(out), deploy={"target": target, **deploy})
+
+
+#: the rows built through the trial pipeline: (row suffix, run folder, deploy section, precisions to build)
+VARIANTS = (("ort-cpu", "demo-ort-cpu", {"target": "ort-cpu"}, None),
+            ("ort-cpu float SiLU", "demo-ort-cpu-float-silu", {"target": "ort-cpu", "int8_silu": False}, ("W8A8",)),
+            ("qcdq", "demo-qcdq", {"target": "qcdq"}, ("W8A8", "W4A16")))
 
 
 def build_demo(out: Path, precisions: list[str], reuse: bool = False) -> dict[str, Any]:
@@ -47,8 +54,9 @@ def build_demo(out: Path, precisions: list[str], reuse: bool = False) -> dict[st
     from search.pipeline import TrialPipeline
 
     rows: dict[str, Any] = {}
-    for target, precs in (("ort-cpu", precisions), ("qcdq", [p for p in ("W8A8", "W4A16") if p in precisions])):
-        pipeline = TrialPipeline.for_spec(_spec(target, out), run_dir=out / f"demo-{target}", progress=False)
+    for target, folder, deploy, only in VARIANTS:
+        precs = [p for p in precisions if only is None or p in only]
+        pipeline = TrialPipeline.for_spec(_spec(**deploy, out=out), run_dir=out / folder, progress=False)
         res = pipeline.resources
         base = pipeline.baseline.metrics()
         float_onnx = pipeline.baseline.onnx()
@@ -58,7 +66,7 @@ def build_demo(out: Path, precisions: list[str], reuse: bool = False) -> dict[st
             precision = Precision.parse(p)
             assignment = Assignment.from_groups(res.groups, {g.name: precision for g in res.groups})
             t0 = time.perf_counter()
-            result = pipeline.run(assignment, out_dir=out / f"demo-{target}" / p.lower(), use_cache=reuse)
+            result = pipeline.run(assignment, out_dir=out / folder / p.lower(), use_cache=reuse)
             m = result.metrics
             rows[f"{p} {target}"] = {
                 "file": str(result.artifact), "target": target, "precision": p,

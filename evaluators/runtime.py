@@ -36,6 +36,9 @@ from evaluators.session import CPU
 
 INT8_OPS = frozenset({"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                       "DynamicQuantizeMatMul", "QGemm", "NhwcQLinearConv"})
+#: elementwise integer kernels ONNX Runtime's CPU QDQ transformers make (the int8 SiLU: QLinearSigmoid + QLinearMul)
+INT8_ACTIVATION_OPS = frozenset({"QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearLeakyRelu", "QLinearConcat",
+                                 "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax"})
 COMPUTE_HINTS = ("Conv", "MatMul", "Gemm")
 #: ONNX ops that only move a weight between its initializer and the compute node
 _WEIGHT_PATH = frozenset({"DequantizeLinear", "QuantizeLinear", "Clip", "Cast", "Identity", "Reshape", "Transpose",
@@ -75,6 +78,11 @@ class RuntimeReport:
         return sum(1 for v in self.per_layer.values() if v.int8)
 
     @property
+    def int8_activation_ops(self) -> dict[str, int]:
+        """Elementwise ops the runtime runs on integers (``QLinearSigmoid``: 44...): the int8 SiLU."""
+        return {k: v for k, v in self.ops.items() if k.rsplit(".", 1)[-1] in INT8_ACTIVATION_OPS}
+
+    @property
     def a8_ran_float(self) -> list[str]:
         """Layers asked for A8 whose kernel is float."""
         return [k for k, v in self.per_layer.items() if v.asked_a8 and not v.int8]
@@ -96,6 +104,7 @@ class RuntimeReport:
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "provider": self.provider, "asked_a8": self.asked_a8,
                 "ran_int8": self.ran_int8, "a8_ran_float": self.a8_ran_float, "warnings": self.warnings,
+                "int8_activation_ops": self.int8_activation_ops,
                 "ops": dict(self.ops), "notes": list(self.notes),
                 "per_layer": {k: asdict(v) for k, v in self.per_layer.items()}}
 

@@ -97,6 +97,11 @@ class DeploySpec(Section):
         "the percentile / max of |output|.")
     output_percentile: float = Field(
         default=99.999, gt=50.0, le=100.0, description="Percentile of |output| for output_calibration: percentile.")
+    int8_silu: bool = Field(
+        default=True, description="ort-cpu: where an A8 convolution's output goes through SiLU into A8 layers only, "
+        "quantize the Sigmoid's output (its exact range) so that ONNX Runtime runs the SiLU as QLinearSigmoid + "
+        "QLinearMul on integers, the next layers' input quantizer being the Mul's output quantizer; false: the "
+        "SiLU runs in float between a DequantizeLinear and a QuantizeLinear.")
     strict: bool = Field(
         default=False, description="Fail a trial whose lowered file breaks a rule of the target (the rules are "
         "always checked and recorded; by default a broken rule is a warning).")

@@ -105,7 +105,13 @@ def sweep_key(res: StudyResources, metric: str, candidates: Iterable[Precision])
     s = res.spec
     return keys.sweep_key(model=res.model_digest, data=res.data_digest, imgsz=s.imgsz, granularity=s.granularity,
                           groups=[g.name for g in res.groups], backend=s.backend, metric=metric,
-                          candidates=candidates, images=s.sensitivity.images, deploy=s.deploy.target)
+                          candidates=candidates, images=s.sensitivity.images, deploy=_probe_target(s.deploy))
+
+
+def _probe_target(deploy: Any) -> str:
+    """The deploy settings the probes' files depend on (``ort-cpu+int8-silu``: the SiLU between A8
+    layers runs on integers, see ``deploy.int8_silu``)."""
+    return f"{deploy.target}+int8-silu" if deploy.target == "ort-cpu" and deploy.int8_silu else str(deploy.target)
 
 
 def sweep_candidates(res: StudyResources) -> list[Precision]:

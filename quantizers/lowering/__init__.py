@@ -8,7 +8,8 @@ target, keeping the backend's integer weights, scales and calibrated activation 
 ====================  ==========================================================================
 ``ort-cpu``           :mod:`quantizers.lowering.ort_cpu`: A8 layers as the ``DQ -> Conv -> Q``
                       units ONNX Runtime fuses into ``QLinearConv`` (u8 activations, s8 weights,
-                      int32 bias, output quantizer); weight-only layers as float values of
+                      int32 bias, output quantizer), the SiLU between them as
+                      ``QLinearSigmoid`` + ``QLinearMul``; weight-only layers as float values of
                       their grid
 ``tensorrt``          :mod:`quantizers.lowering.tensorrt`: explicit quantization (symmetric
                       int8 Q/DQ, axis-0 weights, nothing between a weight and its DQ)
@@ -205,6 +206,7 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
     packed = packed_weight_bytes(qlayers)
     notes: list[str] = list(info.notes)
     calibration: dict[str, Any] = {}
+    activations: dict[str, Any] = {}
     if target == "qcdq":
         per_layer = {lq.name: {"node": lq.node.name, "op": lq.node.op_type, "w_bits": lq.w_bits,
                                "a_bits": 8 if lq.quantizes_inputs else 16, "form": "as-exported"} for lq in qlayers}
@@ -224,6 +226,8 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
                     percentile=options.output_percentile, batch_size=batch_size,
                     cache_dir=Path(cache_dir) if cache_dir is not None else None)
             per_layer = ort_cpu.lower(proto, qlayers, output_ranges=ranges)
+            if options.int8_silu:
+                activations = ort_cpu.int8_silu(proto)
         else:
             from quantizers.lowering import tensorrt
 
@@ -270,7 +274,8 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
         "layers": per_layer,
         "summary": {"a8_layers": sum(1 for v in per_layer.values() if v.get("a_bits") == 8),
                     "int8_layers": sum(1 for v in per_layer.values() if v.get("form") == "qdq-int8"),
-                    "float_grid_layers": sum(1 for v in per_layer.values() if v.get("form") == "float-grid")},
+                    "float_grid_layers": sum(1 for v in per_layer.values() if v.get("form") == "float-grid"),
+                    **activations},
         "node_counts": q_counts,
         "op_counts": counts,
         "sizes": {"file_bytes": dst.stat().st_size, "weight_bytes_packed": packed,
@@ -278,6 +283,7 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
                              "containers of their bit width (INT4 two per byte) + per-channel float32 scales + "
                              "float32 biases, what an INT4/INT8 engine would hold"},
         "output_calibration": calibration,
+        "activations": activations,
         "lowering_seconds": round(seconds, 4),
         "source": {"path": str(src), "metadata": source_meta},
     }

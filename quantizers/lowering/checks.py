@@ -54,7 +54,13 @@ ORT_CPU_RULES: Mapping[str, str] = {
     "output-q": "the Conv's output goes only to QuantizeLinear nodes of the input's type and is not a graph output",
     "no-weight-only-dq": "a Conv whose input is float has a float weight (a DequantizeLinear on an initializer "
                          "is recomputed on every run)",
+    "activation-unit": "a Sigmoid or Mul whose inputs are all dequantized and whose output is quantized (the int8 "
+                       "SiLU: QLinearSigmoid, QLinearMul) reads uint8 and writes only to uint8 QuantizeLinear "
+                       "nodes, and its output is not a graph output",
 }
+
+#: the elementwise ops ONNX Runtime's CPU QDQ transformers run on integers (com.microsoft.QLinear<op>)
+ORT_ACTIVATION_OPS = ("Sigmoid", "Mul")
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,35 @@ def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str], a8_nodes: set
             out.append(Violation("output-q", name, f"the output {what}"))
         elif any(_qtype(index, u) != x_type for u in users):
             out.append(Violation("output-q", name, "the output quantizer's type differs from the input's"))
+    out.extend(_check_activation_units(index))
+    return out
+
+
+def _check_activation_units(index: GraphIndex) -> list[Violation]:
+    """Rule ``activation-unit``: the Sigmoid / Mul nodes meant to run on integers (every input
+    dequantized, some output quantized) form whole QDQ units ONNX Runtime fuses."""
+    out: list[Violation] = []
+    for node in index.model.graph.node:
+        if node.op_type not in ORT_ACTIVATION_OPS:
+            continue
+        dqs = [index.producer.get(i) for i in node.input]
+        if not dqs or any(d is None or d.op_type != "DequantizeLinear" or index.is_const(d.input[0]) for d in dqs):
+            continue
+        users = index.consumers.get(node.output[0], [])
+        if not any(u.op_type == "QuantizeLinear" for u in users):
+            continue
+        name = node.name or node.output[0]
+        problems = []
+        if node.output[0] in index.graph_outputs:
+            problems.append("its output is a graph output")
+        if any(u.op_type != "QuantizeLinear" for u in users):
+            problems.append(f"its output also goes to {sorted({u.op_type for u in users} - {'QuantizeLinear'})}")
+        types = {_qtype(index, d) for d in dqs if d is not None} | {_qtype(index, u) for u in users
+                                                                   if u.op_type == "QuantizeLinear"}
+        if types != {"uint8"}:
+            problems.append(f"integer types {sorted(str(t) for t in types)} (uint8 expected)")
+        if problems:
+            out.append(Violation("activation-unit", name, "; ".join(problems)))
     return out
 
 

@@ -40,6 +40,10 @@ The lowering (one rule per layer kind, all here):
 - **W16A8** (input quantizer, float weights): left as the backend wrote it, noted: it
   cannot run as an integer kernel (the weight is float) and the runtime report shows it.
 - float layers: untouched.
+- **SiLU between A8 layers** (``deploy.int8_silu``, default on): :func:`int8_silu` completes the
+  ``DQ -> Sigmoid -> Q`` and ``DQ, DQ -> Mul -> Q`` units ONNX Runtime fuses into
+  ``com.microsoft.QLinearSigmoid`` / ``QLinearMul``, so the activation stays 8-bit from one
+  ``QLinearConv`` to the next (measured: docs/benchmarks.md, "Deployment targets").
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantizers.lowering.graph import (
     GraphEditor,
+    GraphIndex,
     LayerQuant,
     LoweringError,
     QParams,
@@ -210,3 +215,110 @@ def lower(model: onnx.ModelProto, layers: list[LayerQuant], *, output_ranges: Ma
     ed.finish()
     return out
 
+
+
+def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
+    """Run the SiLU after an A8 convolution on integers: ``QLinearSigmoid`` + ``QLinearMul``.
+
+    ONNX Runtime's CPU QDQ transformers (``qdq_selector_action_transformer.cc``) turn
+    ``DQ -> Sigmoid -> Q`` into ``com.microsoft.QLinearSigmoid`` (a 256-entry lookup table
+    on 8-bit inputs) and ``DQ, DQ -> Mul -> Q`` into ``com.microsoft.QLinearMul``; there is no
+    fused SiLU rule. A lowered ``DQ -> Conv -> Q`` unit's output is read back as
+    ``Q -> DQ -> {Sigmoid, Mul}``: on its own the SiLU runs in float between a dequantization
+    and the next layer's quantization. This pass completes both patterns where the ``Mul``'s
+    output goes only to ``QuantizeLinear`` nodes of one grid (the next A8 layers' input
+    quantizer, which then is the ``Mul``'s output quantizer: no new range to calibrate):
+
+    - the ``Sigmoid`` reads its own copy of the convolution's ``DequantizeLinear`` (a QDQ
+      node unit owns its DQ nodes);
+    - its output gets ``Q -> DQ`` on uint8 over ``[0, sigmoid(hi)]``, where ``hi`` is the top
+      of the convolution's output grid (Sigmoid is monotonic: nothing is clipped; the grid
+      holds 0 so that its zero point is a uint8);
+    - other readers of the ``Mul`` output that do not compute on it (``Shape``) read the
+      quantizer's ``DequantizeLinear`` instead.
+
+    A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float: it
+    would need a new calibrated quantizer there. Returns ``{"silu_int8": n, "silu_float": m}``.
+    """
+    import numpy as np
+    from onnx import helper
+
+    g = model.graph
+    index = GraphIndex(model)
+    ed = GraphEditor(model)
+    done = skipped = 0
+    for sig in [n for n in g.node if n.op_type == "Sigmoid"]:
+        x = sig.input[0]
+        dq = index.producer.get(x)
+        users = index.consumers.get(x, [])
+        muls = [u for u in users if u.op_type == "Mul" and sig.output[0] in u.input and x in u.input]
+        if (dq is None or dq.op_type != "DequantizeLinear" or len(muls) != 1 or len(users) != 2
+                or len(index.consumers.get(sig.output[0], [])) != 1):
+            continue
+        mul = muls[0]
+        q_src = index.producer.get(dq.input[0])
+        m_users = index.consumers.get(mul.output[0], [])
+        qs = [u for u in m_users if u.op_type == "QuantizeLinear" and u.input[0] == mul.output[0]]
+        others = [u for u in m_users if u.op_type != "QuantizeLinear"]
+        y_p = _node_qparams(index, dq)
+        if (q_src is None or q_src.op_type != "QuantizeLinear" or y_p is None or y_p.qtype != "uint8" or not qs
+                or any(u.op_type != "Shape" for u in others) or mul.output[0] in index.graph_outputs
+                or len({_key(_node_qparams(index, q)) for q in qs}) != 1
+                or getattr(_node_qparams(index, qs[0]), "qtype", None) != "uint8"):
+            skipped += 1
+            continue
+        q_dq = next(iter(index.consumers.get(qs[0].output[0], [])), None)
+        if others and (q_dq is None or q_dq.op_type != "DequantizeLinear"):
+            skipped += 1
+            continue
+        scope = scope_of(sig)
+        s, z = float(np.asarray(y_p.scale).reshape(())), int(np.asarray(y_p.zero_point).reshape(()))
+        hi = (255 - z) * s
+        sig_q = _range_uint8(0.0, float(1.0 / (1.0 + np.exp(-hi))))
+        # the Sigmoid's own DequantizeLinear (the node unit of QLinearSigmoid)
+        dq2 = ed.node("DequantizeLinear", list(dq.input), f"{x}.for_sigmoid", f"{scope}/sigmoid_input/DequantizeLinear",
+                      before=sig, **{a.name: helper.get_attribute_value(a) for a in dq.attribute})
+        sig.input[0] = dq2
+        _, s_dq = add_qdq(ed, sig.output[0], sig_q, prefix=f"{scope.strip('/').replace('/', '.')}.sigmoid_output",
+                          scope=f"{scope}/sigmoid_quant", after=sig)
+        for k, v in enumerate(mul.input):
+            if v == sig.output[0]:
+                mul.input[k] = s_dq
+        if others:
+            assert q_dq is not None
+            for u in others:
+                for k, v in enumerate(u.input):
+                    if v == mul.output[0]:
+                        u.input[k] = q_dq.output[0]
+        done += 1
+    ed.finish()
+    return {"silu_int8": done, "silu_float": skipped}
+
+
+def _node_qparams(index: GraphIndex, node: Any) -> QParams | None:
+    import numpy as np
+
+    scale = index.const(node.input[1])
+    zp = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or np.asarray(scale).size != 1:
+        return None
+    zp = np.zeros((), dtype=np.uint8) if zp is None else np.asarray(zp)
+    return QParams(np.asarray(scale, dtype=np.float32), zp, str(zp.dtype))
+
+
+def _key(p: QParams | None) -> Any:
+    import numpy as np
+
+    if p is None:
+        return None
+    return (p.qtype, np.asarray(p.scale, dtype=np.float32).tobytes(), np.asarray(p.zero_point).tobytes())
+
+
+def _range_uint8(lo: float, hi: float) -> QParams:
+    """uint8 over ``[lo, hi]`` (widened to hold 0, as ONNX Runtime's own calibration does)."""
+    import numpy as np
+
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return QParams(np.asarray(scale, dtype=np.float32), np.asarray(zp, dtype=np.uint8), "uint8")

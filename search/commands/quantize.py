@@ -155,6 +155,11 @@ def print_deployment(result: TrialResult) -> None:
     if q.a8_ran_int8 is not None:
         line += f": A8 asked {q.a8_asked} / ran int8 {q.a8_ran_int8} (ONNX Runtime's optimized graph)"
     console.print(line, highlight=False)
+    summary = meta.get("summary", {})
+    if "silu_int8" in summary:
+        total = summary["silu_int8"] + summary.get("silu_float", 0)
+        console.print(f"  SiLU on integers (QLinearSigmoid + QLinearMul, deploy.int8_silu): {summary['silu_int8']} "
+                      f"of {total} after A8 layers (the others feed float ops)", highlight=False)
     if q.runtime_warning:
         console_err.print(f"[bold yellow]warning:[/] {q.runtime_warning}", highlight=False)
     for v in meta.get("violations", [])[:5]:

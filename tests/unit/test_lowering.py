@@ -393,3 +393,56 @@ def test_next_layers_input_quantizer_on_this_output_is_shared(tmp_path):
     conv0 = next(n for n in low.graph.node if n.name == "/model.0/conv/Conv")
     assert [n.op_type for n in low.graph.node if conv0.output[0] in n.input] == ["QuantizeLinear"]
     assert int8_layers(tmp_path / "low.onnx", asked=asked).ran_int8 == 2
+
+
+# --------------------------------------------------------------------------------------
+# ort-cpu: the SiLU between A8 layers on integers
+# --------------------------------------------------------------------------------------
+def test_ort_cpu_silu_between_a8_layers_runs_as_qlinear_sigmoid_and_mul(tmp_path):
+    from evaluators.runtime import int8_layers
+    from quantizers.lowering import DeploySpec
+
+    # three W8A8 layers with SiLU: the first two SiLUs feed the next layer's input quantizer (int8), the
+    # last one is the graph output (stays float)
+    src = _save(tmp_path, qcdq_model([{}, {}, {}]))
+    on, off = tmp_path / "silu-int8.onnx", tmp_path / "silu-float.onnx"
+    result = lower(src, on, target="ort-cpu")
+    lower(src, off, target="ort-cpu", options=DeploySpec(target="ort-cpu", int8_silu=False))
+    assert result.metadata["activations"] == {"silu_int8": 2, "silu_float": 1}
+    assert not result.violations and check_ort_cpu(on) == []
+    model = onnx.load(str(on))
+    index = G.GraphIndex(model)
+    sigmoids = [n for n in model.graph.node if n.op_type == "Sigmoid"]
+    assert len(sigmoids) == 3
+    for sig in (n for n in sigmoids if not n.name.startswith("/model.2/")):
+        x_dq = index.producer[sig.input[0]]
+        assert x_dq.op_type == "DequantizeLinear" and index.consumers[sig.input[0]] == [sig], "its own DQ"
+        (q,) = index.consumers[sig.output[0]]
+        assert q.op_type == "QuantizeLinear" and index.const(q.input[2]).dtype == np.uint8
+        (mul,) = (n for n in model.graph.node if n.op_type == "Mul" and n.name.startswith(sig.name.rsplit("/", 1)[0]))
+        assert all(index.producer[i].op_type == "DequantizeLinear" for i in mul.input)
+        assert {u.op_type for u in index.consumers[mul.output[0]]} == {"QuantizeLinear"}
+    asked = {f"model.{k}.conv": "W8A8" for k in range(3)}
+    report = int8_layers(on, asked=asked)
+    assert report.ran_int8 == 3 and report.int8_activation_ops == {"com.microsoft.QLinearMul": 2,
+                                                                   "com.microsoft.QLinearSigmoid": 2}
+    assert int8_layers(off, asked=asked).int8_activation_ops == {}
+    # the same function up to the Sigmoid's 8-bit grid (a fraction of the next quantizer's step)
+    x = _x()
+    a, b = run(onnx.load(str(on)), x, optimize=True), run(onnx.load(str(off)), x, optimize=True)
+    assert np.abs(a - b).max() < 0.1 * np.abs(b).max()
+
+
+def test_ort_cpu_checker_catches_a_broken_activation_unit(tmp_path):
+    from onnx import helper
+
+    src = _save(tmp_path, qcdq_model([{}, {}]))
+    dst = tmp_path / "low.onnx"
+    lower(src, dst, target="ort-cpu")
+    model = onnx.load(str(dst))
+    assert check_ort_cpu(model) == []
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and n.name.startswith("/model.0/"))
+    model.graph.node.append(helper.make_node("Relu", [mul.output[0]], ["mul_relu"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("mul_relu", onnx.TensorProto.FLOAT, None))
+    found = [v for v in check_ort_cpu(model) if v.rule == "activation-unit"]
+    assert found and found[0].node == mul.name and "Relu" in found[0].message
