@@ -55,12 +55,21 @@ def backend_class(name: str) -> Any:
     return getattr(module, attr)
 
 
-def get_backend(options: Any, device: str = "cpu") -> QuantizerBackend:
-    """Instantiate the backend for a spec's ``backend`` section (or a bare name)."""
+def get_backend(options: Any, device: str = "cpu", **extra: Any) -> QuantizerBackend:
+    """Instantiate the backend for a spec's ``backend`` section (or a bare name).
+
+    ``extra`` keyword arguments (``cache_dir``: where a backend may keep what it computes
+    once per model and calibration set; ``progress``: rich progress bars) go to the backends
+    whose constructor takes them, and are ignored by the others.
+    """
+    import inspect
+
     if isinstance(options, str):
         from search.spec import BrevitasOptions, ModelOptOnnxOptions, ModelOptOptions
 
         options = {"brevitas": BrevitasOptions, "modelopt": ModelOptOptions,
                    "modelopt-onnx": ModelOptOnnxOptions}.get(options, BrevitasOptions)(name=options)
     cls = backend_class(options.name)
-    return cls(options=options, device=device)
+    accepted = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in extra.items() if k in accepted}
+    return cls(options=options, device=device, **kwargs)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
+from quantizers.rounding import RoundedWeight, WeightStore
 from search.assignment import Assignment, Precision
 from search.errors import UserError
 
@@ -152,11 +153,14 @@ def input_quantizer(options: BrevitasOptions) -> Any:
 
 
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
-                input_quant_state: dict[str, Any] | None = None) -> nn.Module:
+                input_quant_state: dict[str, Any] | None = None, weights: RoundedWeight | None = None) -> nn.Module:
     """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
 
-    ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
-    weight scales are initialized here, from the float weights.
+    ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers). The
+    weight scales are initialized here, from the float weights, unless ``weights`` (cached
+    integers, scale and weight-quantizer state, see :mod:`quantizers.rounding`) are given:
+    then the quantizer's scale is loaded (no search) and the weight is set to
+    ``integers * scale``, which the quantizer maps back to exactly those integers.
     """
     import brevitas.nn as qnn
     import torch
@@ -189,7 +193,11 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
     if input_quant_state is not None:
         q.input_quant.load_state_dict(input_quant_state)
     q.eval()
-    if wq is not None:
+    if wq is not None and weights is not None:
+        q.weight_quant.load_state_dict(weights.state)  # the cached scale; marks the quantizer initialized
+        with torch.no_grad():
+            q.weight.copy_(weights.dequantized().to(device=weight.device, dtype=weight.dtype))
+    elif wq is not None:
         with torch.no_grad():
             q.quant_weight()  # initializes (MSE-searches) and freezes the weight scales
     return q
@@ -309,6 +317,80 @@ def calibration_key(calib: CalibrationSet) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Output-aware rounding, once per model and calibration set
+# --------------------------------------------------------------------------------------
+#: The weight widths whose integers are computed once and cached.
+WEIGHT_WIDTHS: tuple[int, ...] = (4, 8)
+
+
+def layer_scale(layer: Any, bits: int, options: BrevitasOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The scale the backend gives ``layer`` at ``bits`` (its weight quantizer initialized on the
+    float weights), that quantizer's state and the largest integer (narrow range: ``[-hi, hi]``)."""
+    import torch
+
+    q: Any = quant_layer(layer, Precision(bits, 16), options)
+    with torch.no_grad():
+        scale = q.quant_weight().scale.detach().clone()
+    state = {k: v.detach().clone() for k, v in q.weight_quant.state_dict().items()}
+    return scale, state, 2 ** (bits - 1) - 1
+
+
+def compute_weight_store(model: LoadedModel, calib: CalibrationSet, options: BrevitasOptions, parts: dict[str, Any],
+                         key: str, *, device: str = "cpu", progress: bool = False) -> WeightStore:
+    """Integers and scales of every quantizable layer at :data:`WEIGHT_WIDTHS`, rounded by
+    ``options.weight_rounding`` with each layer's input moment from the float model (see
+    :mod:`quantizers.rounding`), with a rich progress bar when ``progress``."""
+    import torch
+
+    from quantizers.rounding import RoundedWeight, WeightStore, collect_hessians, plan_passes, prepare, round_weights
+
+    method = str(parts["method"])
+    start = time.perf_counter()
+    float_module = copy.deepcopy(model.module).to(device).eval()
+    names = [lay.name for lay in model.quantizable_layers]
+    mods = {n: float_module.get_submodule(n) for n in names}
+    passes = plan_passes(mods) if method != "nearest" else [names]
+    batches = [torch.from_numpy(b).to(device) for b in calib.batches()]
+    store = WeightStore(key=key, parts=parts)
+    t_h = t_r = 0.0
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x W{'/W'.join(map(str, WEIGHT_WIDTHS))})",
+                            total=len(names) * len(WEIGHT_WIDTHS))
+        for chunk in passes:
+            t = time.perf_counter()
+            hessians = collect_hessians(float_module, mods, lambda: batches, chunk, device) if method != "nearest" else {}
+            t_h += time.perf_counter() - t
+            t = time.perf_counter()
+            for n in chunk:
+                layer: Any = mods[n]
+                per: dict[int, RoundedWeight] = {}
+                H = hessians.pop(n, None)
+                prep = prepare(H, inverse=method == "gptq") if H is not None else None  # shared by the widths
+                for bits in WEIGHT_WIDTHS:
+                    scale, state, hi = layer_scale(layer, bits, options)
+                    with torch.no_grad():
+                        ints = round_weights(method, layer.weight, prep, scale, -hi, hi)
+                    per[bits] = RoundedWeight(ints.to(torch.int8), scale.float(), state)
+                    bar.advance(task)
+                store.weights[n] = per
+            t_r += time.perf_counter() - t
+    store.seconds = time.perf_counter() - start
+    store.stats = {"hessian_passes": len(passes), "hessian_seconds": round(t_h, 3), "rounding_seconds": round(t_r, 3),
+                   "calibration_images": len(calib), "device": device}
+    return store
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
+        yield bar
+
+
+# --------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------
 class BrevitasBackend:
@@ -326,7 +408,7 @@ class BrevitasBackend:
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, cache_dir: Path | str | None = None) -> None:
         from search.runs import resolve_device
         from search.spec import BrevitasOptions
 
@@ -343,7 +425,9 @@ class BrevitasBackend:
         except RuntimeError as exc:
             raise BrevitasError(str(exc)) from None
         self.progress = progress
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache: _StatsCache | None = None
+        self._store: tuple[Any, WeightStore] | None = None  # (weakref to the float module, store)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -367,12 +451,24 @@ class BrevitasBackend:
                                         quant_means=needs_act and needs_means)
             timings["calibrate"] = time.perf_counter() - t
 
+        store = None
+        weights_info: dict[str, Any] = {"rounding": self.rounding}
+        if self.rounding != "nearest" and any(p.quantizes_weights for _, p in assignment.items()):
+            t = time.perf_counter()
+            store, how = self.rounded_weights(model, calib)
+            timings["weights"] = time.perf_counter() - t
+            weights_info.update(store.info(), served_from=how)
+
         t = time.perf_counter()
         layers_info: dict[str, dict[str, Any]] = {}
         for name, precision in assignment.items():
             float_layer = work.get_submodule(name)
             state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
-            q = quant_layer(float_layer, precision, self.options, state)
+            given = store.get(name, precision.w_bits) if (store is not None and precision.quantizes_weights) else None
+            if store is not None and precision.quantizes_weights and given is None:
+                raise BrevitasError(f"layer '{name}': no cached {precision.w_bits}-bit weights "
+                                    f"(weight store {store.key})")
+            q = quant_layer(float_layer, precision, self.options, state, given)
             _set_submodule(work, name, q)
             layers_info[name] = {"precision": str(precision), "type": type(q).__name__}
         timings["quantize"] = time.perf_counter() - t
@@ -404,6 +500,7 @@ class BrevitasBackend:
             "layers": layers_info,
             "stats_cached": cached,
             "act_quant": self.options.act_quant_type,
+            "weights": weights_info,
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -461,6 +558,53 @@ class BrevitasBackend:
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    @property
+    def rounding(self) -> str:
+        """How weights become integers: the ``weight_rounding`` option, or ``nearest`` when
+        sequential GPTQ/GPFQ (``gptq``/``gpfq``) rework the float weights in every build."""
+        if self.options.gptq or self.options.gpfq:
+            return "nearest"
+        return str(self.options.weight_rounding)
+
+    def weights_key_parts(self, model: LoadedModel, calib: CalibrationSet) -> dict[str, Any]:
+        """What decides the cached weights: the float model, the calibration images, the
+        scale options, the rounding method and its settings."""
+        from quantizers.rounding import GPTQ_BLOCKS, GPTQ_DAMP, module_digest
+
+        o = self.options
+        return {"backend": self.name, "model": module_digest(model.module), "imgsz": model.imgsz,
+                "layers": [lay.name for lay in model.quantizable_layers], "calibration": calibration_key(calib),
+                "bits": list(WEIGHT_WIDTHS), "method": self.rounding,
+                "method_settings": {"act_order": True, "damp": GPTQ_DAMP, "blocks": GPTQ_BLOCKS},
+                "scales": {"weight_scale": o.weight_scale, "weight_scale_8bit": o.weight_scale_8bit,
+                           "weight_granularity": o.weight_granularity, "weight_percentile": o.weight_percentile}}
+
+    def rounded_weights(self, model: LoadedModel, calib: CalibrationSet) -> tuple[WeightStore, str]:
+        """Every quantizable layer's integers and scales at 4 and 8 bits for ``model`` and
+        ``calib``: from this instance's memory, else from ``cache_dir``, else computed (once;
+        then saved to ``cache_dir``). Returns the store and where it came from
+        (``memory``, ``disk`` or ``computed``)."""
+        from quantizers.rounding import WeightStore, store_key
+
+        parts = self.weights_key_parts(model, calib)
+        key = store_key(parts)
+        if self._store is not None and self._store[0]() is model.module and self._store[1].key == key:
+            return self._store[1], "memory"
+        path = WeightStore.path(self.cache_dir, self.name, key) if self.cache_dir is not None else None
+        store = WeightStore.load(path, key, device=self.device) if path is not None else None
+        how = "disk"
+        if store is None:
+            if len(calib) == 0:
+                raise BrevitasError(f"weight_rounding '{self.rounding}' needs calibration images, but the "
+                                    "calibration set is empty")
+            store = compute_weight_store(model, calib, self.options, parts, key, device=self.device,
+                                         progress=self.progress)
+            how = "computed"
+            if path is not None:
+                store.save(path)
+        self._store = (weakref.ref(model.module), store)
+        return store, how
 
     # -- internals ------------------------------------------------------------------------
     def _act_key(self) -> str:

@@ -176,8 +176,16 @@ class BrevitasOptions(_Base):
         default="sym", description="A8 inputs as int8 with zero point 0 (sym: what TensorRT requires) or "
         "uint8 with a zero point (asym).")
     bias_correction: bool = True
-    gptq: bool = False
-    gpfq: bool = False
+    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
+        default="gptq", description="How weights become integers once the scales are chosen: gptq (default) "
+        "or gpfq minimize each layer's output error on the calibration images with the float model's inputs, "
+        "computed once per model, calibration set and scale options for every layer at 4 and 8 bits and "
+        "cached (in memory and in the run's cache/weights folder), so a trial costs no more than nearest; "
+        "nearest: round to nearest (the weight-MSE optimum). Ignored when gptq or gpfq is on (those rework "
+        "the float weights sequentially in every build).")
+    gptq: bool = Field(default=False, description="Sequential Brevitas GPTQ in every build (slow; each layer "
+                       "sees the inputs of the already quantized layers before it).")
+    gpfq: bool = Field(default=False, description="Sequential Brevitas GPFQ in every build (slower still).")
     optimize_onnx: bool = Field(default=True, description="Run onnxoptimizer passes that keep every Q/DQ node.")
 
     @model_validator(mode="after")
