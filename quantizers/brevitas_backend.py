@@ -354,11 +354,13 @@ def compute_weight_store(model: LoadedModel, calib: CalibrationSet, options: Bre
     store = WeightStore(key=key, parts=parts)
     t_h = t_r = 0.0
     with _progress_bar(progress) as bar:
-        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x W{'/W'.join(map(str, WEIGHT_WIDTHS))})",
+        widths = "/".join(f"W{b}" for b in WEIGHT_WIDTHS)
+        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {widths})",
                             total=len(names) * len(WEIGHT_WIDTHS))
         for chunk in passes:
             t = time.perf_counter()
-            hessians = collect_hessians(float_module, mods, lambda: batches, chunk, device) if method != "nearest" else {}
+            hessians = (collect_hessians(float_module, mods, lambda: batches, chunk, device)
+                        if method != "nearest" else {})
             t_h += time.perf_counter() - t
             t = time.perf_counter()
             for n in chunk:

@@ -97,7 +97,7 @@ def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 2:
             x = x.reshape(-1, x.shape[-1])
         return x.t().unsqueeze(0)
-    assert isinstance(layer, nn.Conv2d)
+    assert isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple)
     groups = int(layer.groups)
     out = []
     for part in torch.chunk(x, groups, 1):
