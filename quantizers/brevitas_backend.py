@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, count_qdq_nodes, export_metadata
-from quantizers.rounding import RoundedWeight, WeightStore
+from quantizers.rounding import RoundedWeight, WeightCache, WeightStore, build_store
 from search.assignment import Assignment, Precision
 from search.errors import UserError
 
@@ -338,58 +338,15 @@ def layer_scale(layer: Any, bits: int, options: BrevitasOptions) -> tuple[torch.
 def compute_weight_store(model: LoadedModel, calib: CalibrationSet, options: BrevitasOptions, parts: dict[str, Any],
                          key: str, *, device: str = "cpu", progress: bool = False) -> WeightStore:
     """Integers and scales of every quantizable layer at :data:`WEIGHT_WIDTHS`, rounded by
-    ``options.weight_rounding`` with each layer's input moment from the float model (see
-    :mod:`quantizers.rounding`), with a rich progress bar when ``progress``."""
-    import torch
+    ``parts['method']`` with each layer's input moment from the float model and this
+    backend's scales (:func:`layer_scale`); see :func:`quantizers.rounding.build_store`."""
 
-    from quantizers.rounding import RoundedWeight, WeightStore, collect_hessians, plan_passes, prepare, round_weights
+    def scale_of(name: str, layer: Any, bits: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
+        scale, state, hi = layer_scale(layer, bits, options)
+        return scale, state, -hi, hi
 
-    method = str(parts["method"])
-    start = time.perf_counter()
-    float_module = copy.deepcopy(model.module).to(device).eval()
-    names = [lay.name for lay in model.quantizable_layers]
-    mods = {n: float_module.get_submodule(n) for n in names}
-    passes = plan_passes(mods) if method != "nearest" else [names]
-    batches = [torch.from_numpy(b).to(device) for b in calib.batches()]
-    store = WeightStore(key=key, parts=parts)
-    t_h = t_r = 0.0
-    with _progress_bar(progress) as bar:
-        widths = "/".join(f"W{b}" for b in WEIGHT_WIDTHS)
-        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {widths})",
-                            total=len(names) * len(WEIGHT_WIDTHS))
-        for chunk in passes:
-            t = time.perf_counter()
-            hessians = (collect_hessians(float_module, mods, lambda: batches, chunk, device)
-                        if method != "nearest" else {})
-            t_h += time.perf_counter() - t
-            t = time.perf_counter()
-            for n in chunk:
-                layer: Any = mods[n]
-                per: dict[int, RoundedWeight] = {}
-                H = hessians.pop(n, None)
-                prep = prepare(H, inverse=method == "gptq") if H is not None else None  # shared by the widths
-                for bits in WEIGHT_WIDTHS:
-                    scale, state, hi = layer_scale(layer, bits, options)
-                    with torch.no_grad():
-                        ints = round_weights(method, layer.weight, prep, scale, -hi, hi)
-                    per[bits] = RoundedWeight(ints.to(torch.int8), scale.float(), state)
-                    bar.advance(task)
-                store.weights[n] = per
-            t_r += time.perf_counter() - t
-    store.seconds = time.perf_counter() - start
-    store.stats = {"hessian_passes": len(passes), "hessian_seconds": round(t_h, 3), "rounding_seconds": round(t_r, 3),
-                   "calibration_images": len(calib), "device": device}
-    return store
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Any]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
-        yield bar
+    return build_store(model.module, [lay.name for lay in model.quantizable_layers], list(calib.batches()),
+                       parts, key, WEIGHT_WIDTHS, scale_of, device=device, progress=progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,7 +386,7 @@ class BrevitasBackend:
         self.progress = progress
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache: _StatsCache | None = None
-        self._store: tuple[Any, WeightStore] | None = None  # (weakref to the float module, store)
+        self._weights = WeightCache(self.cache_dir, self.name)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -587,26 +544,16 @@ class BrevitasBackend:
         ``calib``: from this instance's memory, else from ``cache_dir``, else computed (once;
         then saved to ``cache_dir``). Returns the store and where it came from
         (``memory``, ``disk`` or ``computed``)."""
-        from quantizers.rounding import WeightStore, store_key
-
         parts = self.weights_key_parts(model, calib)
-        key = store_key(parts)
-        if self._store is not None and self._store[0]() is model.module and self._store[1].key == key:
-            return self._store[1], "memory"
-        path = WeightStore.path(self.cache_dir, self.name, key) if self.cache_dir is not None else None
-        store = WeightStore.load(path, key, device=self.device) if path is not None else None
-        how = "disk"
-        if store is None:
+
+        def compute(key: str) -> WeightStore:
             if len(calib) == 0:
                 raise BrevitasError(f"weight_rounding '{self.rounding}' needs calibration images, but the "
                                     "calibration set is empty")
-            store = compute_weight_store(model, calib, self.options, parts, key, device=self.device,
-                                         progress=self.progress)
-            how = "computed"
-            if path is not None:
-                store.save(path)
-        self._store = (weakref.ref(model.module), store)
-        return store, how
+            return compute_weight_store(model, calib, self.options, parts, key, device=self.device,
+                                        progress=self.progress)
+
+        return self._weights.get(model.module, parts, compute)
 
     # -- internals ------------------------------------------------------------------------
     def _act_key(self) -> str:

@@ -36,13 +36,14 @@ weights, the method and this module's format version).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,9 @@ GPTQ_BLOCKS = 100
 
 #: Rounding methods (the ``weight_rounding`` option of the backends that use this module).
 METHODS = ("gptq", "gpfq", "nearest")
+
+#: ``scale_of(name, layer, bits) -> (scale, quantizer state, lowest integer, highest integer)``
+ScaleFn = Callable[[str, Any, int], "tuple[torch.Tensor, dict[str, torch.Tensor], int, int]"]
 
 #: Largest total size of the Hessians held at once during collection; beyond it the layers
 #: are split into several passes over the calibration images.
@@ -369,6 +373,68 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> fl
     return float((dw.bmm(H.float()) * dw).sum())
 
 
+def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any], parts: dict[str, Any], key: str,
+                widths: Sequence[int], scale_of: ScaleFn, *, device: Any = "cpu", progress: bool = False
+                ) -> WeightStore:
+    """Round every layer in ``names`` (modules of the float ``module``) at every width of
+    ``widths`` by ``parts['method']``, with the scales ``scale_of(name, layer, bits)`` gives
+    (``(scale, quantizer state, lowest integer, highest integer)``) and each layer's ``H``
+    from float forwards over ``batches`` (numpy arrays), as few passes as
+    :data:`HESSIAN_BUDGET_BYTES` allows; a rich progress bar (stderr) when ``progress``."""
+    import copy
+
+    import torch
+
+    method = str(parts["method"])
+    start = time.perf_counter()
+    float_module = copy.deepcopy(module).to(device).eval()
+    mods = {n: float_module.get_submodule(n) for n in names}
+    passes = plan_passes(mods) if method != "nearest" else [list(names)]
+    tensors = [torch.from_numpy(b).to(device) for b in batches]
+    store = WeightStore(key=key, parts=dict(parts))
+    t_h = t_r = 0.0
+    with progress_bar(progress) as bar:
+        label = "/".join(f"W{b}" for b in widths)
+        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {label})",
+                            total=len(names) * len(widths))
+        for chunk in passes:
+            t = time.perf_counter()
+            hessians = (collect_hessians(float_module, mods, lambda: tensors, chunk, device)
+                        if method != "nearest" else {})
+            t_h += time.perf_counter() - t
+            t = time.perf_counter()
+            for n in chunk:
+                layer: Any = mods[n]
+                H = hessians.pop(n, None)
+                prep = prepare(H, inverse=method == "gptq") if H is not None else None  # shared by the widths
+                per: dict[int, RoundedWeight] = {}
+                for bits in widths:
+                    scale, state, lo, hi = scale_of(n, layer, bits)
+                    with torch.no_grad():
+                        ints = round_weights(method, layer.weight, prep, scale, lo, hi)
+                    per[int(bits)] = RoundedWeight(ints.to(torch.int8).cpu(), scale.float().cpu(),
+                                                   {k: v.cpu() for k, v in state.items()})
+                    bar.advance(task)
+                store.weights[n] = per
+            t_r += time.perf_counter() - t
+    store.seconds = time.perf_counter() - start
+    store.stats = {"hessian_passes": len(passes), "hessian_seconds": round(t_h, 3),
+                   "rounding_seconds": round(t_r, 3), "calibration_batches": len(tensors),
+                   "calibration_images": int(sum(len(b) for b in batches)), "device": str(device)}
+    return store
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on stderr that stays on screen (the one-time cost is worth seeing)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
+        yield bar
+
+
 # --------------------------------------------------------------------------------------
 # Keys and the store
 # --------------------------------------------------------------------------------------
@@ -474,3 +540,33 @@ class WeightStore:
         """What trials record about the weights they used."""
         return {"key": self.key, "method": self.parts.get("method"), "source": self.source,
                 "one_time_seconds": round(self.seconds, 3), "layers": len(self.weights)}
+
+
+class WeightCache:
+    """A backend's weight stores: the current one in memory (per float module object and
+    key), every one on disk in ``cache_dir`` (if given) as ``<prefix>-<key>.pt``."""
+
+    def __init__(self, cache_dir: Path | str | None, prefix: str, device: Any = "cpu") -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.prefix = prefix
+        self.device = device
+        self._current: tuple[Any, WeightStore] | None = None
+
+    def get(self, module: nn.Module, parts: dict[str, Any], compute: Callable[[str], WeightStore]
+            ) -> tuple[WeightStore, str]:
+        """The store for ``parts`` and where it came from: ``memory``, ``disk``, or ``computed``
+        by ``compute(key)`` (then saved to the cache folder)."""
+        key = store_key(parts)
+        if self._current is not None and self._current[0]() is module and self._current[1].key == key:
+            return self._current[1], "memory"
+        path = WeightStore.path(self.cache_dir, self.prefix, key) if self.cache_dir is not None else None
+        store = WeightStore.load(path, key) if path is not None else None
+        how = "disk"
+        if store is None:
+            store = compute(key)
+            how = "computed"
+            if path is not None:
+                store.save(path)
+        self._current = (weakref.ref(module), store)
+        return store, how
+

@@ -1,0 +1,140 @@
+"""quantizers/rounding.py on small layers: input moments, GPTQ/GPFQ/nearest integers, the store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quantizers.rounding import (  # noqa: E402
+    RoundedWeight,
+    WeightStore,
+    collect_hessians,
+    gpfq_integers,
+    gptq_integers,
+    nearest_integers,
+    output_error,
+    plan_passes,
+    prepare,
+    round_weights,
+    store_key,
+    unfold_input,
+)
+
+
+def _correlated_input(n: int, c: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, c, generator=g) * 0.3 + torch.eye(c)
+    return torch.randn(n, c, generator=g) @ mix
+
+
+def _layer_problem(rows: int = 16, cols: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = _correlated_input(512, cols, seed)  # (samples, columns)
+    H = (2 / x.shape[0]) * (x.t() @ x)
+    w = torch.randn(rows, cols, generator=g)
+    scale = w.abs().amax(1, keepdim=True) / 7
+    return w, H.unsqueeze(0), scale, x
+
+
+def test_nearest_is_plain_rounding():
+    w, _, scale, _ = _layer_problem()
+    q = nearest_integers(w, scale, -7, 7)
+    assert torch.equal(q, torch.clamp(torch.round(w / scale), -7, 7))
+    assert q.abs().max() <= 7
+
+
+@pytest.mark.parametrize("fn", [gptq_integers, gpfq_integers])
+def test_output_aware_rounding_beats_nearest_on_the_output(fn):
+    for seed in range(3):
+        w, H, scale, _ = _layer_problem(seed=seed)
+        q = fn(w, H, scale, -7, 7)
+        assert q.shape == w.shape and q.abs().max() <= 7 and torch.equal(q, q.round())
+        e_out = output_error(w, q * scale, H)
+        e_rtn = output_error(w, nearest_integers(w, scale, -7, 7) * scale, H)
+        assert e_out < 0.9 * e_rtn, (fn.__name__, seed, e_out, e_rtn)
+
+
+def test_identity_hessian_gives_nearest():
+    """With uncorrelated unit-variance inputs the output error is the weight error: GPTQ is RTN."""
+    w, _, scale, _ = _layer_problem()
+    H = torch.eye(w.shape[1]).unsqueeze(0)
+    assert torch.equal(gptq_integers(w, H, scale, -7, 7), nearest_integers(w, scale, -7, 7))
+    assert torch.equal(gpfq_integers(w, H, scale, -7, 7), nearest_integers(w, scale, -7, 7))
+
+
+def test_grouped_layers_are_rounded_per_group():
+    """A grouped weight rounded with a block-diagonal set of H equals each group rounded alone."""
+    w1, H1, s1, _ = _layer_problem(8, 12, seed=1)
+    w2, H2, s2, _ = _layer_problem(8, 12, seed=2)
+    w = torch.cat([w1, w2])
+    s = torch.cat([s1, s2])
+    H = torch.cat([H1, H2])
+    for fn in (gptq_integers, gpfq_integers):
+        both = fn(w, H, s, -7, 7)
+        assert torch.equal(both[:8], fn(w1, H1, s1, -7, 7)) and torch.equal(both[8:], fn(w2, H2, s2, -7, 7))
+
+
+def test_dead_columns_get_zero_and_prepare_is_shared():
+    w, H, scale, _ = _layer_problem()
+    H = H.clone()
+    H[0, 3, :] = 0
+    H[0, :, 3] = 0
+    prep = prepare(H)
+    assert bool(prep.dead[0, 3]) and prep.h_inv is not None
+    q = gptq_integers(w, prep, scale, -7, 7)
+    assert torch.all(q[:, 3] == 0)
+    assert torch.equal(q, gptq_integers(w, H, scale, -7, 7))
+    assert torch.equal(round_weights("gptq", w, prep, scale, -7, 7), q)
+    with pytest.raises(ValueError, match="unknown"):
+        round_weights("adaround", w, prep, scale, -7, 7)
+
+
+def test_hessian_of_a_grouped_conv_matches_explicit_patches():
+    import torch.nn.functional as F
+    from torch import nn
+
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).eval()
+    model = nn.Sequential(nn.Identity(), conv)
+    x = torch.randn(3, 4, 9, 9)
+    batches = [x[:2], x[2:]]
+    H = collect_hessians(model, {"1": conv}, lambda: batches, ["1"], "cpu")["1"]
+    assert H.shape == (2, 18, 18)
+    cols = F.unfold(x, 3, padding=1, stride=2)  # (3, 36, L): channels 0-1 are group 0
+    for g in range(2):
+        patches = cols[:, g * 18:(g + 1) * 18].transpose(0, 1).flatten(1)  # (18, samples)
+        want = 2 / patches.shape[1] * patches @ patches.t()
+        torch.testing.assert_close(H[g], want, atol=1e-5, rtol=1e-4)
+    assert unfold_input(conv, x).shape == (2, 18, 3 * 25)
+
+
+def test_passes_respect_the_memory_budget():
+    from torch import nn
+
+    layers = {f"c{i}": nn.Conv2d(16, 16, 3) for i in range(5)}  # 144 columns: 82944 bytes each
+    assert plan_passes(layers, budget=10**9) == [list(layers)]
+    passes = plan_passes(layers, budget=2 * 82944)
+    assert passes == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+
+
+def test_store_round_trip_and_key(tmp_path):
+    parts = {"model": "abc", "calibration": "def", "method": "gptq"}
+    key = store_key(parts)
+    assert key == store_key(dict(parts)) and key != store_key({**parts, "method": "gpfq"})
+    ints = torch.randint(-7, 8, (4, 3, 3, 3), dtype=torch.int8)
+    rw = RoundedWeight(ints, torch.rand(4, 1, 1, 1), {"tensor_quant.scaling_impl.value": torch.rand(4, 1, 1, 1)})
+    store = WeightStore(key=key, parts=parts, weights={"model.0.conv": {4: rw}}, seconds=1.5)
+    path = WeightStore.path(tmp_path, "brevitas", key)
+    store.save(path)
+    back = WeightStore.load(path, key)
+    assert back is not None and back.source == "disk" and math.isclose(back.seconds, 1.5)
+    got = back.get("model.0.conv", 4)
+    assert got is not None and torch.equal(got.ints, ints) and torch.equal(got.scale, rw.scale)
+    assert torch.equal(got.dequantized(), ints.float() * rw.scale)
+    assert back.get("model.0.conv", 8) is None
+    assert WeightStore.load(path, "0" * 16) is None  # another key
+    path.write_bytes(b"damaged")
+    assert WeightStore.load(path, key) is None  # recomputed, not fatal
+    assert not list(tmp_path.glob(".*tmp"))
