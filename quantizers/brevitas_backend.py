@@ -336,7 +336,8 @@ def layer_scale(layer: Any, bits: int, options: BrevitasOptions) -> tuple[torch.
 
 
 def compute_weight_store(model: LoadedModel, calib: CalibrationSet, options: BrevitasOptions, parts: dict[str, Any],
-                         key: str, *, device: str = "cpu", progress: bool = False) -> WeightStore:
+                         key: str, *, device: str = "cpu", progress: bool = False, console: Any = None
+                         ) -> WeightStore:
     """Integers and scales of every quantizable layer at :data:`WEIGHT_WIDTHS`, rounded by
     ``parts['method']`` with each layer's input moment from the float model and this
     backend's scales (:func:`layer_scale`); see :func:`quantizers.rounding.build_store`."""
@@ -346,7 +347,7 @@ def compute_weight_store(model: LoadedModel, calib: CalibrationSet, options: Bre
         return scale, state, -hi, hi
 
     return build_store(model.module, [lay.name for lay in model.quantizable_layers], list(calib.batches()),
-                       parts, key, WEIGHT_WIDTHS, scale_of, device=device, progress=progress)
+                       parts, key, WEIGHT_WIDTHS, scale_of, device=device, progress=progress, console=console)
 
 
 # --------------------------------------------------------------------------------------
@@ -360,14 +361,20 @@ class BrevitasBackend:
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto`` (CUDA when
             available), ``cpu``, ``cuda`` or ``cuda:N``.
-        progress: show rich progress bars for the calibration passes and GPTQ/GPFQ.
+        progress: show rich progress bars for the calibration passes, GPTQ/GPFQ and the
+            one-time weight rounding.
+        cache_dir: where the one-time rounded weights are saved and looked up (one
+            ``brevitas-<key>.pt`` file per model, calibration set and weight options, with a
+            ``.json`` beside it); ``None``: in memory only.
+        console: the rich console for the one-time progress bar (the caller's, to nest it in
+            the caller's live display); a new stderr console when ``None``.
     """
 
     name = NAME
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
-                 progress: bool = False, cache_dir: Path | str | None = None) -> None:
+                 progress: bool = False, cache_dir: Path | str | None = None, console: Any = None) -> None:
         from search.runs import resolve_device
         from search.spec import BrevitasOptions
 
@@ -385,6 +392,7 @@ class BrevitasBackend:
             raise BrevitasError(str(exc)) from None
         self.progress = progress
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.console = console
         self._cache: _StatsCache | None = None
         self._weights = WeightCache(self.cache_dir, self.name)
 
@@ -551,7 +559,7 @@ class BrevitasBackend:
                 raise BrevitasError(f"weight_rounding '{self.rounding}' needs calibration images, but the "
                                     "calibration set is empty")
             return compute_weight_store(model, calib, self.options, parts, key, device=self.device,
-                                        progress=self.progress)
+                                        progress=self.progress, console=self.console)
 
         return self._weights.get(model.module, parts, compute)
 

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, export_metadata
+from quantizers.rounding import WeightCache, WeightStore
 from search.assignment import Assignment, Precision
 from search.errors import UserError
 
@@ -215,6 +216,45 @@ def integer_weight(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, int]:
     return (q.numpy().astype(np.int8), step.reshape(-1).numpy().astype(np.float32), bits)
 
 
+#: The weight widths whose integers are computed once and cached (``weight_rounding``).
+WEIGHT_WIDTHS: tuple[int, ...] = (4, 8)
+
+
+def modelopt_scale(amax: Any, bits: int) -> tuple[Any, dict[str, Any], int, int]:
+    """The step (``amax / (2^(bits-1) - 1)``, per output channel), quantizer state (``amax``)
+    and integer range ([-8, 7] at 4 bits: ModelOpt's weight quantizers are not narrow-range)
+    that ModelOpt's fake quantization uses for a weight with ``amax``. Channels whose amax is
+    below ModelOpt's zero threshold get a unit step (ModelOpt quantizes them to 0; so does the
+    rounding, since their weights are 0 too)."""
+    import torch
+
+    max_bound = 2.0 ** (bits - 1) - 1.0
+    amax = amax.float()
+    step = amax / max_bound
+    step = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(step), step)
+    return step, {"amax": amax.clone()}, -int(max_bound) - 1, int(max_bound)
+
+
+def load_rounded_weights(work: nn.Module, assignment: Assignment, store: WeightStore) -> None:
+    """Give every weight-quantized layer of ``work`` (after ``mtq.quantize``) its cached integers:
+    the weight becomes ``integers * step`` and the quantizer's ``amax`` the cached one, so
+    ModelOpt's fake quantization (``round(w * max_bound / amax)``) and the ONNX rewrite
+    (:func:`integer_weight`) give back exactly the cached integers."""
+    import torch
+
+    for name, precision in assignment.items():
+        if not precision.quantizes_weights:
+            continue
+        rw = store.get(name, precision.w_bits)
+        if rw is None:
+            raise ModelOptError(f"layer '{name}': no cached {precision.w_bits}-bit weights (weight store {store.key})")
+        layer: Any = work.get_submodule(name)
+        device = layer.weight.device
+        with torch.no_grad():
+            layer.weight.copy_(rw.dequantized().to(device=device, dtype=layer.weight.dtype))
+        layer.weight_quantizer.amax = rw.state["amax"].to(device)
+
+
 def _dead_code(graph: onnx.GraphProto) -> int:
     """Remove nodes whose outputs nobody uses and initializers no node reads; return the
     number of nodes removed."""
@@ -328,12 +368,17 @@ class ModelOptBackend:
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto``, ``cpu``,
             ``cuda`` or ``cuda:N``.
+        progress: show a rich progress bar for the one-time weight rounding.
+        cache_dir: where the one-time rounded weights are saved and looked up
+            (``modelopt-<key>.pt``); ``None``: in memory only.
+        console: the rich console for that progress bar (the caller's, to nest it).
     """
 
     name = NAME
     capabilities = CAPABILITIES
 
-    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu") -> None:
+    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", progress: bool = False,
+                 cache_dir: Path | str | None = None, console: Any = None) -> None:
         from search.runs import resolve_device
         from search.spec import ModelOptOptions
 
@@ -348,6 +393,10 @@ class ModelOptBackend:
         except RuntimeError as exc:
             raise ModelOptError(str(exc)) from None
         self._stats_cache: _InputStats | None = None
+        self.progress = progress
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.console = console
+        self._weights = WeightCache(self.cache_dir, self.name)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -368,7 +417,16 @@ class ModelOptBackend:
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
-        if weights:
+        weights_info: dict[str, Any] = {"rounding": self.options.weight_rounding}
+        if weights and self.options.weight_rounding != "nearest":
+            t = time.perf_counter()
+            store, how = self.rounded_weights(model, calib)
+            timings["weights"] = time.perf_counter() - t
+            weights_info.update(store.info(), served_from=how)
+            t = time.perf_counter()
+            load_rounded_weights(work, assignment, store)
+            timings["load_weights"] = time.perf_counter() - t
+        elif weights:
             t = time.perf_counter()
             for q in inputs.values():
                 q.disable()
@@ -397,6 +455,7 @@ class ModelOptBackend:
             "float_modules_restored": restored,
             "calibration_images": len(calib),
             "input_stats_cached": cached,
+            "weights": weights_info,
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -453,6 +512,51 @@ class ModelOptBackend:
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    def weights_key_parts(self, model: LoadedModel, calib: CalibrationSet) -> dict[str, Any]:
+        """What decides the cached weights: the float model, the calibration images, the
+        weight calibration (scales), the rounding method and its settings."""
+        from quantizers.rounding import GPTQ_BLOCKS, GPTQ_DAMP, module_digest
+
+        return {"backend": self.name, "model": module_digest(model.module), "imgsz": model.imgsz,
+                "layers": [lay.name for lay in model.quantizable_layers], "calibration": calibration_key(calib),
+                "bits": list(WEIGHT_WIDTHS), "method": self.options.weight_rounding,
+                "method_settings": {"act_order": True, "damp": GPTQ_DAMP, "blocks": GPTQ_BLOCKS},
+                "scales": {"weight_calibration": self.options.weight_calibration}}
+
+    def rounded_weights(self, model: LoadedModel, calib: CalibrationSet) -> tuple[WeightStore, str]:
+        """Every quantizable layer's integers and ModelOpt scales at 4 and 8 bits (memory, else
+        ``cache_dir``, else computed once and saved); the store and where it came from."""
+        from quantizers.rounding import build_store
+
+        parts = self.weights_key_parts(model, calib)
+
+        def compute(key: str) -> WeightStore:
+            if len(calib) == 0:
+                raise ModelOptError(f"weight_rounding '{self.options.weight_rounding}' needs calibration images, "
+                                    "but the calibration set is empty")
+            amax = {bits: self._weight_amax(model, bits) for bits in WEIGHT_WIDTHS}
+
+            def scale_of(name: str, layer: Any, bits: int) -> tuple[Any, dict[str, Any], int, int]:
+                return modelopt_scale(amax[bits][name], bits)
+
+            return build_store(model.module, [lay.name for lay in model.quantizable_layers], list(calib.batches()),
+                               parts, key, WEIGHT_WIDTHS, scale_of, device=self.device, progress=self.progress,
+                               console=self.console)
+
+        return self._weights.get(model.module, parts, compute)
+
+    def _weight_amax(self, model: LoadedModel, bits: int) -> dict[str, Any]:
+        """ModelOpt's per-channel weight ``amax`` of every quantizable layer at ``bits``
+        (its ``max`` or ``mse`` weight calibration on the float weights, as materialize does)."""
+        mtq = import_mtq()
+        work = model.fresh().module.eval()
+        everything = Assignment({lay.name: Precision(bits, 16) for lay in model.quantizable_layers})
+        with quiet():
+            mtq.quantize(work, quant_config(everything, self.options))
+            mtq.calibrate(work, algorithm={"method": self.options.weight_calibration}, forward_loop=None)
+        weights, _ = self._quantizers(work, everything)
+        return {name: wq.amax.detach().float().cpu().clone() for name, wq in weights.items()}
 
     # -- internals ------------------------------------------------------------------------
     @staticmethod

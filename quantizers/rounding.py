@@ -374,13 +374,13 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> fl
 
 
 def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any], parts: dict[str, Any], key: str,
-                widths: Sequence[int], scale_of: ScaleFn, *, device: Any = "cpu", progress: bool = False
-                ) -> WeightStore:
+                widths: Sequence[int], scale_of: ScaleFn, *, device: Any = "cpu", progress: bool = False,
+                console: Any = None) -> WeightStore:
     """Round every layer in ``names`` (modules of the float ``module``) at every width of
     ``widths`` by ``parts['method']``, with the scales ``scale_of(name, layer, bits)`` gives
     (``(scale, quantizer state, lowest integer, highest integer)``) and each layer's ``H``
     from float forwards over ``batches`` (numpy arrays), as few passes as
-    :data:`HESSIAN_BUDGET_BYTES` allows; a rich progress bar (stderr) when ``progress``."""
+    :data:`HESSIAN_BUDGET_BYTES` allows; a rich progress bar when ``progress`` (on ``console``)."""
     import copy
 
     import torch
@@ -393,7 +393,7 @@ def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any],
     tensors = [torch.from_numpy(b).to(device) for b in batches]
     store = WeightStore(key=key, parts=dict(parts))
     t_h = t_r = 0.0
-    with progress_bar(progress) as bar:
+    with progress_bar(progress, console) as bar:
         label = "/".join(f"W{b}" for b in widths)
         task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {label})",
                             total=len(names) * len(widths))
@@ -425,13 +425,15 @@ def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any],
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr that stays on screen (the one-time cost is worth seeing)."""
+def progress_bar(enabled: bool, console: Any = None) -> Iterator[Any]:
+    """A rich progress bar that stays on screen (the one-time cost is worth seeing), on
+    ``console`` (pass the caller's console to nest it in the caller's own live display) or a
+    new stderr console."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
+    with Progress(*columns, console=console or Console(stderr=True), disable=not enabled, transient=False) as bar:
         yield bar
 
 

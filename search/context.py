@@ -121,8 +121,11 @@ class RunContext:
     @cached_property
     def backend(self) -> QuantizerBackend:
         from quantizers import get_backend
+        from search.console import console_err
 
-        return get_backend(self.spec.backend, device=self.device)
+        # cache_dir: one-time per-model work of the backend (issue 13: rounded weights), reused by reruns
+        return get_backend(self.spec.backend, device=self.device, cache_dir=self.cache_dir / "weights",
+                           progress=self.progress, console=console_err)
 
     def candidates_for(self, group: LayerGroup) -> list[Precision]:
         """The study's candidates this backend can build for every layer of ``group`` (float excluded)."""
@@ -211,7 +214,12 @@ class RunContext:
 
     def materialize(self, assignment: Assignment) -> QuantizedModel:
         self.backend.capabilities.check(self.model.layers, assignment)
-        return self.backend.materialize(self.model, assignment, self.calibration)
+        qmodel = self.backend.materialize(self.model, assignment, self.calibration)
+        weights = qmodel.info.get("weights", {})
+        if weights.get("served_from") in ("computed", "disk"):  # issue 13: record the one-time cost in the run
+            write_json(self.run_dir / "weights.json", {**weights, "seconds": qmodel.timings.get("weights"),
+                                                       "cache_dir": str(self.cache_dir / "weights")})
+        return qmodel
 
     def _evaluate_onnx(self, onnx_path: Path, assignment: Assignment, timings: dict[str, float], *,
                        reference: bool = True) -> dict[str, Any]:

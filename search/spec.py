@@ -207,6 +207,11 @@ class ModelOptOptions(_Base):
         default="max", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
         "(algorithm 'mse': lower weight error, but on the demo model it clips the large weights that matter "
         "and loses more mAP at 4 bits than max; see docs/benchmarks.md).")
+    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
+        default="gptq", description="How weights become integers once ModelOpt's per-channel ranges are set: "
+        "gptq (default) or gpfq minimize each layer's output error on the calibration images with the float "
+        "model's inputs, computed once per model, calibration set and weight_calibration for every layer at 4 "
+        "and 8 bits and cached (as the brevitas backend does); nearest: ModelOpt's own round to nearest.")
     w4_format: Literal["int8", "int4"] = Field(
         default="int8", description="How 4-bit weights are stored in the ONNX file: int8 initializers holding "
         "values in [-8, 7] (any opset, what TensorRT runs for Conv), or ONNX INT4 initializers (opset 21).")
