@@ -513,6 +513,11 @@ class ModelOptBackend:
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
+    @property
+    def rounding(self) -> str:
+        """How weights become integers (the ``weight_rounding`` option)."""
+        return str(self.options.weight_rounding)
+
     def weights_key_parts(self, model: LoadedModel, calib: CalibrationSet) -> dict[str, Any]:
         """What decides the cached weights: the float model, the calibration images, the
         weight calibration (scales), the rounding method and its settings."""

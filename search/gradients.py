@@ -9,10 +9,11 @@ as in ModelOpt's AutoQuantize and HAWQ-style methods::
     score = 1/2 * E_x[ sum_i (g_i * d_i)^2 ]
 
 over the weight elements (``g`` the per-sample gradient of the loss w.r.t. the weight,
-``d`` the weight's quantization error at that bit width, per-channel symmetric scales
-chosen by MSE search) plus, when the layer's input goes to INT8, the same over the input
-activation elements (per-tensor scale from the 99.99th percentile of ``|x|`` on the
-calibration images). Per-sample gradients use batches of one image.
+``d`` the weight's quantization error at that bit width: the backend's cached rounded
+weights when it has them (GPTQ by default, what the trials build), else per-channel
+symmetric round-to-nearest with scales chosen by MSE search) plus, when the layer's input
+goes to INT8, the same over the input activation elements (per-tensor scale from the 99.99th
+percentile of ``|x|`` on the calibration images). Per-sample gradients use batches of one image.
 """
 
 from __future__ import annotations
@@ -166,11 +167,15 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
                         "(no pseudo-labels); use metric: fidelity")
 
     weight_term: dict[tuple[str, int], float] = {}
+    rounded = backend_weights(ctx)
     with torch.no_grad():
         for n, mod in layers.items():
             fisher = weight_sq[n] / used
             for bits in sorted({p.w_bits for p in candidates if p.w_bits < 16}):
-                dw = quantize_weight(mod.weight.detach(), bits) - mod.weight.detach()
+                w = mod.weight.detach()
+                given = rounded.get(n, bits) if rounded is not None else None
+                wq = given.dequantized().to(w) if given is not None else quantize_weight(w, bits)
+                dw = wq - w
                 weight_term[(n, bits)] = 0.5 * float((fisher * dw ** 2).sum())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     group: LayerGroup
@@ -184,4 +189,17 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
             a = sum(act_score[n] / used for n in group.layers) if prec.a_bits < 16 else 0.0
             per[str(prec)] = {"damage": w + a, "weight_term": w, "act_term": a}
         scores[group.name] = per
-    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels"}
+    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels",
+                    "weights": "the backend's cached rounded weights" if rounded is not None
+                    else "round to nearest, per-channel MSE scales"}
+
+
+def backend_weights(ctx: RunContext) -> Any:
+    """The backend's cached rounded weights (issue 13), so the weight error scored is the one
+    the trials build; ``None`` when the backend rounds to nearest (then :func:`quantize_weight`)."""
+    rounding = getattr(ctx.backend, "rounding", "nearest")
+    get = getattr(ctx.backend, "rounded_weights", None)
+    if get is None or rounding == "nearest":
+        return None
+    store, _ = get(ctx.model, ctx.calibration)
+    return store
