@@ -93,7 +93,6 @@ def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``(groups, columns, samples)``: the input patches each output position of ``layer`` sees,
     as Brevitas' ``GPxQ.process_input`` builds them (``unfoldNd`` is a one-hot convolution,
     which copies values exactly as :func:`torch.nn.functional.unfold` does)."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -103,12 +102,11 @@ def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.t().unsqueeze(0)
     assert isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple)
     groups = int(layer.groups)
-    out = []
-    for part in torch.chunk(x, groups, 1):
-        cols = F.unfold(part, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                        stride=layer.stride)  # (B, Cg*kh*kw, L)
-        out.append(cols.transpose(1, 0).flatten(1))
-    return torch.stack(out)
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                    stride=layer.stride)  # (B, C*kh*kw, L), channel-major: group g is one contiguous block of rows
+    b, rows, length = cols.shape
+    # (groups, Cg*kh*kw, B*L), as Brevitas builds it group by group (chunk, unfold, transpose, flatten)
+    return cols.view(b, groups, rows // groups, length).permute(1, 2, 0, 3).reshape(groups, rows // groups, -1)
 
 
 class _Accumulator:
@@ -392,7 +390,8 @@ def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any],
     passes = plan_passes(mods) if method != "nearest" else [list(names)]
     tensors = [torch.from_numpy(b).to(device) for b in batches]
     store = WeightStore(key=key, parts=dict(parts))
-    t_h = t_r = 0.0
+    t_h = t_r = t_scales = 0.0
+    cpu = time.process_time()
     with progress_bar(progress, console) as bar:
         label = "/".join(f"W{b}" for b in widths)
         task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {label})",
@@ -409,7 +408,9 @@ def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any],
                 prep = prepare(H, inverse=method == "gptq") if H is not None else None  # shared by the widths
                 per: dict[int, RoundedWeight] = {}
                 for bits in widths:
+                    t_s = time.perf_counter()
                     scale, state, lo, hi = scale_of(n, layer, bits)
+                    t_scales += time.perf_counter() - t_s
                     with torch.no_grad():
                         ints = round_weights(method, layer.weight, prep, scale, lo, hi)
                     per[int(bits)] = RoundedWeight(ints.to(torch.int8).cpu(), scale.float().cpu(),
@@ -419,7 +420,8 @@ def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any],
             t_r += time.perf_counter() - t
     store.seconds = time.perf_counter() - start
     store.stats = {"hessian_passes": len(passes), "hessian_seconds": round(t_h, 3),
-                   "rounding_seconds": round(t_r, 3), "calibration_batches": len(tensors),
+                   "scale_seconds": round(t_scales, 3), "rounding_seconds": round(t_r - t_scales, 3),
+                   "cpu_seconds": round(time.process_time() - cpu, 3), "calibration_batches": len(tensors),
                    "calibration_images": int(sum(len(b) for b in batches)), "device": str(device)}
     return store
 
@@ -565,7 +567,9 @@ class WeightCache:
         store = WeightStore.load(path, key) if path is not None else None
         how = "disk"
         if store is None:
+            start = time.perf_counter()
             store = compute(key)
+            store.seconds = time.perf_counter() - start  # everything the backend computed once
             how = "computed"
             if path is not None:
                 store.save(path)

@@ -189,3 +189,58 @@ def test_empty_calibration_is_a_user_error(demo_model, calib):
     b = BrevitasBackend(options=BrevitasOptions(bias_correction=False))
     with pytest.raises(BrevitasError, match="calibration"):
         b.materialize(demo_model, Assignment({demo_model.quantizable_layers[3].name: "W4A16"}), empty)
+
+
+def test_modelopt_takes_the_cached_integers(demo_model, calib):
+    """ModelOpt torch: the cached integers become the layer's weights with ModelOpt's own amax,
+    its fake quantization and the exported ONNX integers reproduce them exactly, and the
+    cached integers beat ModelOpt's round-to-nearest on each layer's output error."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from quantizer_helpers import workdir
+
+    from quantizers import get_backend
+    from quantizers.modelopt_backend import integer_weight
+    from quantizers.rounding import collect_hessians, output_error
+    from search.spec import ModelOptOptions
+
+    try:
+        backend = cached("backend:modelopt", lambda: get_backend("modelopt", device="cpu"))
+    except Exception as exc:  # noqa: BLE001 - ModelOpt not installed here
+        pytest.skip(f"modelopt unavailable: {exc}")
+    assert backend.rounding == "gptq"
+    layers = demo_model.quantizable_layers
+    assignment = Assignment({lay.name: ("W4A16", "W8A16", "W4A8")[i % 3] for i, lay in enumerate(layers)
+                             if i % 5 != 4})
+    qmodel = backend.materialize(demo_model, assignment, calib)
+    store, _ = backend.rounded_weights(demo_model, calib)
+    assert qmodel.info["weights"]["key"] == store.key
+    result = backend.export(qmodel, workdir() / "modelopt" / "cached-weights.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(result.path)).graph.initializer}
+    for name, p in assignment.items():
+        layer = qmodel.module.get_submodule(name)
+        rw = store.get(name, p.w_bits)
+        ints, step, bits = integer_weight(layer)
+        assert bits == p.w_bits
+        np.testing.assert_array_equal(ints, rw.ints.numpy())
+        np.testing.assert_array_equal(inits[f"{name}.weight_int{bits}"], rw.ints.numpy())
+        with torch.no_grad():
+            fake = layer.weight_quantizer(layer.weight)
+        torch.testing.assert_close(fake, rw.dequantized(), rtol=0, atol=1e-6 * float(fake.abs().max()))
+    # output-aware: lower output error than ModelOpt's own nearest rounding, layer by layer (4 bits)
+    nearest = get_backend(ModelOptOptions(weight_rounding="nearest"), device="cpu")
+    w4 = [n for n, p in assignment.items() if p.w_bits == 4][:6]
+    rtn = nearest.materialize(demo_model, Assignment({n: "W4A16" for n in w4}), calib)
+    mods = {n: demo_model.module.get_submodule(n) for n in w4}
+    H = collect_hessians(demo_model.module, mods, lambda: [torch.from_numpy(b) for b in calib.batches()], w4, "cpu")
+    better = 0
+    for n in w4:
+        w = mods[n].weight
+        with torch.no_grad():
+            e_rtn = output_error(w, rtn.module.get_submodule(n).weight_quantizer(w), H[n])
+        e_cached = output_error(w, store.get(n, 4).dequantized(), H[n])
+        better += e_cached < e_rtn
+    assert better == len(w4)
+
