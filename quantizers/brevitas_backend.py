@@ -7,6 +7,17 @@
 - weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
   scale per output channel, chosen by MSE search (default for 4 bits), a per-channel
   percentile of ``|w|``, or the maximum (default for 8 bits, near-lossless there);
+- which integers (``weight_rounding``): by default GPTQ with those scales kept fixed, from
+  each layer's input second moment on the calibration images *in the float model*
+  (:mod:`quantizers.rounding`), so layers are independent and the integers of every layer
+  at 4 and 8 bits are computed once per (float model, calibration images, weight options)
+  and reused by every ``materialize`` (in memory, and on disk in ``cache_dir`` for later
+  runs): a build only loads them. ``gpfq`` is the same with GPFQ's rule, ``nearest``
+  rounds to nearest (the weight-MSE optimum, what this backend did before). A layer's
+  cached integers equal what Brevitas' ``gptq_mode`` gives it when it is the only layer
+  quantized; with many layers quantized, sequential GPTQ (``gptq: true``) would re-measure
+  each layer's input after the layers before it, which the cache does not (on the demo
+  model the cache loses no accuracy against it: docs/benchmarks.md);
 - A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas
   ``input_quant``), so each layer's A8 is independent of its neighbours; int8 with zero
   point 0 by default (the only form TensorRT accepts), uint8 with a zero point on request;
@@ -14,7 +25,8 @@
 - bias correction (on by default): each quantized layer's mean output error on the
   calibration images, measured with float inputs as Brevitas' ``bias_correction_mode``
   does, is folded into its bias;
-- GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``) when the options ask for them.
+- sequential GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``, in every build, from
+  the float weights; the cached rounding is then not used) when the options ask for them.
 
 Layers the assignment does not name are left untouched (the same float modules).
 
@@ -26,8 +38,13 @@ input. Activation calibration and bias correction then cost no forward pass: a l
 output mean is linear in the mean of its unfolded input, so the bias correction of a
 layer is ``W_f . E[unfold(x)] - W_q . E[unfold(Q(x))]``, exactly what Brevitas measures
 by running the model (``tests/integration/test_brevitas_backend.py`` checks the two
-agree). Reuse one backend instance for many ``materialize`` calls to benefit from it.
-GPTQ/GPFQ need real forward passes (one per quantized layer) and run only when enabled.
+agree; with the cached GPTQ weights too). Reuse one backend instance for many
+``materialize`` calls to benefit from it. The rounded weights are the other per-model
+cost: one float pass collecting every layer's ``H``, then GPTQ per layer and width (demo:
+about half a minute of CPU, paid once; a build then loads each layer's integers and
+scale instead of MSE-searching the scale, so it is cheaper than before). Sequential
+GPTQ/GPFQ (``gptq``/``gpfq``) need real forward passes (one per quantized layer) in every
+build and run only when enabled.
 
 :meth:`BrevitasBackend.export` writes QCDQ ONNX through Brevitas' exporter (legacy
 TorchScript exporter, ``dynamo=False``, opset 17): input ``images`` with a dynamic batch,
@@ -74,8 +91,9 @@ SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
 CAPABILITIES = Capabilities(
     backend=NAME,
     precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="per-channel symmetric weights (4 or 8 bits, narrow range); per-tensor INT8 input quantizer "
-          "for A8; W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
+    notes="per-channel symmetric weights (4 or 8 bits, narrow range; integers by cached float-input GPTQ by "
+          "default, weight_rounding); per-tensor INT8 input quantizer for A8; W16A8 quantizes the input only. "
+          "Layers marked not quantizable (the DFL conv) stay float.",
 )
 
 #: onnxoptimizer passes that only remove no-ops and dead or duplicate nodes: none of them

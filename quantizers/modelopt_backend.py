@@ -11,7 +11,14 @@ float model (``modelopt.torch.quantization.quantize`` with an ordered list of pe
   A8 layers (``calibrator: histogram`` for entropy/percentile). Everything else stays
   float, including the DFL conv and every layer the assignment leaves out;
 - weights calibrated by ModelOpt's ``max`` or ``mse`` algorithm (``mtq.calibrate``, no data
-  needed), then A8 inputs by a forward loop over the calibration images with ModelOpt's
+  needed); by default (``weight_rounding: gptq``) their integers are not ModelOpt's
+  round-to-nearest but GPTQ's with that ``amax`` kept fixed, computed once per model,
+  calibration set and weight calibration from each layer's float-model input
+  (:mod:`quantizers.rounding`, shared with the Brevitas backend) and cached (memory, and
+  ``cache_dir``); a build loads ``integers * amax / max_bound`` as the layer's weight and
+  sets the quantizer's ``amax``, so ModelOpt's fake quantization and the ONNX rewrite
+  below give back exactly those integers;
+- A8 inputs calibrated by a forward loop over the calibration images with ModelOpt's
   calibrators: max, or the histogram's entropy / percentile (``load_calib_amax``), which
   ``mtq.calibrate`` does not expose for CNNs. As in ModelOpt's own ``max_calibrate``
   (statistics collection turns quantization off everywhere), input statistics come from
@@ -97,7 +104,9 @@ CAPABILITIES = Capabilities(
     backend=NAME,
     precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
     notes="ModelOpt torch PTQ: per-channel symmetric weights (4 or 8 bits) as integer initializers + "
-          "DequantizeLinear, per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
+          "DequantizeLinear (integers by cached float-input GPTQ with ModelOpt's per-channel amax by default, "
+          "weight_rounding; loaded as the layer's weights with that amax, which ModelOpt's quantizer maps back "
+          "to the same integers), per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
           "Layers marked not quantizable (the DFL conv) stay float.",
 )
 
