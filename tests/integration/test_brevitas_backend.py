@@ -59,16 +59,20 @@ def test_input_quantizer_is_bit_exact_in_onnx(tmp_path):
             np.testing.assert_array_equal(out, probe(x).numpy())
 
 
-def test_analytic_bias_correction_equals_brevitas(demo_model, calib, tmp_path):
+def test_analytic_bias_correction_equals_brevitas(demo_model, calib):
     """The cached correction W_f.E[unfold(x)] - W_q.E[unfold(Q(x))] is what Brevitas'
-    bias_correction_mode measures by running the model (with the default, cached GPTQ
-    weights: both instances share them through the cache folder)."""
+    bias_correction_mode measures by running the model.
+
+    With round-to-nearest weights: Brevitas' mode takes its float reference from the layer's
+    ``weight`` with quantization off, which after GPTQ (cached or sequential) holds the
+    quantized values, not the float ones; ours always uses the float layer (checked for the
+    cached GPTQ weights in ``test_weight_rounding.py``)."""
     import torch
     from brevitas.graph.calibrate import bias_correction_mode
 
     names = _pick(demo_model)
-    ours_backend = BrevitasBackend(options=BrevitasOptions(), cache_dir=tmp_path)
-    ref_backend = BrevitasBackend(options=BrevitasOptions(bias_correction=False), cache_dir=tmp_path)
+    ours_backend = BrevitasBackend(options=BrevitasOptions(weight_rounding="nearest"))
+    ref_backend = BrevitasBackend(options=BrevitasOptions(bias_correction=False, weight_rounding="nearest"))
     for prec in ("W4A8", "W16A8"):
         assignment = Assignment({n: prec for n in names})
         ours = ours_backend.materialize(demo_model, assignment, calib).module
