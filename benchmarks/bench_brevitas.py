@@ -85,12 +85,12 @@ def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
 
     from evaluators.coco import CocoEvaluator
     from evaluators.latency import OrtLatencyEvaluator
-    from quantizers.base import CalibrationSet
+    from mpq.assignment import Assignment
+    from mpq.data import CalibrationSet, load_coco_subset, preprocess_many, read_calibration_list
+    from mpq.model import export_onnx, load_model
     from quantizers.brevitas_backend import BrevitasBackend
-    from search.assignment import Assignment
-    from search.data import load_coco_subset, preprocess_many, read_calibration_list
-    from search.model import export_onnx, load_model
-    from search.spec import BrevitasOptions, load_spec
+    from quantizers.brevitas_options import BrevitasOptions
+    from search.spec import load_spec
 
     spec = load_spec(args.study)
     out: Path = args.out
@@ -193,8 +193,8 @@ def single_layer_timing(model: Any, calib: Any, device: str) -> dict[str, Any]:
     """What the sensitivity sweep pays per probe: single-layer materialize with warm caches."""
     import statistics
 
+    from mpq.assignment import Assignment
     from quantizers.brevitas_backend import BrevitasBackend
-    from search.assignment import Assignment
 
     backend = BrevitasBackend(device=device)
     layers = model.quantizable_layers
@@ -214,11 +214,10 @@ def yolov10m_timing(args: argparse.Namespace, console: Any) -> list[dict[str, An
     """Materialize + export of yolov10m.yaml (random init) at 640 on the CPU and, when present, CUDA."""
     import torch
 
-    from quantizers.base import CalibrationSet
+    from mpq.assignment import Assignment
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
+    from mpq.model import load_model
     from quantizers.brevitas_backend import BrevitasBackend
-    from search.assignment import Assignment
-    from search.data import preprocess_many, read_calibration_list
-    from search.model import load_model
     from search.spec import load_spec
 
     spec = load_spec(args.study)
@@ -298,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from rich.console import Console
 
-    from search.runs import write_json, write_text
+    from mpq.files import write_json, write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)

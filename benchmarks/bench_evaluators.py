@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from evaluators.latency import OrtLatencyEvaluator
     from evaluators.reference import ultralytics_val
     from evaluators.testing import degrade
+    from mpq.data import load_coco_subset, preprocess_many, read_calibration_list
+    from mpq.files import versions
+    from mpq.model import export_onnx, load_model
     from search.console import console
-    from search.data import load_coco_subset, preprocess_many, read_calibration_list
-    from search.model import export_onnx, load_model
-    from search.runs import versions
     from search.spec import load_spec
 
     spec = load_spec(args.study)
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             add_row(label, export_onnx(degrade(model.module, kind, s), work / f"{kind}-{s}.onnx", spec.imgsz))
     if not args.no_brevitas:
         try:
+            from mpq.assignment import Assignment
+            from mpq.data import CalibrationSet
             from quantizers import get_backend
-            from quantizers.base import CalibrationSet
-            from search.assignment import Assignment
 
             backend = get_backend(spec.backend, device="cpu")
             cal_images, _ = preprocess_many(calib[:spec.calibration.max_images], spec.imgsz, progress=False)

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options(backend: str, kw: dict[str, Any]) -> Any:
-    from search.spec import ModelOptOnnxOptions, ModelOptOptions
+    from quantizers.modelopt_onnx_options import ModelOptOnnxOptions
+    from quantizers.modelopt_options import ModelOptOptions
 
     return (ModelOptOptions if backend == "modelopt" else ModelOptOnnxOptions)(**kw)
 
@@ -71,11 +72,10 @@ def options(backend: str, kw: dict[str, Any]) -> Any:
 def demo_table(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     from evaluators.coco import CocoEvaluator
     from evaluators.latency import OrtLatencyEvaluator
+    from mpq.assignment import Assignment
+    from mpq.data import CalibrationSet, load_coco_subset, preprocess_many, read_calibration_list
+    from mpq.model import export_onnx, load_model
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
-    from search.assignment import Assignment
-    from search.data import load_coco_subset, preprocess_many, read_calibration_list
-    from search.model import export_onnx, load_model
     from search.spec import load_spec
 
     spec = load_spec(args.study)
@@ -133,9 +133,9 @@ def single_layer_timing(model: Any, calib: Any) -> dict[str, Any]:
     """What each sensitivity probe pays: single-layer materialize with the input-range cache warm."""
     import statistics
 
+    from mpq.assignment import Assignment
     from quantizers.modelopt_backend import ModelOptBackend
     from quantizers.modelopt_onnx_backend import ModelOptOnnxBackend
-    from search.assignment import Assignment
 
     torch_be = ModelOptBackend()
     onnx_be = ModelOptOnnxBackend()
@@ -155,11 +155,10 @@ def single_layer_timing(model: Any, calib: Any) -> dict[str, Any]:
 
 def yolov10m_timing(args: argparse.Namespace, console: Any) -> list[dict[str, Any]]:
     """Materialize + export of yolov10m.yaml (random init) at 640 on this CPU."""
+    from mpq.assignment import Assignment
+    from mpq.data import CalibrationSet, preprocess_many, read_calibration_list
+    from mpq.model import load_model
     from quantizers import get_backend
-    from quantizers.base import CalibrationSet
-    from search.assignment import Assignment
-    from search.data import preprocess_many, read_calibration_list
-    from search.model import load_model
     from search.spec import load_spec
 
     spec = load_spec(args.study)
@@ -232,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from rich.console import Console
 
-    from search._env import import_ultralytics
-    from search.runs import write_json, write_text
+    from mpq.env import import_ultralytics
+    from mpq.files import write_json, write_text
 
     import_ultralytics()
     if args.threads:

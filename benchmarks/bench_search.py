@@ -42,24 +42,24 @@ HV_REF_DROP = 0.05
 def run_variant(name: str, spec: Any, run_dir: Path, out: Path, budget: int) -> dict[str, Any]:
     import optuna
 
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
     from search.report import best_at_budget, collect, hypervolume_2d, pareto_front
     from search.study import RunSettings, StudyRunner
+    from search.trial_attrs import TrialAttrs
 
-    ctx = RunContext(spec, run_dir=run_dir, progress=True)
+    pipeline = TrialPipeline.for_spec(spec, run_dir=run_dir, progress=True)
     kw: dict[str, Any] = {"budget": budget, "storage": f"sqlite:///{(out / f'{name}.db').resolve()}",
                           "objectives": ["map", "size"]}
     if name == "random":
         kw.update(sampler="random", space="full", seed_policies=False)
     elif name == "topk":
         kw.update(sampler="random", space="topk", seed_policies=False)
-    settings = RunSettings.from_ctx(ctx, **kw)
-    runner = StudyRunner(ctx, settings, progress=True, log=lambda m: print(f"  [{name}] {m}", flush=True))
+    settings = RunSettings.from_spec(spec, run_dir, **kw)
+    runner = StudyRunner(pipeline, settings, progress=True, log=lambda m: print(f"  [{name}] {m}", flush=True))
     t0 = time.perf_counter()
     if name == "topk":
-        study, created = runner.open()
-        table = runner.ensure_sensitivity(study, created)
-        space = runner.make_space(table)
+        study, objective = runner.prepare()
+        space = objective.space
         ks = sorted({round(i * 40 / max(budget // 2 - 1, 1)) for i in range(budget // 2)})
         for a8 in (False, True):
             for k in ks:
@@ -70,36 +70,37 @@ def run_variant(name: str, spec: Any, run_dir: Path, out: Path, budget: int) -> 
 
     def on_trial(t: Any, counts: dict[str, int]) -> None:
         trials_seen.append(time.perf_counter())
-        m = t.user_attrs.get("metrics", {})
-        print(f"  [{name}] #{t.number} done={counts['done']} mAP {m.get('map50_95', float('nan')):.4f} "
-              f"W4 {100 * m.get('w4_weight_share', 0):.0f}% size {100 * m.get('size_ratio', 0):.1f}%", flush=True)
+        m = TrialAttrs.of(t).metrics
+        if m is not None:
+            print(f"  [{name}] #{t.number} done={counts['done']} mAP {m.map50_95:.4f} "
+                  f"W4 {100 * m.w4_weight_share:.0f}% size {100 * m.size_ratio:.1f}%", flush=True)
 
     study = runner.run(on_trial)
     wall = time.perf_counter() - t0
-    base = runner.float_metrics()
+    base = pipeline.baseline.metrics()
     rows = collect(study)
     front = pareto_front(rows, ["map", "size"])
-    ref = (HV_REF_SIZE, base["map50_95"] - HV_REF_DROP)
-    hv = hypervolume_2d([(float(r.metrics["size_ratio"]), r.value("map")) for r in rows], ref)
+    ref = (HV_REF_SIZE, base.map50_95 - HV_REF_DROP)
+    hv = hypervolume_2d([(r.metrics.size_ratio, r.value("map")) for r in rows], ref)
     best = {f"{b:.2f}": (lambda r: None if r is None else {"trial": r.number, "map50_95": r.value("map"),
-                                                          "drop_pt": 100 * float(r.metrics["map_drop"]),
-                                                          "w4_share": float(r.metrics["w4_weight_share"])})(
+                                                          "drop_pt": 100 * float(r.metrics.map_drop or 0),
+                                                          "w4_share": r.metrics.w4_weight_share})(
         best_at_budget(rows, b)) for b in SIZE_BUDGETS}
-    goal = [r for r in rows if float(r.metrics["w4_weight_share"]) >= 0.7 and float(r.metrics["map_drop"]) <= 0.01]
-    timings = [r.timings for r in rows if r.timings and not r.metrics.get("cached")]
+    goal = [r for r in rows if r.metrics.w4_weight_share >= 0.7 and float(r.metrics.map_drop or 0) <= 0.01]
+    timings = [r.timings for r in rows if r.timings]
     mean = {k: sum(float(t.get(k, 0)) for t in timings) / max(len(timings), 1)
             for k in ("materialize", "export", "evaluate", "latency", "total")}
     S = optuna.trial.TrialState
     return {
         "variant": name, "budget": budget, "evaluated": len(rows), "wall_s": wall,
         "setup_and_sweep_s": t_sweep - t0 if name == "topk" else None, "hypervolume": hv, "hv_ref": ref,
-        "front": [{"trial": r.number, "map50_95": r.value("map"), "size_ratio": float(r.metrics["size_ratio"]),
-                   "w4_share": float(r.metrics["w4_weight_share"]), "drop_pt": 100 * float(r.metrics["map_drop"])}
+        "front": [{"trial": r.number, "map50_95": r.value("map"), "size_ratio": r.metrics.size_ratio,
+                   "w4_share": r.metrics.w4_weight_share, "drop_pt": 100 * float(r.metrics.map_drop or 0)}
                   for r in front],
         "best_at_size": best, "goal_configs": [r.number for r in goal],
-        "best_goal": None if not goal else max(goal, key=lambda r: float(r.metrics["w4_weight_share"])).number,
+        "best_goal": None if not goal else max(goal, key=lambda r: r.metrics.w4_weight_share).number,
         "mean_trial_s": mean, "failed": sum(t.state == S.FAIL for t in study.get_trials(deepcopy=False)),
-        "float_map": base["map50_95"],
+        "float_map": base.map50_95,
     }
 
 
@@ -135,7 +136,7 @@ def main() -> int:
     parser.add_argument("--no-correlation", action="store_true")
     args = parser.parse_args()
 
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
     from search.sensitivity import correlation_report, run_sweep
     from search.spec import load_spec
 
@@ -144,10 +145,10 @@ def main() -> int:
     run_dir = args.out / "run"
     for old in args.out.glob("*.db"):
         old.unlink()
-    ctx = RunContext(spec, run_dir=run_dir)
-    ctx.prepare_run_dir()
+    pipeline = TrialPipeline.for_spec(spec, run_dir=run_dir)
+    pipeline.resources.prepare_run_dir()
     t0 = time.perf_counter()
-    run_sweep(ctx)
+    run_sweep(pipeline.resources, pipeline.baseline)
     sweep_s = time.perf_counter() - t0
     print(f"sweep: {sweep_s:.0f} s", flush=True)
     results = []
@@ -159,7 +160,7 @@ def main() -> int:
     if not args.no_correlation:
         from rich.console import Console
 
-        Console().print(correlation_report(ctx))
+        Console().print(correlation_report(pipeline.resources, pipeline.baseline))
         corr = json.loads((run_dir / "sensitivity-correlation.json").read_text())
     md = markdown(results, sweep_s, corr)
     (args.out / "results.md").write_text(md)

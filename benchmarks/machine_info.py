@@ -11,7 +11,7 @@ def machine() -> dict[str, Any]:
     """Platform, CPU count, torch threads, library versions, load average and GPU (if any)."""
     import torch
 
-    from search.runs import versions
+    from mpq.files import versions
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(), "versions": versions(),

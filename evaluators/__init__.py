@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from evaluators.latency import OrtLatencyEvaluator
     from evaluators.tensorrt import TensorRTLatencyEvaluator
-    from search.spec import LatencySpec, StudySpec
+    from mpq.options import EvaluationSpec, LatencySpec
 
 _LAZY = {
     "AccuracyResult": "evaluators.base", "FidelityResult": "evaluators.base", "LatencyResult": "evaluators.base",
@@ -32,8 +32,8 @@ _LAZY = {
     "EvaluatorError": "evaluators.errors", "EvaluatorUnavailable": "evaluators.errors",
     "ModelFormatError": "evaluators.errors", "ProviderError": "evaluators.errors",
 }
-LATENCY_ENGINES = {"ort": "evaluators.latency:OrtLatencyEvaluator",
-                   "tensorrt": "evaluators.tensorrt:TensorRTLatencyEvaluator"}
+#: The latency engines of ``latency.engine``.
+LATENCY_ENGINES = ("ort", "tensorrt")
 
 __all__ = [*sorted(_LAZY), "LATENCY_ENGINES", "make_latency_evaluator"]
 
@@ -44,36 +44,28 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'evaluators' has no attribute {name!r}")
 
 
-def make_latency_evaluator(spec: StudySpec | LatencySpec, *, imgsz: int | None = None,
-                           providers: list[str] | None = None, disable_cpu_fallback: bool | None = None,
+def make_latency_evaluator(latency: LatencySpec, *, imgsz: int, evaluation: EvaluationSpec | None = None,
                            cache_dir: str | os.PathLike[str] | None = None
                            ) -> OrtLatencyEvaluator | TensorRTLatencyEvaluator:
-    """The latency evaluator a study asks for (``latency.engine``: ``ort`` or ``tensorrt``).
+    """The latency evaluator a study's ``latency`` section asks for (``engine``: ``ort`` or ``tensorrt``).
 
-    Given a whole :class:`~search.spec.StudySpec`, the image size, the providers
-    (``latency.providers`` or else ``evaluation.providers``) and ``disable_cpu_fallback``
-    come from it; given only a ``LatencySpec``, pass ``imgsz`` (and providers).
+    ONNX Runtime runs on ``latency.providers``, else on ``evaluation.providers``, and honours
+    ``evaluation.disable_cpu_fallback``.
     """
-    from search.errors import UserError
+    from mpq.errors import UserError
 
-    lat: Any = getattr(spec, "latency", spec)
-    if hasattr(spec, "latency"):
-        imgsz = imgsz or spec.imgsz  # type: ignore[union-attr]
-        providers = providers or spec.latency_providers  # type: ignore[union-attr]
-        if disable_cpu_fallback is None:
-            disable_cpu_fallback = spec.evaluation.disable_cpu_fallback  # type: ignore[union-attr]
-    if imgsz is None:
-        raise UserError("make_latency_evaluator needs imgsz when given only the latency settings")
-    engine = getattr(lat, "engine", "ort")
-    if engine not in LATENCY_ENGINES:
-        raise UserError(f"latency.engine '{engine}' is not one of {', '.join(LATENCY_ENGINES)}")
-    if engine == "tensorrt":
+    if latency.engine not in LATENCY_ENGINES:
+        raise UserError(f"latency.engine '{latency.engine}' is not one of {', '.join(LATENCY_ENGINES)}")
+    if latency.engine == "tensorrt":
         from evaluators.tensorrt import TensorRTLatencyEvaluator
 
-        return TensorRTLatencyEvaluator(cache_dir=cache_dir, imgsz=imgsz, warmup=lat.warmup, runs=lat.runs,
-                                        batch_size=lat.batch_size, fp16=lat.fp16, int8=True)
+        return TensorRTLatencyEvaluator(cache_dir=cache_dir, imgsz=imgsz, warmup=latency.warmup, runs=latency.runs,
+                                        batch_size=latency.batch_size, fp16=latency.fp16, int8=True)
     from evaluators.latency import OrtLatencyEvaluator
 
-    return OrtLatencyEvaluator(providers=providers or lat.providers or ["CPUExecutionProvider"], imgsz=imgsz,
-                               warmup=lat.warmup, runs=lat.runs, batch_size=lat.batch_size, threads=lat.threads,
-                               disable_cpu_fallback=bool(disable_cpu_fallback), cache_dir=cache_dir)
+    providers = latency.providers or (evaluation.providers if evaluation is not None else None)
+    return OrtLatencyEvaluator(providers=providers or ["CPUExecutionProvider"], imgsz=imgsz,
+                               warmup=latency.warmup, runs=latency.runs, batch_size=latency.batch_size,
+                               threads=latency.threads,
+                               disable_cpu_fallback=bool(evaluation is not None and evaluation.disable_cpu_fallback),
+                               cache_dir=cache_dir)

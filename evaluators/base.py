@@ -30,6 +30,7 @@ class AccuracyResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 
@@ -50,6 +51,7 @@ class FidelityResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 
@@ -72,6 +74,7 @@ class LatencyResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 
@@ -88,9 +91,11 @@ class CostResult:
 
     @property
     def size_ratio(self) -> float:
+        """Weight bytes relative to the float model."""
         return self.weight_bytes / max(self.float_weight_bytes, 1)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field and ``size_ratio``."""
         d = asdict(self)
         d["size_ratio"] = self.size_ratio
         return d

@@ -1,7 +1,7 @@
 """COCO bbox accuracy of an ONNX detector through ONNX Runtime, scored by pycocotools.
 
-The evaluation contract (``../shared/seeds/README.md``), which
-``tests/integration/test_coco_contract.py`` proves against Ultralytics itself:
+The evaluation contract, which ``tests/integration/test_coco_contract.py`` proves against
+Ultralytics itself:
 
 - the study's subset (sorted image ids, first ``max_images``, or an id-list file);
 - Ultralytics' letterbox (``auto=False``, scale up, centred padding of 114), BGR -> RGB,
@@ -21,7 +21,6 @@ batch dimension is dynamic; a model exported with a fixed batch gets batches of 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import time
@@ -35,12 +34,14 @@ import numpy as np
 from evaluators.base import AccuracyResult
 from evaluators.decode import Detections, decode, to_coco_json, to_original
 from evaluators.errors import ModelFormatError
-from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, file_digest, open_session
-from search.data import LetterboxMeta, class_to_category
+from evaluators.session import ModelIO, SessionReport, check_image_input, detect_layout, open_session
+from mpq.data import LetterboxMeta, class_to_category
+from mpq.files import file_digest
+from mpq.keys import image_list_digest
 
 if TYPE_CHECKING:
-    from search.data import CocoSubset
-    from search.spec import EvaluationSpec
+    from mpq.data import CocoSubset
+    from mpq.options import EvaluationSpec
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
@@ -61,7 +62,7 @@ class Prediction:
 def _settings(settings: EvaluationSpec | None) -> EvaluationSpec:
     if settings is not None:
         return settings
-    from search.spec import EvaluationSpec
+    from mpq.options import EvaluationSpec
 
     return EvaluationSpec()
 
@@ -101,7 +102,7 @@ class CocoEvaluator:
     """COCO mAP of ONNX models on a study's evaluation subset.
 
     Args:
-        subset: the evaluation images and annotations (:func:`search.data.load_coco_subset`).
+        subset: the evaluation images and annotations (:func:`mpq.data.load_coco_subset`).
         names: the model's class names (index -> name), mapped to the dataset's categories.
         imgsz: the square input size the models were exported at.
         settings: providers, thresholds, batch size, threads (``spec.evaluation``).
@@ -128,15 +129,15 @@ class CocoEvaluator:
     # -- data -------------------------------------------------------------------------------
     @property
     def cache_file(self) -> Path | None:
+        """Where the preprocessed subset is cached (``None`` without a cache folder)."""
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256("\n".join(str(p) for p in self.subset.paths).encode()).hexdigest()[:12]
-        return self.cache_dir / f"eval-{self.imgsz}-{len(self.subset)}-{key}.npz"
+        return self.cache_dir / f"eval-{self.imgsz}-{len(self.subset)}-{image_list_digest(self.subset.paths)}.npz"
 
     def images(self) -> tuple[np.ndarray, list[LetterboxMeta]]:
         """The preprocessed subset ``(N, 3, S, S)`` and letterbox metas (computed once, cached)."""
         if self._images is None:
-            from search.data import preprocess_many
+            from mpq.data import preprocess_many
 
             t = time.perf_counter()
             self._images = preprocess_many(self.subset.paths, self.imgsz, cache=self.cache_file,

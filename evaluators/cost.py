@@ -5,7 +5,7 @@
   scale per output channel (per-channel quantization), plus float32 biases. Layers that
   are not quantizable (the DFL conv) are always float.
 - **BOPs** (bit operations): ``MACs x weight bits x activation bits`` per layer, summed;
-  a float operand (16 in a :class:`~search.assignment.Precision`) counts ``float_bits``.
+  a float operand (16 in a :class:`~mpq.assignment.Precision`) counts ``float_bits``.
   So a W4A16 layer costs ``MACs x 4 x 32``: weight-only quantization does not make the
   arithmetic integer, and the metric says so.
 """
@@ -16,8 +16,8 @@ import difflib
 from collections.abc import Iterable
 
 from evaluators.base import CostResult
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
+from mpq.assignment import Assignment, LayerInfo, Precision
+from mpq.errors import UserError
 
 SCALE_BYTES = 4
 BIAS_BYTES = 4

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.data import LetterboxMeta, unletterbox_boxes
+from mpq.data import LetterboxMeta, unletterbox_boxes
 
 MAX_WH = 7680
 MAX_NMS = 30000
@@ -40,18 +40,22 @@ class Detections:
 
     @classmethod
     def empty(cls) -> Detections:
+        """No detection."""
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
     def top(self, n: int) -> Detections:
+        """The ``n`` highest-scoring detections."""
         order = np.argsort(-self.scores, kind="stable")[:n]
         return Detections(self.boxes[order], self.scores[order], self.classes[order])
 
     def above(self, conf: float) -> Detections:
+        """The detections scoring above ``conf``."""
         keep = self.scores >= conf
         return Detections(self.boxes[keep], self.scores[keep], self.classes[keep])
 
 
 def xywh2xyxy(b: np.ndarray) -> np.ndarray:
+    """Center-size boxes to corner boxes."""
     out = np.empty_like(b)
     half = b[..., 2:4] / 2
     out[..., 0:2] = b[..., 0:2] - half

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 
 class EvaluatorError(UserError):

@@ -234,7 +234,8 @@ class FidelityEvaluator:
         return ModelOutputs(final, raw, layout, dets, info)
 
     def _run_onnx(self, path: Path) -> ModelOutputs:
-        from evaluators.onnx_graph import find_raw_head_tensor, load, with_extra_outputs
+        from evaluators.onnx_graph import find_raw_head_tensor, load
+        from mpq.onnx_nodes import with_outputs
 
         source = str(path)
         model = load(path)
@@ -248,7 +249,7 @@ class FidelityEvaluator:
         if not raw_layout:  # end-to-end (or not known statically): expose the head's raw tensor
             raw_name = find_raw_head_tensor(model, self.num_classes)
             if raw_name is not None:
-                payload = with_extra_outputs(model, [raw_name])
+                payload = with_outputs(model, [raw_name]).SerializeToString()
             else:
                 info["sqnr_unavailable"] = "no (N, 4 + nc, anchors) Concat found before the top-k in the graph"
         sess, report, io = open_session(payload, providers=self.providers, threads=self.threads,

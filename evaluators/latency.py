@@ -1,17 +1,16 @@
 """ONNX Runtime latency of an ONNX model, per provider.
 
-As in the seeds' measurements: ``warmup`` untimed runs, then ``runs`` timed
-``session.run`` calls on a fixed random input of ``batch_size`` images, timed with a
-monotonic wall clock (host <-> device copies included, pre/post-processing excluded).
-Reported: mean, median, p90, min (ms per batch) and images/s at the median; the provider
-actually used, the device, threads and ONNX Runtime version are recorded.
+``warmup`` untimed runs, then ``runs`` timed ``session.run`` calls on a fixed random input
+of ``batch_size`` images, timed with a monotonic wall clock (host <-> device copies
+included, pre/post-processing excluded). Reported: mean, median, p90, min (ms per batch)
+and images/s at the median, with the provider actually used, the device, threads and the
+ONNX Runtime version.
 
 With a ``reference`` model (the search passes the float ONNX), both are warmed up and their
-timed runs alternate (candidate, reference, candidate, ...), and the result also carries the
+timed runs alternate (candidate, reference, candidate, ...); the result also carries the
 reference's median and the median of the per-pair ratios. A shared or boosting CPU changes
-speed by up to 1.7x within a minute on the development machine (docs/benchmarks.md), which
-moves absolute milliseconds measured minutes apart; the ratio of two models timed in the
-same window does not move.
+speed within minutes (docs/benchmarks.md), which moves absolute milliseconds; the ratio of
+two models timed in the same window does not.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import numpy as np
 
 from evaluators.base import LatencyResult
 from evaluators.errors import ModelFormatError
-from evaluators.session import CPU, check_image_input, file_digest, open_session
+from evaluators.session import CPU, check_image_input, open_session
+from mpq.files import file_digest
 
 
 def summarize_ms(times_ms: Sequence[float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def write_metadata(src: str | os.PathLike[str], meta: Mapping[str, str], dst: st
     """Write ``meta`` into the ONNX file's ``metadata_props`` (replacing same keys), atomically."""
     import onnx
 
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     model = load(src)
     existing = {p.key: p.value for p in model.metadata_props}
@@ -151,16 +151,3 @@ def find_raw_head_tensor(model: Any, num_classes: int | None = None) -> str | No
         if transposed:  # dims unknown statically (anchors computed in-graph): trust the head's permute pattern
             best_transposed = name
     return best_transposed or best
-
-
-def with_extra_outputs(model: Any, names: Sequence[str]) -> bytes:
-    """Serialized copy of ``model`` with ``names`` added as graph outputs (float tensors)."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return copy.SerializeToString()

@@ -13,7 +13,7 @@
 - :func:`ultralytics_predict` runs ``YOLO(onnx).predict`` at the same fixed input size
   (predict letterboxes exactly as we do).
 
-Ultralytics runs offline (``search._env.import_ultralytics``).
+Ultralytics runs offline (``mpq.env.import_ultralytics``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from evaluators.session import LAYOUT_END2END
 
 if TYPE_CHECKING:
     from evaluators.coco import CocoEvaluator
-    from search.data import CocoSubset
+    from mpq.data import CocoSubset
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,14 @@ class UltralyticsValResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return asdict(self)
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence Ultralytics' logger and stdout for the duration."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.utils import LOGGER
@@ -98,7 +99,7 @@ def yolo_dataset(subset: CocoSubset, names: Mapping[int, str], category_ids: Seq
         link.symlink_to(rec.path.resolve())
         w, h = rec.width, rec.height
         if not (w and h):
-            from search.data import load_image
+            from mpq.data import load_image
 
             h, w = load_image(rec.path).shape[:2]
         rows = []
@@ -186,7 +187,7 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
     rounding: that is the exact check of our decoding, mapping and scoring.
     """
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -213,7 +214,7 @@ def ultralytics_val(onnx_path: str | os.PathLike[str], *, evaluator: CocoEvaluat
     # Ultralytics writes class_map[c] = c + 1 for non-COCO data (coco80_to_91 for COCO): map back by class
     class_map = list(range(1, len(evaluator.names) + 1))
     if len(raw) and max(int(r["category_id"]) for r in raw) > len(evaluator.names):
-        from search.data import COCO80_TO_91
+        from mpq.data import COCO80_TO_91
 
         class_map = list(COCO80_TO_91)
     to_cls = {c: i for i, c in enumerate(class_map)}
@@ -233,7 +234,7 @@ def ultralytics_predict(onnx_path: str | os.PathLike[str], paths: Sequence[Path]
                         imgsz: int, conf: float, iou: float, max_det: int, workdir: Path,
                         layout: str = LAYOUT_END2END) -> list[Detections]:
     """``YOLO(onnx).predict`` on ``paths`` at a fixed ``imgsz`` input: detections in original pixels."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO

@@ -15,7 +15,6 @@ was expected.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -66,18 +65,10 @@ class SessionReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
         return {"requested": list(self.requested), "available": list(self.available), "used": list(self.used),
                 "provider": self.provider, "device": self.device, "fallback": self.fallback,
                 "threads": self.threads, "notes": list(self.notes)}
-
-
-def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
-    """SHA-256 of a file's bytes (first ``length`` hex digits): names cached engines and results."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
 
 
 def cpu_name() -> str:
@@ -89,10 +80,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _provider_name(p: str | tuple[str, Mapping[str, Any]]) -> str:
-    return p[0] if isinstance(p, tuple) else p
 
 
 def resolve_providers(requested: Sequence[str], *, disable_cpu_fallback: bool = False,

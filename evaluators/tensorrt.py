@@ -1,32 +1,15 @@
 """TensorRT latency of a (Q/DQ) ONNX model: build an engine, cache it, time it with CUDA events.
 
-Written against the TensorRT 10 Python API, following NVIDIA's documentation:
+Written against the TensorRT 10 Python API (name-based I/O: ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``; networks always explicit batch) and 11 (no
+builder precision flags: a Q/DQ graph is built with explicit quantization and the flags are
+set only where they exist).
 
-- "Python API Documentation" (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/
-  python-api-docs.html): ``trt.Logger`` -> ``trt.Builder`` -> ``create_network`` ->
-  ``trt.OnnxParser(network, logger).parse_from_file`` -> ``create_builder_config`` /
-  ``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)`` ->
-  ``build_serialized_network`` -> ``trt.Runtime(logger).deserialize_cuda_engine`` ->
-  ``create_execution_context``;
-- the Builder reference (docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/
-  Builder.html): ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` is "ignored because
-  networks are always explicit batch in TensorRT 10.0", so the network is created with
-  flags ``0``;
-- the 8.x -> 10.x migration guide (tensorrt-1010/migration-guide): name-based I/O with
-  ``engine.num_io_tensors``, ``engine.get_tensor_name(i)``, ``engine.get_tensor_mode(name)``
-  (``TensorIOMode.INPUT``), ``context.set_input_shape``, ``context.set_tensor_address`` and
-  ``context.execute_async_v3(stream_handle)``;
-- "Explicit Quantization" and the 10.x -> 11.x Python reference: a Q/DQ graph is built
-  with explicit quantization; in TensorRT 10 ``BuilderFlag.INT8`` (and ``FP16`` for the
-  float layers) are set, in 11 those flags are removed and the network is strongly
-  typed instead; this module sets the flags only where they exist.
-
-CUDA memory, stream and timing events come from ``torch.cuda`` (torch is a dependency
-anyway). Engines are cached under ``cache_dir/tensorrt/`` by the ONNX file's SHA-256,
-the batch size, the flags, the TensorRT version and the GPU name. ``tensorrt`` is
-imported only inside functions: ``search --help`` and CPU-only machines never load it;
-where it cannot run, :func:`tensorrt_unavailable_reason` says why and
-:meth:`TensorRTLatencyEvaluator.evaluate` raises :class:`EvaluatorUnavailable` with it.
+CUDA memory, stream and timing events come from ``torch.cuda``. Engines are cached under
+``cache_dir/tensorrt/`` by the ONNX file's SHA-256, the batch size, the flags, the TensorRT
+version and the GPU name. ``tensorrt`` is imported only inside functions: ``search --help``
+and CPU-only machines never load it; where it cannot run, :func:`tensorrt_unavailable_reason`
+says why and :meth:`TensorRTLatencyEvaluator.evaluate` raises :class:`EvaluatorUnavailable`.
 """
 
 from __future__ import annotations
@@ -40,7 +23,7 @@ from typing import Any
 from evaluators.base import LatencyResult
 from evaluators.errors import EvaluatorError, EvaluatorUnavailable, ModelFormatError
 from evaluators.latency import summarize_ms
-from evaluators.session import file_digest
+from mpq.files import file_digest
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -115,7 +98,7 @@ class TensorRTLatencyEvaluator:
         if runs < 1 or warmup < 0 or batch_size < 1:
             raise ValueError("runs and batch_size must be >= 1, warmup >= 0")
         if cache_dir is None:
-            from search._env import cache_dir as project_cache
+            from mpq.env import cache_dir as project_cache
 
             cache_dir = project_cache()
         self.cache_dir = Path(cache_dir) / "tensorrt"
@@ -134,7 +117,7 @@ class TensorRTLatencyEvaluator:
         import tensorrt as trt
         import torch
 
-        from search.runs import atomic_path
+        from mpq.files import atomic_path
 
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():

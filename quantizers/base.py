@@ -1,14 +1,14 @@
 """The quantizer backend contract.
 
-A backend turns the fused float model and an :class:`~search.assignment.Assignment` into a
+A backend turns the fused float model and an :class:`~mpq.assignment.Assignment` into a
 :class:`QuantizedModel` (``materialize``) and writes it as a Q/DQ ONNX file with the same
 input/output layout as the float ONNX (``export``). Each backend declares its
 :class:`Capabilities` (which precisions per op type) so the search never asks for what it
 cannot build; asking anyway raises :class:`UnsupportedPrecisionError` naming the layer and
 the precision.
 
-Backends are looked up by name through :data:`quantizers.BACKENDS` (name -> import path),
-so a backend's framework is imported only when it is chosen.
+Backends declare themselves in :mod:`quantizers.registry`, which imports a backend's
+framework only when the backend is built.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
+from mpq.assignment import FLOAT, Assignment, LayerInfo, Precision
+from mpq.data import CalibrationSet
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
-    import numpy as np
     from torch import nn
 
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
 
 
 class UnsupportedPrecisionError(UserError):
@@ -53,11 +53,11 @@ class Capabilities:
     notes: str = ""
 
     def allowed(self, kind: str) -> frozenset[Precision]:
-        from search.assignment import FLOAT
-
+        """The precisions this backend builds for op kind ``kind``, float included."""
         return frozenset(self.precisions.get(kind, frozenset())) | {FLOAT}
 
     def supports(self, layer: LayerInfo, precision: Precision) -> bool:
+        """Whether this backend builds ``layer`` at ``precision``."""
         return precision.is_float or (layer.quantizable and precision in self.allowed(layer.kind))
 
     def check(self, layers: Iterable[LayerInfo], assignment: Assignment) -> None:
@@ -79,28 +79,11 @@ class Capabilities:
 
 
 @dataclass
-class CalibrationSet:
-    """Calibration images, preprocessed exactly as the evaluator does: ``(N, 3, S, S)`` float32 RGB in [0, 1]."""
-
-    images: np.ndarray
-    paths: list[Path]
-    batch_size: int = 16
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def batches(self, batch_size: int | None = None) -> Iterable[np.ndarray]:
-        bs = batch_size or self.batch_size
-        for i in range(0, len(self), bs):
-            yield self.images[i:i + bs]
-
-
-@dataclass
 class QuantizedModel:
     """The result of ``materialize``.
 
     ``module`` is a runnable torch fake-quant model (same input and output as the float
-    :class:`search.model.YoloDetector`), or ``None`` for backends that work on ONNX only
+    :class:`mpq.model.YoloDetector`), or ``None`` for backends that work on ONNX only
     (those set ``onnx_path`` to the built artifact instead).
     """
 
@@ -125,7 +108,7 @@ class ExportResult:
 
 @runtime_checkable
 class QuantizerBackend(Protocol):
-    """What every backend implements (see ``tests/integration/test_backend_contract.py``)."""
+    """What every backend implements (the contract suite: :mod:`quantizers.testing`)."""
 
     name: str
     capabilities: Capabilities
@@ -161,7 +144,7 @@ def export_metadata(proto: Any, path: Path, qmodel: QuantizedModel, *, backend: 
     assignment (digest, label, summary, layers), the backend options, library versions,
     materialize timings, file size and source model. Backends put their own keys between.
     """
-    from search.runs import versions
+    from mpq.files import versions
 
     ops: dict[str, int] = {}
     for node in proto.graph.node:
@@ -186,3 +169,24 @@ def export_metadata(proto: Any, path: Path, qmodel: QuantizedModel, *, backend: 
         "source_model": str(base.source),
     }
     return graph, provenance
+
+
+def metadata_path(onnx_path: Path | str) -> Path:
+    """Where a backend's ``export`` writes the metadata of ``onnx_path``: ``<file>.json`` beside it."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".json")
+
+
+def stamp_metadata(proto: Any, qmodel: QuantizedModel, extra: Mapping[str, str] | None = None) -> None:
+    """Record the backend, the assignment and ``extra`` in an ONNX model's ``metadata_props``."""
+    import json
+
+    props = {p.key: p for p in proto.metadata_props}
+    values = {"yolo_mpq.backend": qmodel.backend, "yolo_mpq.assignment_digest": qmodel.assignment.digest(),
+              "yolo_mpq.assignment": json.dumps(qmodel.assignment.to_dict(), sort_keys=True), **(extra or {})}
+    for key, value in values.items():
+        if key in props:
+            props[key].value = value
+        else:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value

@@ -4,72 +4,36 @@
 float model (``modelopt.torch.quantization.quantize`` with an ordered list of per-layer
 ``quant_cfg`` rules, later rules overriding earlier ones):
 
-- a deny-all rule, then for each layer the assignment names:
-  ``<layer>.weight_quantizer``: ``num_bits`` 4 or 8, ``axis`` 0 (one scale per output
-  channel, symmetric, ModelOpt's default range: scale ``amax / 7`` or ``amax / 127``,
-  integers in [-8, 7] or [-128, 127]); ``<layer>.input_quantizer``: 8 bits per tensor for
-  A8 layers (``calibrator: histogram`` for entropy/percentile). Everything else stays
-  float, including the DFL conv and every layer the assignment leaves out;
-- weights calibrated by ModelOpt's ``max`` or ``mse`` algorithm (``mtq.calibrate``, no data
-  needed); by default (``weight_rounding: gptq``) their integers are not ModelOpt's
-  round-to-nearest but GPTQ's with that ``amax`` kept fixed, computed once per model,
-  calibration set and weight calibration from each layer's float-model input
-  (:mod:`quantizers.rounding`, shared with the Brevitas backend) and cached (memory, and
-  ``cache_dir``); a build loads ``integers * amax / max_bound`` as the layer's weight and
-  sets the quantizer's ``amax``, so ModelOpt's fake quantization and the ONNX rewrite
-  below give back exactly those integers;
-- A8 inputs calibrated by a forward loop over the calibration images with ModelOpt's
-  calibrators: max, or the histogram's entropy / percentile (``load_calib_amax``), which
-  ``mtq.calibrate`` does not expose for CNNs. As in ModelOpt's own ``max_calibrate``
-  (statistics collection turns quantization off everywhere), input statistics come from
-  the float model, so they do not depend on the assignment: they are computed once per
-  backend instance, model and calibration set, for every layer, and reused by later
-  ``materialize`` calls (the sensitivity sweep makes hundreds). ModelOpt's entropy search
-  is pure Python (about 6 s per layer on this CPU), so that reuse matters most there.
-- unassigned layers are put back as the original float modules (``mtq.quantize`` wraps every
-  Conv2d with disabled quantizers), so only the assigned layers differ from the float model.
+- a deny-all rule, then per assigned layer a ``weight_quantizer`` (4 or 8 bits, one scale
+  per output channel, symmetric) and, for A8 layers, an 8-bit per-tensor ``input_quantizer``;
+  every other layer (the DFL conv included) is put back as the original float module;
+- weights are calibrated by ModelOpt's ``max`` or ``mse`` algorithm; by default
+  (``weight_rounding: gptq``) their integers are GPTQ's with that ``amax`` fixed, computed
+  once per model, calibration set and weight calibration and cached
+  (:mod:`quantizers.modelopt_rounding`); A8 inputs by a forward loop with ModelOpt's
+  calibrators (max, or the histogram's entropy / percentile). As in ModelOpt's
+  ``max_calibrate``, input statistics come from the float model, so they are computed once
+  per backend instance, model and calibration set and reused by later
+  ``materialize`` calls (the sensitivity sweep makes hundreds).
 
-:meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``)
-with ModelOpt's symbolic functions, then rewrites every quantized weight as an integer
-initializer feeding a standard ``DequantizeLinear`` (axis 0). Why:
+:meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``) with
+ModelOpt's symbolics, then rewrites every quantized weight as an integer initializer feeding
+a standard ``DequantizeLinear`` (axis 0): ModelOpt exports 4-bit weights as
+``trt::DequantizeLinear`` of the float weight, which ONNX Runtime refuses. The integers are
+computed as ModelOpt's fake quantization computes them, ``round(w * (7 / amax))`` (half to
+even), not as ``QuantizeLinear`` would (``round(w / (amax / 7))``): the two differ by one
+step on exact ``.5`` ties. 4-bit weights are stored as int8 values in [-8, 7]
+(``w4_format: int8``, any opset) or as ONNX INT4 (``w4_format: int4``, opset 21). A8 inputs
+keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0). The file's
+metadata (``<file>.json`` beside it, and ``metadata_props``) says all of this.
 
-- ModelOpt 0.47 exports a **4-bit** weight quantizer as ``trt::DequantizeLinear`` applied to
-  the *float* weight with scale ``amax / 7`` (a TensorRT custom-domain op that ONNX Runtime
-  refuses), and its INT4 post-processing (``modelopt.onnx.export.INT4QuantExporter``)
-  only handles the ``Reshape -> MatMul/Gemm`` pattern of LLM blocks, not ``Conv``;
-- the integers must be computed the way ModelOpt's fake quantization computes them,
-  ``round(w * (7 / amax))`` (torch, round half to even), not as ONNX ``QuantizeLinear``
-  does, ``round(w / (amax / 7))``: weights loaded from an fp16 checkpoint and BN-folded
-  hit exact ``.5`` ties per channel often enough (265 of the demo's weights at 4 bits, 316
-  at 8) that the two disagree by one step on some weights, which at 4 bits is a 1/7 error
-  that grows through the network. This, not FP16, explains the ~6 % drift noted in
-  ``ENVIRONMENT.md``; with exact integers the torch fake-quant model and the ONNX file
-  agree to float rounding for weight-only layers (``tests/integration/test_modelopt_backend.py``).
-
-4-bit weights are stored as int8 initializers holding values in [-8, 7] (``w4_format:
-int8``, the default, any opset, what TensorRT can run for Conv) or as ONNX ``INT4``
-initializers (``w4_format: int4``: exported at opset 20 and stamped 21, the opset that
-added int4 to ``DequantizeLinear``; opset 21 changed no other op but to widen types).
-8-bit weights become int8 initializers the same way (DQ only, no float copy in the file).
-A8 inputs keep ModelOpt's ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0,
-scale ``amax / 127``). The file's metadata (``<file>.json`` beside it, and
-``metadata_props``) says all of this.
-
-Torch vs ONNX Runtime with A8 layers: activations deep in the network differ by several
-percent (final demo model, uniform W8A8: median 8.6 %, worst layer 60 %) while detections
-stay put. That is not an export error: two *torch* runs of the same fake-quant model that
-differ only in the conv kernel (MKL-DNN vs native) differ by a median 4.0 % (worst 32 %;
-W8A16: 1e-6), because each INT8 input quantizer turns float-rounding noise that lands on a
-rounding boundary into a whole step, and 82 of them in series amplify it; ONNX Runtime with
-its graph optimizations off sits at that floor (4.9 %). Its default optimizations round
-differently again: they quantize the float bias of a ``DQ -> Conv`` whose input is also
-dequantized to int32 at scale ``s_x * s_w`` and fuse a few convs into ``QLinearConv``.
+How far torch and ONNX Runtime drift apart with A8 layers, and why: docs/benchmarks.md
+(ModelOpt backends).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -81,34 +45,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantizers.base import CalibrationSet, Capabilities, ExportResult, QuantizedModel, export_metadata
-from quantizers.rounding import WeightCache, WeightStore
-from search.assignment import Assignment, Precision
-from search.errors import UserError
+from mpq.assignment import Assignment, Precision
+from mpq.errors import UserError
+from quantizers.base import (
+    CalibrationSet,
+    ExportResult,
+    QuantizedModel,
+    export_metadata,
+    metadata_path,
+    stamp_metadata,
+)
+from quantizers.modelopt_options import CAPABILITIES, INSTALL_HINT, NAME, ModelOptOptions
+from quantizers.modelopt_rounding import ModelOptWeights
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
     from torch import nn
 
-    from search.model import LoadedModel
-    from search.spec import ModelOptOptions
-
-NAME = "modelopt"
-
-#: What ModelOpt can build here and ONNX Runtime can run from the export, per Conv2d/Linear.
-SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
-    Precision(w, a) for w in (4, 8, 16) for a in (8, 16) if (w, a) != (16, 16))
-
-CAPABILITIES = Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="ModelOpt torch PTQ: per-channel symmetric weights (4 or 8 bits) as integer initializers + "
-          "DequantizeLinear (integers by cached float-input GPTQ with ModelOpt's per-channel amax by default, "
-          "weight_rounding; loaded as the layer's weights with that amax, which ModelOpt's quantizer maps back "
-          "to the same integers), per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
-          "Layers marked not quantizable (the DFL conv) stay float.",
-)
+    from mpq.model import LoadedModel
+    from quantizers.weight_store import WeightStore
 
 WEIGHT_STORAGE = {
     "int8": {
@@ -155,8 +111,7 @@ def import_mtq() -> Any:
         with quiet():
             import modelopt.torch.quantization as mtq
     except ImportError as exc:
-        raise ModelOptError(f"the modelopt backend needs NVIDIA ModelOpt: {exc} "
-                            "(install the 'modelopt' extra: pip install -e '.[modelopt]')") from exc
+        raise ModelOptError(f"the modelopt backend needs NVIDIA ModelOpt: {exc} ({INSTALL_HINT})") from exc
     return mtq
 
 
@@ -223,45 +178,6 @@ def integer_weight(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, int]:
     q = torch.clamp((w * scale).round_(), min_bound, max_bound)
     step = torch.where(zero, torch.ones_like(amax), amax / max_bound)
     return (q.numpy().astype(np.int8), step.reshape(-1).numpy().astype(np.float32), bits)
-
-
-#: The weight widths whose integers are computed once and cached (``weight_rounding``).
-WEIGHT_WIDTHS: tuple[int, ...] = (4, 8)
-
-
-def modelopt_scale(amax: Any, bits: int) -> tuple[Any, dict[str, Any], int, int]:
-    """The step (``amax / (2^(bits-1) - 1)``, per output channel), quantizer state (``amax``)
-    and integer range ([-8, 7] at 4 bits: ModelOpt's weight quantizers are not narrow-range)
-    that ModelOpt's fake quantization uses for a weight with ``amax``. Channels whose amax is
-    below ModelOpt's zero threshold get a unit step (ModelOpt quantizes them to 0; so does the
-    rounding, since their weights are 0 too)."""
-    import torch
-
-    max_bound = 2.0 ** (bits - 1) - 1.0
-    amax = amax.float()
-    step = amax / max_bound
-    step = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(step), step)
-    return step, {"amax": amax.clone()}, -int(max_bound) - 1, int(max_bound)
-
-
-def load_rounded_weights(work: nn.Module, assignment: Assignment, store: WeightStore) -> None:
-    """Give every weight-quantized layer of ``work`` (after ``mtq.quantize``) its cached integers:
-    the weight becomes ``integers * step`` and the quantizer's ``amax`` the cached one, so
-    ModelOpt's fake quantization (``round(w * max_bound / amax)``) and the ONNX rewrite
-    (:func:`integer_weight`) give back exactly the cached integers."""
-    import torch
-
-    for name, precision in assignment.items():
-        if not precision.quantizes_weights:
-            continue
-        rw = store.get(name, precision.w_bits)
-        if rw is None:
-            raise ModelOptError(f"layer '{name}': no cached {precision.w_bits}-bit weights (weight store {store.key})")
-        layer: Any = work.get_submodule(name)
-        device = layer.weight.device
-        with torch.no_grad():
-            layer.weight.copy_(rw.dequantized().to(device=device, dtype=layer.weight.dtype))
-        layer.weight_quantizer.amax = rw.state["amax"].to(device)
 
 
 def _dead_code(graph: onnx.GraphProto) -> int:
@@ -348,39 +264,61 @@ def rewrite_weights(proto: onnx.ModelProto, module: nn.Module, qmodel: Quantized
             "bits": {str(b): sum(1 for v in bits_seen.values() if v == b) for b in sorted(set(bits_seen.values()))}}
 
 
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`ModelOptBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
+def enabled_quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The enabled weight and input quantizers, by layer name; checks every rule took."""
+    weights: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    for name, precision in assignment.items():
+        layer = work.get_submodule(name)
+        wq = getattr(layer, "weight_quantizer", None)
+        iq = getattr(layer, "input_quantizer", None)
+        if precision.quantizes_weights:
+            if wq is None or not wq.is_enabled or int(wq.num_bits) != precision.w_bits:
+                raise ModelOptError(f"layer '{name}': ModelOpt did not set up a {precision.w_bits}-bit weight "
+                                    f"quantizer (got {wq})")
+            weights[name] = wq
+        if precision.quantizes_inputs:
+            if iq is None or not iq.is_enabled or int(iq.num_bits) != precision.a_bits:
+                raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit input "
+                                    f"quantizer (got {iq})")
+            inputs[name] = iq
+    return weights, inputs
 
 
-def stamp(proto: onnx.ModelProto, qmodel: QuantizedModel, extra: dict[str, str] | None = None) -> None:
-    """Record the backend, the assignment and ``extra`` in the ONNX file's ``metadata_props``."""
-    import json
+def weight_amax(model: LoadedModel, bits: int, options: ModelOptOptions) -> dict[str, Any]:
+    """ModelOpt's per-channel weight ``amax`` of every quantizable layer at ``bits`` (its
+    ``max`` or ``mse`` weight calibration on the float weights, as a build does)."""
+    mtq = import_mtq()
+    work = model.fresh().module.eval()
+    everything = Assignment({lay.name: Precision(bits, 16) for lay in model.quantizable_layers})
+    with quiet():
+        mtq.quantize(work, quant_config(everything, options))
+        mtq.calibrate(work, algorithm={"method": options.weight_calibration}, forward_loop=None)
+    weights, _ = enabled_quantizers(work, everything)
+    return {name: wq.amax.detach().float().cpu().clone() for name, wq in weights.items()}
 
-    props = {p.key: p for p in proto.metadata_props}
-    values = {"yolo_mpq.backend": qmodel.backend, "yolo_mpq.assignment_digest": qmodel.assignment.digest(),
-              "yolo_mpq.assignment": json.dumps(qmodel.assignment.to_dict(), sort_keys=True), **(extra or {})}
-    for key, value in values.items():
-        if key in props:
-            props[key].value = value
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+
+def _calibration_pass(module: nn.Module, calib: CalibrationSet, device: str) -> None:
+    """One forward pass of ``module`` over the calibration images (the quantizers collect statistics)."""
+    import torch
+
+    with torch.no_grad():
+        for batch in calib.batches():
+            module(torch.from_numpy(batch).to(device))
 
 
 class ModelOptBackend:
     """ModelOpt torch PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.ModelOptOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.modelopt_options.ModelOptOptions`);
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto``, ``cpu``,
             ``cuda`` or ``cuda:N``.
         progress: show a rich progress bar for the one-time weight rounding.
         cache_dir: where the one-time rounded weights are saved and looked up
-            (``modelopt-<key>.pt``); ``None``: in memory only.
-        console: the rich console for that progress bar (the caller's, to nest it).
+            (``modelopt-<digest>.pt``); ``None``: in memory only.
+        console: the rich console for that progress bar and cache warnings.
     """
 
     name = NAME
@@ -388,8 +326,7 @@ class ModelOptBackend:
 
     def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", progress: bool = False,
                  cache_dir: Path | str | None = None, console: Any = None) -> None:
-        from search.runs import resolve_device
-        from search.spec import ModelOptOptions
+        from mpq.device import resolve_device
 
         if options is None:
             options = ModelOptOptions()
@@ -402,10 +339,8 @@ class ModelOptBackend:
         except RuntimeError as exc:
             raise ModelOptError(str(exc)) from None
         self._stats_cache: _InputStats | None = None
-        self.progress = progress
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.console = console
-        self._weights = WeightCache(self.cache_dir, self.name)
+        self.weights = ModelOptWeights(options, weight_amax, device=self.device, cache_dir=cache_dir, progress=progress,
+                                       console=console, error=ModelOptError)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -422,18 +357,14 @@ class ModelOptBackend:
         config = quant_config(assignment, self.options)
         with quiet():
             mtq.quantize(work, config)
-        weights, inputs = self._quantizers(work, assignment)
+        weights, inputs = enabled_quantizers(work, assignment)
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
-        weights_info: dict[str, Any] = {"rounding": self.options.weight_rounding}
-        if weights and self.options.weight_rounding != "nearest":
+        store, weights_info, timings["weights"] = self.weights.for_assignment(model, calib, bool(weights))
+        if store is not None:
             t = time.perf_counter()
-            store, how = self.rounded_weights(model, calib)
-            timings["weights"] = time.perf_counter() - t
-            weights_info.update(store.info(), served_from=how)
-            t = time.perf_counter()
-            load_rounded_weights(work, assignment, store)
+            self.weights.load(work, assignment, store)
             timings["load_weights"] = time.perf_counter() - t
         elif weights:
             t = time.perf_counter()
@@ -474,7 +405,7 @@ class ModelOptBackend:
         import onnx
         import torch
 
-        from search.runs import atomic_path, write_json
+        from mpq.files import atomic_path, write_json
 
         if qmodel.module is None:
             raise ModelOptError("this QuantizedModel has no torch module to export")
@@ -497,7 +428,7 @@ class ModelOptBackend:
             t = time.perf_counter()
             rewrite = rewrite_weights(proto, module, qmodel, w4_format)
             t_rewrite = time.perf_counter() - t
-            stamp(proto, qmodel, {"yolo_mpq.weight_storage": w4_format})
+            stamp_metadata(proto, qmodel, {"yolo_mpq.weight_storage": w4_format})
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
@@ -525,89 +456,20 @@ class ModelOptBackend:
     @property
     def rounding(self) -> str:
         """How weights become integers (the ``weight_rounding`` option)."""
-        return str(self.options.weight_rounding)
-
-    def weights_key_parts(self, model: LoadedModel, calib: CalibrationSet) -> dict[str, Any]:
-        """What decides the cached weights: the float model, the calibration images, the
-        weight calibration (scales), the rounding method and its settings."""
-        from quantizers.rounding import GPTQ_BLOCKS, GPTQ_DAMP, module_digest
-
-        return {"backend": self.name, "model": module_digest(model.module), "imgsz": model.imgsz,
-                "layers": [lay.name for lay in model.quantizable_layers], "calibration": calibration_key(calib),
-                "bits": list(WEIGHT_WIDTHS), "method": self.options.weight_rounding,
-                "method_settings": {"act_order": True, "damp": GPTQ_DAMP, "blocks": GPTQ_BLOCKS},
-                "scales": {"weight_calibration": self.options.weight_calibration}}
+        return self.weights.method
 
     def rounded_weights(self, model: LoadedModel, calib: CalibrationSet) -> tuple[WeightStore, str]:
-        """Every quantizable layer's integers and ModelOpt scales at 4 and 8 bits (memory, else
-        ``cache_dir``, else computed once and saved); the store and where it came from."""
-        from quantizers.rounding import build_store
-
-        parts = self.weights_key_parts(model, calib)
-
-        def compute(key: str) -> WeightStore:
-            if len(calib) == 0:
-                raise ModelOptError(f"weight_rounding '{self.options.weight_rounding}' needs calibration images, "
-                                    "but the calibration set is empty")
-            amax = {bits: self._weight_amax(model, bits) for bits in WEIGHT_WIDTHS}
-
-            def scale_of(name: str, layer: Any, bits: int) -> tuple[Any, dict[str, Any], int, int]:
-                return modelopt_scale(amax[bits][name], bits)
-
-            return build_store(model.module, [lay.name for lay in model.quantizable_layers], list(calib.batches()),
-                               parts, key, WEIGHT_WIDTHS, scale_of, device=self.device, progress=self.progress,
-                               console=self.console)
-
-        return self._weights.get(model.module, parts, compute)
-
-    def _weight_amax(self, model: LoadedModel, bits: int) -> dict[str, Any]:
-        """ModelOpt's per-channel weight ``amax`` of every quantizable layer at ``bits``
-        (its ``max`` or ``mse`` weight calibration on the float weights, as materialize does)."""
-        mtq = import_mtq()
-        work = model.fresh().module.eval()
-        everything = Assignment({lay.name: Precision(bits, 16) for lay in model.quantizable_layers})
-        with quiet():
-            mtq.quantize(work, quant_config(everything, self.options))
-            mtq.calibrate(work, algorithm={"method": self.options.weight_calibration}, forward_loop=None)
-        weights, _ = self._quantizers(work, everything)
-        return {name: wq.amax.detach().float().cpu().clone() for name, wq in weights.items()}
+        """Every quantizable layer's cached integers and ModelOpt steps at 4 and 8 bits, and
+        where they came from (``memory``, ``disk`` or ``computed``)."""
+        return self.weights.get(model, calib)
 
     # -- internals ------------------------------------------------------------------------
-    @staticmethod
-    def _quantizers(work: nn.Module, assignment: Assignment) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The enabled weight and input quantizers, by layer name; checks every rule took."""
-        weights: dict[str, Any] = {}
-        inputs: dict[str, Any] = {}
-        for name, precision in assignment.items():
-            layer = work.get_submodule(name)
-            wq = getattr(layer, "weight_quantizer", None)
-            iq = getattr(layer, "input_quantizer", None)
-            if precision.quantizes_weights:
-                if wq is None or not wq.is_enabled or int(wq.num_bits) != precision.w_bits:
-                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up a {precision.w_bits}-bit weight "
-                                        f"quantizer (got {wq})")
-                weights[name] = wq
-            if precision.quantizes_inputs:
-                if iq is None or not iq.is_enabled or int(iq.num_bits) != precision.a_bits:
-                    raise ModelOptError(f"layer '{name}': ModelOpt did not set up an {precision.a_bits}-bit input "
-                                        f"quantizer (got {iq})")
-                inputs[name] = iq
-        return weights, inputs
-
-    def _forward_loop(self, calib: CalibrationSet) -> Callable[[nn.Module], None]:
-        import torch
-
-        def loop(model: nn.Module) -> None:
-            with torch.no_grad():
-                for batch in calib.batches():
-                    model(torch.from_numpy(batch).to(self.device))
-
-        return loop
-
     def _stats_key(self, calib: CalibrationSet) -> str:
         o = self.options
         method = o.calibration if o.calibration != "percentile" else f"percentile:{o.percentile}"
-        return json.dumps([method, calibration_key(calib)])
+        from mpq.keys import calibration_key
+
+        return json.dumps([method, calibration_key(calib.images, calib.paths, calib.batch_size)])
 
     def _input_stats(self, model: LoadedModel, calib: CalibrationSet) -> tuple[_InputStats, bool]:
         """Every quantizable layer's calibrated INT8 input range for ``model`` and ``calib``,
@@ -627,13 +489,13 @@ class ModelOptBackend:
         everything = Assignment({n: Precision(16, 8) for n in names})
         with quiet():
             mtq.quantize(work, quant_config(everything, self.options))
-        _, inputs = self._quantizers(work, everything)
+        _, inputs = enabled_quantizers(work, everything)
         for q in inputs.values():
             q.disable_quant()
             q.enable_calib()
         amax: dict[str, Any] = {}
         with quiet():
-            self._forward_loop(calib)(work)
+            _calibration_pass(work, calib, self.device)
             method = self.options.calibration
             for name, q in inputs.items():
                 try:
@@ -658,13 +520,3 @@ class _InputStats:
     key: str
     module: Callable[[], Any]
     amax: dict[str, Any] = field(default_factory=dict)
-
-
-def calibration_key(calib: CalibrationSet) -> str:
-    """A digest of the calibration images (their paths, shape and a sample of the pixels)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([str(p) for p in calib.paths]).encode())
-    h.update(str(tuple(calib.images.shape)).encode())
-    flat = calib.images.reshape(-1)
-    h.update(flat[:: max(1, flat.size // 65536)].tobytes())
-    return h.hexdigest()[:16]

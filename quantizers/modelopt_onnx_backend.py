@@ -1,45 +1,23 @@
-"""ModelOpt ONNX backend: the seeds' INT8 PTQ (``modelopt.onnx.quantization``) with per-node exclusions.
+"""ModelOpt ONNX backend: INT8 PTQ of the float ONNX (``modelopt.onnx.quantization``) with per-node exclusions.
 
-A restricted backend: each Conv layer is **W8A8 or float**, nothing else. ModelOpt's ONNX
-INT8 mode always quantizes a Conv's input and weight together (per-channel int8 weights,
-per-tensor int8 input, symmetric), so W8A16, W4 or W16A8 cannot be asked of it;
-:data:`CAPABILITIES` says so and the search never proposes them.
+A restricted backend: each Conv layer is **W8A8 or float** (ModelOpt's ONNX INT8 mode
+quantizes a Conv's input and weight together); its capabilities say so, so the search
+never proposes anything else. :meth:`ModelOptOnnxBackend.materialize` works on ONNX only
+(``QuantizedModel.module`` is ``None``; ``onnx_path`` is the built file):
 
-:meth:`ModelOptOnnxBackend.materialize` works on ONNX only (``QuantizedModel.module`` is
-``None``; ``onnx_path`` is the built file in a private temporary folder):
+1. the float model is exported once per backend instance (:func:`mpq.model.export_onnx`) and
+   every layer is mapped to its ``Conv`` node (:func:`quantizers.onnx_names.map_layers_to_nodes`);
+2. ModelOpt quantizes exactly the Conv nodes of the W8A8 layers (``nodes_to_quantize``;
+   every other Conv node in ``nodes_to_exclude``), calibrated on the study's calibration
+   images fed one image per step (``max`` or ``entropy``; ORT's entropy calibrator only
+   clips once later batches widen its histogram), weights as int8 initializers (``dq_only``);
+3. the result is checked node by node against the assignment (:func:`check_graph`); a float
+   layer that ModelOpt fed a shared quantized input is rewired to the float tensor.
 
-1. the float model is exported once per backend instance and model
-   (:func:`search.model.export_onnx`: legacy exporter, input ``images``, output
-   ``output0``, dynamic batch), and every layer is mapped to its ``Conv`` node by
-   :func:`quantizers.onnx_names.map_layers_to_nodes` (weight names and scopes must agree);
-2. ModelOpt quantizes exactly the Conv nodes of the assignment's W8A8 layers:
-   ``op_types_to_quantize=['Conv']``, ``nodes_to_quantize`` = those nodes (anchored
-   regexes), ``nodes_to_exclude`` = every other Conv node, so the DFL conv, non-Conv ops
-   and every layer left float stay float and the graph matches the assignment exactly;
-   calibration on the study's calibration images, preprocessed exactly as the evaluator
-   does (``CalibrationSet``), fed one image per step (ModelOpt's default for a dynamic
-   batch), ``max`` or ``entropy``; on the CPU (``calibration_eps``) with
-   ``high_precision_dtype='fp32'`` by default; weights stored as int8 initializers
-   (``dq_only``);
-3. the result is checked node by node against the assignment (weight behind a
-   ``DequantizeLinear``, input behind ``QuantizeLinear -> DequantizeLinear``, for W8A8
-   layers only); a float layer that ModelOpt fed a shared quantized input is rewired to
-   the float tensor. Any other mismatch is an error.
-
-:meth:`ModelOptOnnxBackend.export` copies that file to the requested path with the
-assignment stamped in its ``metadata_props`` and a ``<file>.json`` beside it.
-
-Entropy calibration here is ONNX Runtime's (128 histogram bins, as many quantized bins):
-on a single batch its search has one candidate and returns exactly the max range; it only
-clips once later batches have widened the histogram, so the result depends on how the
-images are batched. One image per step makes every image count (final demo model, 32
-images: 76 of 77 input ranges clipped, median to 0.59 of max; one batch of 8: none).
-
-ModelOpt also refuses some small convolutions for INT8 (fewer than 16 input or output
-channels outside the shapes TensorRT has kernels for, see
-``modelopt.onnx.quantization.graph_utils.find_nodes_from_convs_to_exclude``);
-:class:`OnnxInt8Capabilities` applies the same rule per layer (none of the YOLOv10/YOLOv8
-layers is affected) and ``materialize`` double-checks with ModelOpt's own function.
+:meth:`ModelOptOnnxBackend.export` copies that file with the assignment stamped in its
+``metadata_props`` and a ``<file>.json`` beside it. ModelOpt refuses some small convolutions
+for INT8; :func:`~quantizers.modelopt_onnx_options.int8_conv_supported` applies the same
+rule per layer and ``materialize`` double-checks with ModelOpt's own function.
 """
 
 from __future__ import annotations
@@ -52,11 +30,12 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpq.assignment import Assignment
+from mpq.errors import UserError
 from quantizers.base import (
     CalibrationSet,
     Capabilities,
@@ -64,81 +43,28 @@ from quantizers.base import (
     QuantizedModel,
     UnsupportedPrecisionError,
     export_metadata,
+    metadata_path,
+    stamp_metadata,
 )
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
+from quantizers.modelopt_onnx_options import (  # noqa: F401 - int8_conv_supported: part of this backend's API
+    CAPABILITIES,
+    INSTALL_HINT,
+    NAME,
+    W8A8,
+    ModelOptOnnxOptions,
+    OnnxInt8Capabilities,
+    int8_conv_supported,
+)
 
 if TYPE_CHECKING:
     import onnx
 
+    from mpq.model import LoadedModel
     from quantizers.onnx_names import LayerNodeMap
-    from search.model import LoadedModel
-    from search.spec import ModelOptOnnxOptions
-
-NAME = "modelopt-onnx"
-W8A8 = Precision(8, 8)
-
-
-def int8_conv_supported(layer: LayerInfo) -> tuple[bool, str]:
-    """ModelOpt's INT8 rule for Conv nodes (``find_nodes_from_convs_to_exclude``), on a
-    :class:`LayerInfo`: convolutions with fewer than 16 input (per group) or output channels
-    are quantized only in the shapes TensorRT has INT8 kernels for."""
-    if layer.kind != "Conv2d":
-        return False, f"{layer.kind}: this backend quantizes Conv nodes only"
-    oc = layer.out_channels
-    ic = layer.in_channels // max(layer.groups, 1)
-    if oc >= 16 and ic >= 16:
-        return True, ""
-    square = len(set(layer.kernel)) == 1
-    first = layer.index == 0  # the conv that reads the graph input
-    if layer.groups == 1 and (oc % 8 == 0 or ic % 8 == 0) and (first or oc >= 16 or ic >= 16) and square:
-        return True, ""
-    if layer.groups > 1 and oc % 8 == 0 and all(k >= 3 for k in layer.kernel):
-        return True, ""
-    return False, (f"ModelOpt does not quantize this Conv to INT8 ({ic} input channels per group, {oc} output "
-                   f"channels, groups {layer.groups}, kernel {'x'.join(map(str, layer.kernel))})")
-
-
-@dataclass(frozen=True)
-class OnnxInt8Capabilities(Capabilities):
-    """W8A8 for the Conv layers ModelOpt's INT8 mode accepts; float for everything else."""
-
-    def supports(self, layer: LayerInfo, precision: Precision) -> bool:
-        if precision.is_float:
-            return True
-        return super().supports(layer, precision) and int8_conv_supported(layer)[0]
-
-    def check(self, layers: Iterable[LayerInfo], assignment: Assignment) -> None:
-        layers = list(layers)
-        by_name = {lay.name: lay for lay in layers}
-        for name, precision in assignment.items():
-            lay = by_name.get(name)
-            if lay is not None and lay.quantizable and precision in self.allowed(lay.kind):
-                ok, why = int8_conv_supported(lay)
-                if not ok:
-                    raise UnsupportedPrecisionError(self.backend, name, precision, [], why)
-        super().check(layers, assignment)  # unknown names, other precisions, fixed layers
-
-
-CAPABILITIES = OnnxInt8Capabilities(
-    backend=NAME,
-    precisions={"Conv2d": frozenset({W8A8})},
-    notes="ModelOpt ONNX INT8 PTQ: each Conv layer W8A8 (per-channel int8 weights, per-tensor int8 input) "
-          "or float; no 4-bit weights, no weight-only or activation-only INT8. Non-Conv ops and the DFL conv "
-          "stay float. Weights are ModelOpt's own round-to-nearest: its ONNX PTQ computes the integers inside "
-          "quantize() and takes no given weights, so the cached GPTQ rounding of the torch backends does not "
-          "apply here.",
-)
 
 
 class ModelOptOnnxError(UserError):
     """A ModelOpt ONNX backend problem the user can fix (options, environment, model)."""
-
-
-def metadata_path(onnx_path: Path | str) -> Path:
-    """Where :meth:`ModelOptOnnxBackend.export` writes the metadata of ``onnx_path``: ``<file>.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
 
 
 @contextlib.contextmanager
@@ -178,7 +104,7 @@ class ModelOptOnnxBackend:
     """ModelOpt ONNX INT8 PTQ backend (see the module docstring).
 
     Args:
-        options: the study's ``backend`` section (:class:`search.spec.ModelOptOnnxOptions`);
+        options: the study's ``backend`` section (:class:`~quantizers.modelopt_onnx_options.ModelOptOnnxOptions`);
             defaults when ``None``.
         device: accepted for the common constructor; calibration runs on the ONNX Runtime
             providers of ``options.calibration_eps``.
@@ -188,8 +114,6 @@ class ModelOptOnnxBackend:
     capabilities: Capabilities = CAPABILITIES
 
     def __init__(self, *, options: ModelOptOnnxOptions | None = None, device: str = "cpu") -> None:
-        from search.spec import ModelOptOnnxOptions
-
         if options is None:
             options = ModelOptOnnxOptions()
         if not isinstance(options, ModelOptOnnxOptions):
@@ -230,7 +154,7 @@ class ModelOptOnnxBackend:
             log_text = self._quantize(fg.path, out, sorted(quantized), others, calib, outdir / "modelopt.log")
             timings["quantize"] = time.perf_counter() - t
         t = time.perf_counter()
-        check = self._check_graph(out, model, assignment)
+        check = check_graph(out, model, assignment)
         timings["check"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         info = {
@@ -252,22 +176,21 @@ class ModelOptOnnxBackend:
         """Write ``qmodel``'s QDQ ONNX at ``path`` (atomically) and its metadata at ``<path>.json``."""
         import onnx
 
-        from quantizers.modelopt_backend import stamp
-        from search.runs import atomic_path, write_json
+        from mpq.files import atomic_path, write_json
 
         if qmodel.onnx_path is None or not Path(qmodel.onnx_path).is_file():
             raise ModelOptOnnxError(f"this QuantizedModel has no ONNX file to export ({qmodel.onnx_path})")
         path = Path(path)
         start = time.perf_counter()
         proto = onnx.load(str(qmodel.onnx_path))
-        stamp(proto, qmodel, {"yolo_mpq.calibration": self.options.calibration})
+        stamp_metadata(proto, qmodel, {"yolo_mpq.calibration": self.options.calibration})
         with atomic_path(path) as tmp:
             onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
         graph_meta, provenance = export_metadata(
             proto, path, qmodel, backend=self.name, fmt="QDQ", options=self.options,
             exporter="modelopt.onnx.quantization.quantize (quantize_mode int8) on the float ONNX of "
-                     "search.model.export_onnx (legacy exporter, dynamo=False)")
+                     "mpq.model.export_onnx (legacy exporter, dynamo=False)")
         counts = graph_meta["node_counts"]
         metadata = {
             **graph_meta,
@@ -295,8 +218,8 @@ class ModelOptOnnxBackend:
             return fg, True
         import onnx
 
+        from mpq.model import export_onnx
         from quantizers.onnx_names import map_layers_to_nodes
-        from search.model import export_onnx
 
         t = time.perf_counter()
         path = Path(tempfile.mkdtemp(prefix="float-", dir=self._workdir)) / "float.onnx"
@@ -314,8 +237,8 @@ class ModelOptOnnxBackend:
             import onnxruntime as ort
             from modelopt.onnx.quantization import quantize as mo_quantize
         except ImportError as exc:
-            raise ModelOptOnnxError(f"the modelopt-onnx backend needs NVIDIA ModelOpt's ONNX path: {exc} (install "
-                                    "the 'modelopt' extra: pip install -e '.[modelopt]')") from exc
+            raise ModelOptOnnxError(f"the modelopt-onnx backend needs NVIDIA ModelOpt's ONNX path: {exc} "
+                                    f"({INSTALL_HINT})") from exc
         # one image per calibration step, as ModelOpt does by default for a dynamic batch: its
         # entropy calibrator (ORT's, 128 histogram bins) only clips ranges when later batches
         # widen the histogram, so a single batch would give exactly the max ranges
@@ -348,46 +271,6 @@ class ModelOptOnnxBackend:
                                     f"{buf.getvalue()[-1500:]}")
         return buf.getvalue()
 
-    def _check_graph(self, path: Path, model: LoadedModel, assignment: Assignment) -> dict[str, Any]:
-        """Check that exactly the W8A8 layers are quantized; rewire float layers fed by a
-        shared quantized input back to the float tensor. Rewrites ``path`` if needed."""
-        import onnx
-
-        from quantizers.onnx_names import map_layers_to_nodes
-
-        proto = onnx.load(str(path))
-        nmap = map_layers_to_nodes(proto, model.layers, source="ModelOpt INT8 output")
-        producer = {o: n for n in proto.graph.node for o in n.output}
-        nodes = {n.name: n for n in proto.graph.node}
-
-        def dq_of(tensor: str) -> Any:
-            p = producer.get(tensor)
-            return p if p is not None and p.op_type == "DequantizeLinear" else None
-
-        problems: list[str] = []
-        rewired: list[str] = []
-        for lay in model.layers:
-            node = nodes[nmap.node(lay.name)]
-            want = assignment.get(lay.name) == W8A8
-            w_dq = dq_of(node.input[1])
-            x_dq = dq_of(node.input[0])
-            x_q = producer.get(x_dq.input[0]) if x_dq is not None else None
-            has_w, has_x = w_dq is not None, x_q is not None and x_q.op_type == "QuantizeLinear"
-            if want and not (has_w and has_x):
-                problems.append(f"layer '{lay.name}' should be W8A8 but has weight DQ={has_w}, input Q/DQ={has_x}")
-            elif not want:
-                if has_w:
-                    problems.append(f"layer '{lay.name}' should be float but its weight is quantized")
-                if has_x and x_q is not None:
-                    node.input[0] = x_q.input[0]  # shared Q/DQ of a quantized neighbour
-                    rewired.append(lay.name)
-        if problems:
-            raise ModelOptOnnxError("ModelOpt's INT8 graph does not match the assignment:\n"
-                                    + "\n".join(f"  - {p}" for p in problems[:10]))
-        if rewired:
-            onnx.save(proto, str(path))
-        return {"layers": len(model.layers), "w8a8": len(assignment), "rewired_float_inputs": rewired}
-
 
 def _modelopt_unsupported_convs(proto: onnx.ModelProto) -> list[str]:
     """Conv nodes ModelOpt's INT8 mode would exclude on its own (its own function, quietly)."""
@@ -404,3 +287,43 @@ def _modelopt_unsupported_convs(proto: onnx.ModelProto) -> list[str]:
     finally:
         logger.setLevel(level)
 
+
+def check_graph(path: Path, model: LoadedModel, assignment: Assignment) -> dict[str, Any]:
+    """Check that exactly the W8A8 layers are quantized; rewire float layers fed by a
+    shared quantized input back to the float tensor. Rewrites ``path`` if needed."""
+    import onnx
+
+    from quantizers.onnx_names import map_layers_to_nodes
+
+    proto = onnx.load(str(path))
+    nmap = map_layers_to_nodes(proto, model.layers, source="ModelOpt INT8 output")
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {n.name: n for n in proto.graph.node}
+
+    def dq_of(tensor: str) -> Any:
+        p = producer.get(tensor)
+        return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+    problems: list[str] = []
+    rewired: list[str] = []
+    for lay in model.layers:
+        node = nodes[nmap.node(lay.name)]
+        want = assignment.get(lay.name) == W8A8
+        w_dq = dq_of(node.input[1])
+        x_dq = dq_of(node.input[0])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None else None
+        has_w, has_x = w_dq is not None, x_q is not None and x_q.op_type == "QuantizeLinear"
+        if want and not (has_w and has_x):
+            problems.append(f"layer '{lay.name}' should be W8A8 but has weight DQ={has_w}, input Q/DQ={has_x}")
+        elif not want:
+            if has_w:
+                problems.append(f"layer '{lay.name}' should be float but its weight is quantized")
+            if has_x and x_q is not None:
+                node.input[0] = x_q.input[0]  # shared Q/DQ of a quantized neighbour
+                rewired.append(lay.name)
+    if problems:
+        raise ModelOptOnnxError("ModelOpt's INT8 graph does not match the assignment:\n"
+                                + "\n".join(f"  - {p}" for p in problems[:10]))
+    if rewired:
+        onnx.save(proto, str(path))
+    return {"layers": len(model.layers), "w8a8": len(assignment), "rewired_float_inputs": rewired}

@@ -3,7 +3,7 @@
 Backend-agnostic: it follows graph edges, not exporter-specific node names, except to map
 a ``Conv``/``Gemm``/``MatMul`` node to its layer: the legacy TorchScript exporter names
 nodes after the module scopes they ran in (``/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv``
-for the module ``model.23.one2one_cv2.0.2``), which :func:`layer_name_from_node` inverts.
+for the module ``model.23.one2one_cv2.0.2``), which :func:`mpq.onnx_nodes.module_name_from_node` inverts.
 
 - weights: ``DequantizeLinear`` feeding the weight input, fed by an integer initializer
   (optionally through ``Clip``, whose range gives the bit width: [-7, 7] or [-8, 7] is 4
@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mpq.onnx_nodes import OnnxGraph, module_name_from_node
+
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_PASS_THROUGH = ("Reshape", "Transpose", "Identity", "Cast", "Unsqueeze", "Squeeze", "Flatten")
 
 
 @dataclass(frozen=True)
@@ -37,63 +38,11 @@ class GraphPrecision:
 
     @property
     def label(self) -> str:
+        """``W4A8``-style label of the precision found."""
         return f"W{self.w_bits}A{self.a_bits}"
 
 
-def layer_name_from_node(node_name: str) -> str | None:
-    """Module path of the layer that produced ``node_name`` (``/model.0/conv/Conv`` ->
-    ``model.0.conv``), or ``None`` for a name without scopes.
-
-    Each scope is the module's qualified name from its last non-numeric part on
-    (``one2one_cv2.0.2``); a scope that repeats the tail of its parent's path (a
-    Sequential inside a ModuleList) is merged into it.
-    """
-    parts = [p for p in node_name.split("/") if p]
-    if len(parts) < 2:
-        return None
-    atoms: list[str] = parts[0].split(".")
-    for part in parts[1:-1]:
-        pa = part.split(".")
-        for i in range(len(atoms) - 1, -1, -1):
-            tail = atoms[i:]
-            if atoms[i] == pa[0] and pa[:len(tail)] == tail:
-                atoms = atoms[:i] + pa
-                break
-        else:
-            atoms = atoms + pa
-    return ".".join(atoms)
-
-
-class _Graph:
-    def __init__(self, model: Any) -> None:
-        from onnx import numpy_helper
-
-        g = model.graph
-        self.producer = {out: n for n in g.node for out in n.output}
-        self.consts: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        for n in g.node:
-            if n.op_type == "Constant":
-                for attr in n.attribute:
-                    if attr.name == "value":
-                        self.consts[n.output[0]] = numpy_helper.to_array(attr.t)
-
-    def source(self, name: str) -> Any:
-        """The producer of ``name``, skipping shape-only pass-through ops."""
-        node = self.producer.get(name)
-        while node is not None and node.op_type in _PASS_THROUGH:
-            node = self.producer.get(node.input[0])
-        return node
-
-    def const(self, name: str) -> Any:
-        if name in self.consts:
-            return self.consts[name]
-        node = self.source(name)
-        if node is not None and node.op_type == "Constant":
-            return self.consts.get(node.output[0])
-        return None
-
-
-def _clip_bits(graph: _Graph, clip: Any) -> tuple[int, str] | None:
+def _clip_bits(graph: OnnxGraph, clip: Any) -> tuple[int, str] | None:
     lo = graph.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
     hi = graph.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
     if lo is None or hi is None:
@@ -117,7 +66,7 @@ def _int_bits(arr: Any) -> tuple[int, str]:
     return 8 * arr.dtype.itemsize, dtype
 
 
-def _weight_bits(graph: _Graph, name: str) -> tuple[int, str]:
+def _weight_bits(graph: OnnxGraph, name: str) -> tuple[int, str]:
     dq = graph.source(name)
     if dq is None or dq.op_type != "DequantizeLinear":
         return 16, "float"
@@ -145,7 +94,7 @@ def _weight_bits(graph: _Graph, name: str) -> tuple[int, str]:
     return bits, f"{detail} -> DequantizeLinear"
 
 
-def _input_bits(graph: _Graph, name: str) -> tuple[int, str]:
+def _input_bits(graph: OnnxGraph, name: str) -> tuple[int, str]:
     dq = graph.source(name)
     if dq is None or dq.op_type != "DequantizeLinear":
         return 16, "float"
@@ -168,7 +117,7 @@ def compute_nodes_by_layer(model: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for node in model.graph.node:
         if node.op_type in COMPUTE_OPS:
-            name = layer_name_from_node(node.name)
+            name = module_name_from_node(node.name)
             if name is not None:
                 out[name] = node
     return out
@@ -180,7 +129,7 @@ def layer_precisions(model_or_path: Any) -> dict[str, GraphPrecision]:
 
     model = (onnx.load(str(model_or_path), load_external_data=False)
              if isinstance(model_or_path, (str, os.PathLike)) else model_or_path)
-    graph = _Graph(model)
+    graph = OnnxGraph(model)
     out: dict[str, GraphPrecision] = {}
     for layer, node in compute_nodes_by_layer(model).items():
         w_bits, w_detail = _weight_bits(graph, node.input[1])

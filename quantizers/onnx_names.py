@@ -1,31 +1,20 @@
-"""Map our layer names (``model.8.m.0.cv1.conv``) to the ONNX nodes that compute them.
+"""Map layer names (``model.8.m.0.cv1.conv``) to the ONNX nodes that compute them.
 
 Node exclusions (ModelOpt ONNX PTQ), weight rewrites after export and per-layer numeric
-checks all need to know which ``Conv`` (or ``Gemm``/``MatMul``) node is which layer. A
-wrong mapping silently quantizes the wrong layer, so :func:`map_layers_to_nodes` does not
-guess from one clue: it collects up to three independent ones per node and checks that the
-result is a one-to-one map covering every requested layer, with matching weight shapes.
+checks need to know which ``Conv`` (or ``Gemm``/``MatMul``) node is which layer. A wrong
+mapping silently quantizes the wrong layer, so :func:`map_layers_to_nodes` collects up to
+three independent clues per node and requires a one-to-one map covering every requested
+layer, with matching weight shapes:
 
-1. **Weight initializer name.** The legacy TorchScript exporter (``dynamo=False``, what
-   :func:`search.model.export_onnx` and the torch backends use) keeps parameter names:
-   the weight input of the node for ``model.0.conv`` is the initializer
-   ``model.0.conv.weight``, possibly behind ``QuantizeLinear``/``DequantizeLinear``/
-   ``Clip``/``Cast``/``Reshape`` (quantized graphs), which :func:`weight_source` walks
-   through.
-2. **Scope name.** The same exporter names nodes after the module scopes they ran in:
-   ``/model.8/m.1/cv1/cv1.0/conv/Conv`` for ``model.8.m.1.cv1.0.conv``. Each scope is the
-   module's qualified name from its last non-numeric part on; a container that was called
-   itself (a ``Sequential``) adds a scope that the next one repeats (``cv1`` then
-   ``cv1.0``). :func:`module_name_from_node` inverts this.
-3. **Weight content** (optional, when the float weights are given): the node whose weight
-   initializer holds exactly the layer's weight tensor. This survives renamed
-   initializers (constant folding, other exporters).
+1. **weight initializer name**: the legacy exporter keeps parameter names
+   (``model.0.conv.weight``), possibly behind Q/DQ, Clip, Cast or Reshape, which
+   :func:`weight_source` walks through;
+2. **scope name**: ``/model.8/m.1/cv1/cv1.0/conv/Conv`` is ``model.8.m.1.cv1.0.conv``
+   (:func:`mpq.onnx_nodes.module_name_from_node`);
+3. **weight content** (optional, given the float weights): survives renamed initializers.
 
-Every match is checked against the layer's weight shape (Conv: ``(out, in / groups,
-*kernel)``). Any layer without exactly one node, or any node claimed by two layers, raises
-:class:`OnnxNameError` naming them. Tested on the demo YOLOv10n and on ``yolov10m.yaml``
-exports, float and quantized (``tests/unit/test_onnx_names.py``,
-``tests/integration/test_onnx_names.py``).
+A layer without exactly one node, or a node claimed by two layers, raises
+:class:`OnnxNameError` naming them.
 """
 
 from __future__ import annotations
@@ -35,13 +24,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
+from mpq.onnx_nodes import OnnxGraph, module_name_from_node
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from search.assignment import LayerInfo
+    from mpq.assignment import LayerInfo
 
 #: ONNX op types that compute a layer of each kind.
 OP_TYPES: Mapping[str, tuple[str, ...]] = {"Conv2d": ("Conv",), "Linear": ("Gemm", "MatMul")}
@@ -92,49 +82,10 @@ class LayerNodeMap:
         return len(self.matches)
 
 
-def module_name_from_node(node_name: str) -> str | None:
-    """The module path a legacy-exporter node name was made from, or ``None``.
-
-    ``/model.8/m.1/cv1/cv1.0/conv/Conv`` -> ``model.8.m.1.cv1.0.conv``;
-    ``/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv`` -> ``model.23.one2one_cv2.0.2``.
-    Names without scopes (``Conv_12``, ``node_conv2d``) give ``None``.
-    """
-    parts = [p for p in node_name.split("/") if p]
-    if len(parts) < 2 or not node_name.startswith("/"):
-        return None
-    scopes = parts[:-1]
-    kept = [s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + "."))]
-    return ".".join(kept) or None
-
-
-class _Graph:
-    """Producer/initializer lookups over one ONNX graph."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
-        self.initializers = {i.name: i for i in model.graph.initializer}
-        self.producer: dict[str, Any] = {}
-        for node in model.graph.node:
-            for out in node.output:
-                self.producer[out] = node
-
-    def constant_array(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-        return None
-
-
-def weight_source(model_or_graph: onnx.ModelProto | _Graph, tensor: str) -> str | None:
+def weight_source(model_or_graph: onnx.ModelProto | OnnxGraph, tensor: str) -> str | None:
     """The initializer (or ``Constant`` output) a weight input comes from, walking back
     through Q/DQ, Clip, Cast, Reshape and similar ops along their first input."""
-    g = model_or_graph if isinstance(model_or_graph, _Graph) else _Graph(model_or_graph)
+    g = model_or_graph if isinstance(model_or_graph, OnnxGraph) else OnnxGraph(model_or_graph)
     seen = set()
     name = tensor
     while name not in g.initializers:
@@ -176,6 +127,71 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
+@dataclass(frozen=True)
+class _Node:
+    """A candidate compute node: its weight initializer, that weight's shape, and its scope's module name."""
+
+    node: Any
+    weight: str | None
+    shape: tuple[int, ...] | None
+    scope: str | None
+
+
+def _candidate_nodes(proto: onnx.ModelProto, g: OnnxGraph, layers: list[LayerInfo]) -> dict[str, _Node]:
+    wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
+    out: dict[str, _Node] = {}
+    for i, node in enumerate(n for n in proto.graph.node if n.op_type in wanted_ops):
+        key = node.name or f"<unnamed {node.op_type} #{i}>"
+        wname = weight_source(g, node.input[1]) if len(node.input) > 1 else None
+        arr = g.constant_array(wname) if wname else None
+        shape = tuple(int(d) for d in arr.shape) if arr is not None else None
+        out[key] = _Node(node, wname, shape, module_name_from_node(node.name) if node.name else None)
+    return out
+
+
+def _clues(lay: LayerInfo, nodes: dict[str, _Node], g: OnnxGraph,
+           weights: Mapping[str, np.ndarray] | None) -> dict[str, set[str]]:
+    """Node key -> the clues (weight-name, scope, weight-content) that point from ``lay`` to it."""
+    import numpy as np
+
+    clues: dict[str, set[str]] = {}
+    for key, info in nodes.items():
+        if info.weight and info.weight == f"{lay.name}.weight":
+            clues.setdefault(key, set()).add("weight-name")
+        if info.scope and info.scope == lay.name:
+            clues.setdefault(key, set()).add("scope")
+    if weights is not None and lay.name in weights and not clues:
+        ref = np.asarray(weights[lay.name])
+        for key, info in nodes.items():
+            if info.shape == tuple(ref.shape) and info.weight:
+                arr = g.constant_array(info.weight)
+                if arr is not None and arr.dtype == ref.dtype and np.array_equal(arr, ref):
+                    clues.setdefault(key, set()).add("weight-content")
+    return clues
+
+
+def _pick(lay: LayerInfo, nodes: dict[str, _Node], clues: dict[str, set[str]]) -> tuple[str, set[str]] | str:
+    """The node of ``lay`` and the clues that agree on it, or the problem (a message)."""
+    ops = OP_TYPES.get(lay.kind, ())
+    fitting = {k: v for k, v in clues.items()
+               if k in nodes and _shape_ok(lay, nodes[k].shape, nodes[k].node.op_type) and nodes[k].node.op_type in ops}
+    if not fitting:
+        hint = ""
+        if clues:
+            shapes = {nodes[k].shape for k in clues if k in nodes}
+            hint = f" (nodes {sorted(clues)} have weight shapes {sorted(map(str, shapes))}, " \
+                   f"expected {_expected_shape(lay)})"
+        return f"layer '{lay.name}' ({lay.kind}) matches no {'/'.join(ops)} node{hint}"
+    if len(fitting) > 1:
+        # prefer the node on which most clues agree, if unique
+        best = max(len(v) for v in fitting.values())
+        top = [k for k, v in fitting.items() if len(v) == best]
+        if len(top) > 1:
+            return f"layer '{lay.name}' matches several nodes: {sorted(top)}"
+        fitting = {top[0]: fitting[top[0]]}
+    return next(iter(fitting.items()))
+
+
 def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers: Iterable[LayerInfo], *,
                         weights: Mapping[str, np.ndarray] | None = None, source: str = "") -> LayerNodeMap:
     """Match each layer to exactly one ONNX compute node (see the module docstring).
@@ -190,94 +206,30 @@ def map_layers_to_nodes(model: onnx.ModelProto | str | os.PathLike[str], layers:
         OnnxNameError: a layer with no node or several, a node claimed twice, or a weight
             shape that does not fit.
     """
-    import numpy as np
-
     where = source or (str(model) if isinstance(model, (str, os.PathLike)) else "ONNX model")
     proto = _load(model)
-    g = _Graph(proto)
+    g = OnnxGraph(proto)
     layers = list(layers)
-    wanted_ops = {op for lay in layers for op in OP_TYPES.get(lay.kind, ())}
-    candidates = [n for n in proto.graph.node if n.op_type in wanted_ops]
-
-    # per node: its weight initializer, the shape of that weight, and the scope module name
-    node_info: dict[str, tuple[Any, str | None, tuple[int, ...] | None, str | None]] = {}
-    for i, node in enumerate(candidates):
-        key = node.name or f"<unnamed {node.op_type} #{i}>"
-        wname = weight_source(g, node.input[1]) if len(node.input) > 1 else None
-        arr = g.constant_array(wname) if wname else None
-        shape = tuple(int(d) for d in arr.shape) if arr is not None else None
-        node_info[key] = (node, wname, shape, module_name_from_node(node.name) if node.name else None)
-
-    by_weight: dict[str, list[str]] = {}
-    by_scope: dict[str, list[str]] = {}
-    for key, (_node, wname, _shape, scope) in node_info.items():
-        if wname:
-            by_weight.setdefault(wname, []).append(key)
-        if scope:
-            by_scope.setdefault(scope, []).append(key)
-
+    nodes = _candidate_nodes(proto, g, layers)
     problems: list[str] = []
     matches: dict[str, NodeMatch] = {}
     claimed: dict[str, str] = {}
     for lay in layers:
-        clues: dict[str, set[str]] = {}
-        for key in by_weight.get(f"{lay.name}.weight", []):
-            clues.setdefault(key, set()).add("weight-name")
-        for key in by_scope.get(lay.name, []):
-            clues.setdefault(key, set()).add("scope")
-        if weights is not None and lay.name in weights and not clues:
-            ref = np.asarray(weights[lay.name])
-            for key, (_node, wname, shape, _scope) in node_info.items():
-                if shape == tuple(ref.shape) and wname:
-                    arr = g.constant_array(wname)
-                    if arr is not None and arr.dtype == ref.dtype and np.array_equal(arr, ref):
-                        clues.setdefault(key, set()).add("weight-content")
-        fitting = {k: v for k, v in clues.items()
-                   if k in node_info and _shape_ok(lay, node_info[k][2], node_info[k][0].op_type)
-                   and node_info[k][0].op_type in OP_TYPES.get(lay.kind, ())}
-        if not fitting:
-            hint = ""
-            if clues:
-                shapes = {node_info[k][2] for k in clues if k in node_info}
-                hint = f" (nodes {sorted(clues)} have weight shapes {sorted(map(str, shapes))}, " \
-                       f"expected {_expected_shape(lay)})"
-            problems.append(f"layer '{lay.name}' ({lay.kind}) matches no {'/'.join(OP_TYPES.get(lay.kind, ()))} "
-                            f"node{hint}")
+        picked = _pick(lay, nodes, _clues(lay, nodes, g, weights))
+        if isinstance(picked, str):
+            problems.append(picked)
             continue
-        if len(fitting) > 1:
-            # prefer the node on which most clues agree, if unique
-            best = max(len(v) for v in fitting.values())
-            top = [k for k, v in fitting.items() if len(v) == best]
-            if len(top) > 1:
-                problems.append(f"layer '{lay.name}' matches several nodes: {sorted(top)}")
-                continue
-            fitting = {top[0]: fitting[top[0]]}
-        key, methods = next(iter(fitting.items()))
+        key, methods = picked
         if key in claimed:
             problems.append(f"node '{key}' matches both layer '{claimed[key]}' and layer '{lay.name}'")
             continue
         claimed[key] = lay.name
-        node, wname, _shape, _scope = node_info[key]
-        matches[lay.name] = NodeMatch(lay.name, node.name, node.op_type, wname, tuple(sorted(methods)))
+        info = nodes[key]
+        matches[lay.name] = NodeMatch(lay.name, info.node.name, info.node.op_type, info.weight, tuple(sorted(methods)))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise OnnxNameError(f"{where}: cannot map layers to ONNX nodes one-to-one:\n"
                             + "\n".join(f"  - {p}" for p in shown)
-                            + "\n(export with search.model.export_onnx, the legacy exporter, which keeps module "
+                            + "\n(export with mpq.model.export_onnx, the legacy exporter, which keeps module "
                               "scopes and parameter names)")
     return LayerNodeMap(matches)
-
-
-def expose_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs (for per-layer checks)."""
-    import copy
-
-    import onnx
-
-    out = copy.deepcopy(model)
-    existing = {o.name for o in out.graph.output}
-    for t in tensors:
-        if t not in existing:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            existing.add(t)
-    return out

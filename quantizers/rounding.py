@@ -25,35 +25,22 @@ unfolded input patches). Everything here works from ``H`` alone:
 Which integers a whole model gets when every layer's inputs are float but some upstream
 layers are quantized at trial time is an approximation (sequential GPTQ re-measures each
 layer's input after quantizing the layers before it); its cost on the demo is measured in
-docs/benchmarks.md ("Brevitas backend").
+docs/benchmarks.md ("Cached output-aware weights").
 
-:class:`WeightStore` holds the result per (layer, bit width): the integers, the scale
-and the backend's own quantizer state that reproduces it, and saves/loads it as one
-``torch.save`` file (``weights_only`` loading) with a JSON sidecar in a cache folder, keyed
-by :func:`store_key` (model digest, calibration fingerprint, the options that decide the
-weights, the method and this module's format version).
+Storing the result once per model and calibration set (and building it with a progress
+bar) is :mod:`quantizers.weight_store`'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
-import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-#: Bumped whenever the algorithms or the file layout change (invalidates every cache file).
-FORMAT_VERSION = 1
 
 #: GPTQ settings: Brevitas' defaults for ``gptq_mode`` as the backend calls it (act order on).
 GPTQ_DAMP = 0.01
@@ -61,9 +48,6 @@ GPTQ_BLOCKS = 100
 
 #: Rounding methods (the ``weight_rounding`` option of the backends that use this module).
 METHODS = ("gptq", "gpfq", "nearest")
-
-#: ``scale_of(name, layer, bits) -> (scale, quantizer state, lowest integer, highest integer)``
-ScaleFn = Callable[[str, Any, int], "tuple[torch.Tensor, dict[str, torch.Tensor], int, int]"]
 
 #: Largest total size of the Hessians held at once during collection; beyond it the layers
 #: are split into several passes over the calibration images.
@@ -370,209 +354,4 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> fl
     dw = (deq.float() - weight.float()).flatten(1).view(groups, weight.shape[0] // groups, -1)
     return float((dw.bmm(H.float()) * dw).sum())
 
-
-def build_store(module: nn.Module, names: Sequence[str], batches: Sequence[Any], parts: dict[str, Any], key: str,
-                widths: Sequence[int], scale_of: ScaleFn, *, device: Any = "cpu", progress: bool = False,
-                console: Any = None) -> WeightStore:
-    """Round every layer in ``names`` (modules of the float ``module``) at every width of
-    ``widths`` by ``parts['method']``, with the scales ``scale_of(name, layer, bits)`` gives
-    (``(scale, quantizer state, lowest integer, highest integer)``) and each layer's ``H``
-    from float forwards over ``batches`` (numpy arrays), as few passes as
-    :data:`HESSIAN_BUDGET_BYTES` allows; a rich progress bar when ``progress`` (on ``console``)."""
-    import copy
-
-    import torch
-
-    method = str(parts["method"])
-    start = time.perf_counter()
-    float_module = copy.deepcopy(module).to(device).eval()
-    mods = {n: float_module.get_submodule(n) for n in names}
-    passes = plan_passes(mods) if method != "nearest" else [list(names)]
-    tensors = [torch.from_numpy(b).to(device) for b in batches]
-    store = WeightStore(key=key, parts=dict(parts))
-    t_h = t_r = t_scales = 0.0
-    cpu = time.process_time()
-    with progress_bar(progress, console) as bar:
-        label = "/".join(f"W{b}" for b in widths)
-        task = bar.add_task(f"one-time {method.upper()} weights ({len(names)} layers x {label})",
-                            total=len(names) * len(widths))
-        for chunk in passes:
-            t = time.perf_counter()
-            hessians = (collect_hessians(float_module, mods, lambda: tensors, chunk, device)
-                        if method != "nearest" else {})
-            t_h += time.perf_counter() - t
-            t = time.perf_counter()
-            for n in chunk:
-                layer: Any = mods[n]
-                H = hessians.pop(n, None)
-                prep = prepare(H, inverse=method == "gptq") if H is not None else None  # shared by the widths
-                per: dict[int, RoundedWeight] = {}
-                for bits in widths:
-                    t_s = time.perf_counter()
-                    scale, state, lo, hi = scale_of(n, layer, bits)
-                    t_scales += time.perf_counter() - t_s
-                    with torch.no_grad():
-                        ints = round_weights(method, layer.weight, prep, scale, lo, hi)
-                    per[int(bits)] = RoundedWeight(ints.to(torch.int8).cpu(), scale.float().cpu(),
-                                                   {k: v.cpu() for k, v in state.items()})
-                    bar.advance(task)
-                store.weights[n] = per
-            t_r += time.perf_counter() - t
-    store.seconds = time.perf_counter() - start
-    store.stats = {"hessian_passes": len(passes), "hessian_seconds": round(t_h, 3),
-                   "scale_seconds": round(t_scales, 3), "rounding_seconds": round(t_r - t_scales, 3),
-                   "cpu_seconds": round(time.process_time() - cpu, 3), "calibration_batches": len(tensors),
-                   "calibration_images": int(sum(len(b) for b in batches)), "device": str(device)}
-    return store
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, console: Any = None) -> Iterator[Any]:
-    """A rich progress bar that stays on screen (the one-time cost is worth seeing), on
-    ``console`` (pass the caller's console to nest it in the caller's own live display) or a
-    new stderr console."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console or Console(stderr=True), disable=not enabled, transient=False) as bar:
-        yield bar
-
-
-# --------------------------------------------------------------------------------------
-# Keys and the store
-# --------------------------------------------------------------------------------------
-_MODEL_DIGESTS: dict[int, tuple[Any, str]] = {}
-
-
-def module_digest(module: nn.Module) -> str:
-    """sha256 (16 hex) of a module's parameters and buffers, names included (cached per module object)."""
-    entry = _MODEL_DIGESTS.get(id(module))
-    if entry is not None and entry[0]() is module:
-        return entry[1]
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest = h.hexdigest()[:16]
-    _MODEL_DIGESTS[id(module)] = (weakref.ref(module), digest)
-    return digest
-
-
-def store_key(parts: Mapping[str, Any]) -> str:
-    """The cache key (16 hex) of a JSON-serializable description of what decides the weights."""
-    payload = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-@dataclass
-class RoundedWeight:
-    """One layer's weights at one bit width: integers, scale (broadcastable to the weight), and
-    the backend quantizer's state that reproduces that scale (``state_dict`` of its weight quantizer)."""
-
-    ints: torch.Tensor  # int8, the weight's shape
-    scale: torch.Tensor  # float32
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.ints.float() * self.scale
-
-
-@dataclass
-class WeightStore:
-    """Rounded weights of every quantizable layer and bit width for one key."""
-
-    key: str
-    parts: dict[str, Any]
-    weights: dict[str, dict[int, RoundedWeight]] = field(default_factory=dict)
-    seconds: float = 0.0
-    source: str = "computed"  # computed | disk
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, name: str, bits: int) -> RoundedWeight | None:
-        return self.weights.get(name, {}).get(int(bits))
-
-    # -- files ------------------------------------------------------------------------------
-    @staticmethod
-    def path(cache_dir: Path, prefix: str, key: str) -> Path:
-        return Path(cache_dir) / f"{prefix}-{key}.pt"
-
-    def save(self, path: Path) -> None:
-        """Write atomically: ``path`` (tensors, ``torch.save``) and ``<path>.json`` (what it is)."""
-        import torch
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"key": self.key, "format": FORMAT_VERSION,
-                   "layers": {n: {str(b): {"ints": rw.ints.cpu(), "scale": rw.scale.cpu(),
-                                           "state": {k: v.cpu() for k, v in rw.state.items()}}
-                                  for b, rw in per.items()} for n, per in self.weights.items()}}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        meta = {"key": self.key, "format": FORMAT_VERSION, "parts": self.parts, "seconds": round(self.seconds, 3),
-                "layers": len(self.weights), "stats": self.stats,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        side = path.with_name(path.name + ".json")
-        tmp_side = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        tmp_side.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp_side, side)
-
-    @classmethod
-    def load(cls, path: Path, key: str, device: Any = "cpu") -> WeightStore | None:
-        """The store saved at ``path`` if it exists, is readable and holds ``key``; else ``None``."""
-        import torch
-
-        path = Path(path)
-        if not path.is_file():
-            return None
-        try:
-            payload = torch.load(path, map_location=device, weights_only=True)
-            meta = json.loads(path.with_name(path.name + ".json").read_text())
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, not fatal
-            return None
-        if payload.get("key") != key or payload.get("format") != FORMAT_VERSION:
-            return None
-        weights = {n: {int(b): RoundedWeight(e["ints"], e["scale"], dict(e["state"])) for b, e in per.items()}
-                   for n, per in payload["layers"].items()}
-        return cls(key=key, parts=dict(meta.get("parts", {})), weights=weights,
-                   seconds=float(meta.get("seconds", 0.0)), source="disk", stats=dict(meta.get("stats", {})))
-
-    def info(self) -> dict[str, Any]:
-        """What trials record about the weights they used."""
-        return {"key": self.key, "method": self.parts.get("method"), "source": self.source,
-                "one_time_seconds": round(self.seconds, 3), "layers": len(self.weights)}
-
-
-class WeightCache:
-    """A backend's weight stores: the current one in memory (per float module object and
-    key), every one on disk in ``cache_dir`` (if given) as ``<prefix>-<key>.pt``."""
-
-    def __init__(self, cache_dir: Path | str | None, prefix: str, device: Any = "cpu") -> None:
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.prefix = prefix
-        self.device = device
-        self._current: tuple[Any, WeightStore] | None = None
-
-    def get(self, module: nn.Module, parts: dict[str, Any], compute: Callable[[str], WeightStore]
-            ) -> tuple[WeightStore, str]:
-        """The store for ``parts`` and where it came from: ``memory``, ``disk``, or ``computed``
-        by ``compute(key)`` (then saved to the cache folder)."""
-        key = store_key(parts)
-        if self._current is not None and self._current[0]() is module and self._current[1].key == key:
-            return self._current[1], "memory"
-        path = WeightStore.path(self.cache_dir, self.prefix, key) if self.cache_dir is not None else None
-        store = WeightStore.load(path, key) if path is not None else None
-        how = "disk"
-        if store is None:
-            start = time.perf_counter()
-            store = compute(key)
-            store.seconds = time.perf_counter() - start  # everything the backend computed once
-            how = "computed"
-            if path is not None:
-                store.save(path)
-        self._current = (weakref.ref(module), store)
-        return store, how
 

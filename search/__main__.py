@@ -1,3 +1,5 @@
+"""``python -m search``: the ``search`` command line."""
+
 from search.cli import main
 
 raise SystemExit(main())

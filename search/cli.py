@@ -21,6 +21,7 @@ With no --study, commands use the bundled offline demo (studies/demo.yaml)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``search`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="search", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``search`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and not argv[0].startswith("-"):
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     try:
         return int(args.handler(args) or 0)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import types
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import LayerGroup, Precision
+from mpq.assignment import LayerGroup, Precision
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from search.context import RunContext
+    from search.resources import StudyResources
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.Tensor:
@@ -52,6 +53,7 @@ def quantize_weight(w: torch.Tensor, bits: int, *, mse_grid: int = 40) -> torch.
 
 
 def quantize_activation(x: torch.Tensor, amax: float, bits: int = 8) -> torch.Tensor:
+    """Per-tensor symmetric fake quantization of an activation with range ``amax``."""
     import torch
 
     qmax = 2 ** (bits - 1) - 1
@@ -79,30 +81,51 @@ def _pseudo_labels(out: torch.Tensor, imgsz: int, conf: float = 0.25) -> dict[st
     return {"batch_idx": torch.cat(idx), "cls": torch.cat(cls).view(-1, 1), "bboxes": torch.cat(boxes)}
 
 
-def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress: bool = True,
+def fisher_sensitivity(res: StudyResources, candidates: list[Precision], *, progress: bool = True,
                        ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Fisher scores per (group, candidate) for the study's groups (see the module doc)."""
+    import torch
+
+    if res.model.layout != "end2end":
+        raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
+    model: Any = res.model.fresh().module
+    device = torch.device(res.device)
+    model.to(device)
+    images = res.calibration.images[: res.spec.sensitivity.images]
+    modules = dict(model.named_modules())
+    layers: dict[str, Any] = {n: modules[n] for g in res.groups for n in g.layers}
+    model.eval()  # stays in eval mode: BatchNorm is folded, the head is rerouted for the gradients
+    outs, act_range = _input_ranges(model, layers, images, device)
+    weight_sq, act_score, used = _squared_gradients(model, layers, images, outs, act_range, res.spec.imgsz, device,
+                                                    progress=progress)
+    if used == 0:
+        raise UserError("fisher sensitivity: the float model detects nothing on the calibration images "
+                        "(no pseudo-labels); use metric: fidelity")
+    rounded = backend_weights(res)
+    scores = _group_scores(res, layers, {n: w / used for n, w in weight_sq.items()},
+                           {n: a / used for n, a in act_score.items()}, candidates, rounded)
+    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels",
+                    "weights": "the backend's cached rounded weights" if rounded is not None
+                    else "round to nearest, per-channel MSE scales"}
+
+
+def backend_weights(res: StudyResources) -> Any:
+    """The backend's cached rounded weights (a ``WeightStore``), so the weight error scored is
+    the one the trials build; ``None`` when the backend rounds to nearest (then :func:`quantize_weight`)."""
+    backend: Any = res.backend
+    if getattr(backend, "rounding", "nearest") == "nearest" or not hasattr(backend, "rounded_weights"):
+        return None
+    store, _ = backend.rounded_weights(res.model, res.calibration)
+    return store
+
+
+def _input_ranges(model: Any, layers: dict[str, Any], images: Any, device: Any) -> tuple[list[Any], dict[str, float]]:
+    """Pass 1, float model, no grad: the outputs (pseudo-labels) and every layer's input range
+    (the largest over images of the 99.99th percentile of ``|x|``)."""
     import numpy as np
     import torch
-    from rich.progress import track
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils.loss import v8DetectionLoss
 
-    from search.errors import UserError
-
-    if ctx.model.layout != "end2end":
-        raise UserError("the fisher sensitivity metric needs an end-to-end (YOLOv10) model; use metric: fidelity")
-    model: Any = ctx.model.fresh().module
-    device = torch.device(ctx.device)
-    model.to(device)
-    images = ctx.calibration.images[: ctx.spec.sensitivity.images]
-    names = [name for g in ctx.groups for name in g.layers]
-    modules = dict(model.named_modules())
-    layers: dict[str, Any] = {n: modules[n] for n in names}
-
-    # pass 1: pseudo-labels and input ranges, float model, no grad
-    model.eval()  # stays in eval mode: BatchNorm is folded, the head is rerouted below
-    amax: dict[str, list[float]] = {n: [] for n in names}
+    amax: dict[str, list[float]] = {n: [] for n in layers}
     hooks = [m.register_forward_hook(
         lambda mod, inp, out, n=n: amax[n].append(float(torch.quantile(
             inp[0].detach().abs().flatten().float()[:2_000_000], 0.9999))))
@@ -111,19 +134,26 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
         outs = [model(torch.from_numpy(images[i:i + 1]).to(device)) for i in range(len(images))]
     for h in hooks:
         h.remove()
-    act_range = {n: float(np.max(v)) for n, v in amax.items()}
+    return outs, {n: float(np.max(v)) for n, v in amax.items()}
 
-    # the detection loss of the one-to-one head
-    hyp = get_cfg()
-    shim = types.SimpleNamespace(args=hyp, model=model.model, parameters=model.parameters)
+
+def _squared_gradients(model: Any, layers: dict[str, Any], images: Any, outs: list[Any], act_range: dict[str, float],
+                       imgsz: int, device: Any, *, progress: bool) -> tuple[dict[str, Any], dict[str, float], int]:
+    """Pass 2, one image at a time: the summed squared weight gradients of the one-to-one head's detection
+    loss, the summed activation terms, and the number of images with pseudo-labels."""
+    import torch
+    from rich.progress import track
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    shim = types.SimpleNamespace(args=get_cfg(), model=model.model, parameters=model.parameters)
     crit = v8DetectionLoss(shim, tal_topk=7, tal_topk2=1)  # type: ignore[arg-type]
-
     for p in model.parameters():
         p.requires_grad_(False)
     for m in layers.values():
         m.weight.requires_grad_(True)
     weight_sq = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
-    act_score = {n: 0.0 for n in names}
+    act_score = {n: 0.0 for n in layers}
     captured: dict[str, torch.Tensor] = {}
 
     def capture(mod: Any, inp: tuple[torch.Tensor, ...], n: str) -> None:
@@ -142,13 +172,12 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
         iterator = track(iterator, description="fisher: gradients", transient=True)  # type: ignore[assignment]
     try:
         for i in iterator:
-            batch = _pseudo_labels(outs[i].detach().cpu(), ctx.spec.imgsz)
+            batch = _pseudo_labels(outs[i].detach().cpu(), imgsz)
             if not len(batch["cls"]):
                 continue
             x = torch.from_numpy(images[i:i + 1]).to(device).requires_grad_(True)
             captured.clear()
-            preds = model(x)
-            loss, _ = crit.loss(preds, {k: v.to(device) for k, v in batch.items()})
+            loss, _ = crit.loss(model(x), {k: v.to(device) for k, v in batch.items()})
             model.zero_grad(set_to_none=True)
             loss.sum().backward()
             for n, m in layers.items():
@@ -162,44 +191,33 @@ def fisher_sensitivity(ctx: RunContext, candidates: list[Precision], *, progress
     finally:
         for h in hooks:
             h.remove()
-    if used == 0:
-        raise UserError("fisher sensitivity: the float model detects nothing on the calibration images "
-                        "(no pseudo-labels); use metric: fidelity")
+    return weight_sq, act_score, used
+
+
+def _group_scores(res: StudyResources, layers: dict[str, Any], fisher: dict[str, Any], act_term: dict[str, float],
+                  candidates: list[Precision], rounded: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per group and candidate: the weight term (Fisher x squared quantization error, with the
+    ``rounded`` store's weights where it has them) plus the activation term."""
+    import torch
 
     weight_term: dict[tuple[str, int], float] = {}
-    rounded = backend_weights(ctx)
     with torch.no_grad():
         for n, mod in layers.items():
-            fisher = weight_sq[n] / used
             for bits in sorted({p.w_bits for p in candidates if p.w_bits < 16}):
                 w = mod.weight.detach()
                 given = rounded.get(n, bits) if rounded is not None else None
-                wq = given.dequantized().to(w) if given is not None else quantize_weight(w, bits)
-                dw = wq - w
-                weight_term[(n, bits)] = 0.5 * float((fisher * dw ** 2).sum())
+                dw = (given.dequantized().to(w) if given is not None else quantize_weight(w, bits)) - w
+                weight_term[(n, bits)] = 0.5 * float((fisher[n] * dw ** 2).sum())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     group: LayerGroup
-    for group in ctx.groups:
-        allowed = ctx.candidates_for(group)
+    for group in res.groups:
+        allowed = res.candidates_for(group)
         per: dict[str, dict[str, float]] = {}
         for prec in candidates:
             if prec not in allowed:
                 continue
             w = sum(weight_term.get((n, prec.w_bits), 0.0) for n in group.layers) if prec.w_bits < 16 else 0.0
-            a = sum(act_score[n] / used for n in group.layers) if prec.a_bits < 16 else 0.0
+            a = sum(act_term[n] for n in group.layers) if prec.a_bits < 16 else 0.0
             per[str(prec)] = {"damage": w + a, "weight_term": w, "act_term": a}
         scores[group.name] = per
-    return scores, {"images": used, "loss": "v8DetectionLoss one2one (tal_topk=7, tal_topk2=1), pseudo-labels",
-                    "weights": "the backend's cached rounded weights" if rounded is not None
-                    else "round to nearest, per-channel MSE scales"}
-
-
-def backend_weights(ctx: RunContext) -> Any:
-    """The backend's cached rounded weights (issue 13), so the weight error scored is the one
-    the trials build; ``None`` when the backend rounds to nearest (then :func:`quantize_weight`)."""
-    rounding = getattr(ctx.backend, "rounding", "nearest")
-    get = getattr(ctx.backend, "rounded_weights", None)
-    if get is None or rounding == "nearest":
-        return None
-    store, _ = get(ctx.model, ctx.calibration)
-    return store
+    return scores

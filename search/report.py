@@ -15,31 +15,33 @@ import csv
 import html
 import io
 import json
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.errors import UserError
-from search.runs import read_json, write_text
+from mpq.errors import UserError
+from mpq.files import read_json, write_text
+from mpq.objectives import OBJECTIVES
+from search.paths import RunPaths
+from search.results import TrialMetrics
+from search.trial_attrs import TrialAttrs
 
 if TYPE_CHECKING:
     import optuna
 
     from search.spec import StudySpec
 
-MAXIMIZE = {"map"}
-METRIC_OF = {"map": "map50_95", "latency": "latency_ms", "size": "weight_bytes", "bops": "bops"}
-
 
 @dataclass
 class TrialRow:
+    """One evaluated assignment of the study (its first trial)."""
+
     number: int
     digest: str
     label: str
     policy: str
-    metrics: dict[str, Any]
+    metrics: TrialMetrics
     summary: dict[str, Any]
     assignment: dict[str, str]
     artifact: str
@@ -48,7 +50,8 @@ class TrialRow:
     feasible: bool = True
 
     def value(self, objective: str) -> float:
-        return float(self.metrics[METRIC_OF[objective]])
+        """The row's value of ``objective``."""
+        return self.metrics.value(objective)
 
 
 def load_run(run_dir: Path, storage: str | None = None) -> tuple[StudySpec, optuna.Study]:
@@ -57,20 +60,21 @@ def load_run(run_dir: Path, storage: str | None = None) -> tuple[StudySpec, optu
     import yaml
 
     from search.spec import StudySpec
-    from search.study import make_storage
+    from search.storage import open_storage, redact, sqlite_file, storage_url
 
     run_dir = Path(run_dir)
     spec_file = run_dir / "spec.yaml"
     if not spec_file.is_file():
         raise UserError(f"{run_dir} is not a run directory (no spec.yaml); run `search run` first")
     spec = StudySpec.model_validate(yaml.safe_load(spec_file.read_text()))
-    url = storage or spec.search.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    url = storage_url(run_dir, given=storage, spec_storage=spec.search.storage)
+    db = sqlite_file(url)
+    if db is not None and not db.is_file():
         raise UserError(f"{run_dir}: no study.db; run `search run` first (or pass --storage URL)")
     try:
-        study = optuna.load_study(study_name=spec.name, storage=make_storage(url))
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
     except KeyError:
-        raise UserError(f"no study named '{spec.name}' in {url}") from None
+        raise UserError(f"no study named '{spec.name}' in {redact(url)}") from None
     return spec, study
 
 
@@ -80,17 +84,17 @@ def collect(study: optuna.Study, max_map_drop: float | None = None) -> list[Tria
 
     rows: dict[str, TrialRow] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        ua = t.user_attrs
-        if "metrics" not in ua or "duplicate_of" in ua:
+        attrs = TrialAttrs.of(t)
+        if attrs.metrics is None or attrs.is_duplicate:
             continue
-        digest = ua.get("digest", str(t.number))
+        digest = attrs.digest or str(t.number)
         if digest in rows:
             continue
-        metrics = dict(ua["metrics"])
-        feasible = max_map_drop is None or float(metrics.get("map_drop", 0.0)) <= max_map_drop + 1e-12
-        rows[digest] = TrialRow(t.number, digest, ua.get("label", ""), ua.get("policy", ""), metrics,
-                                dict(ua.get("summary", {})), dict(ua.get("assignment", {})), ua.get("artifact", ""),
-                                dict(ua.get("timings", {})), dict(t.params), feasible)
+        metrics = attrs.metrics
+        feasible = max_map_drop is None or float(metrics.map_drop or 0.0) <= max_map_drop + 1e-12
+        rows[digest] = TrialRow(t.number, digest, attrs.label, attrs.policy, metrics, dict(attrs.summary),
+                                dict(attrs.assignment or {}), attrs.artifact, dict(attrs.timings), dict(t.params),
+                                feasible)
     return sorted(rows.values(), key=lambda r: r.number)
 
 
@@ -99,7 +103,7 @@ def pareto_front(rows: Sequence[TrialRow], objectives: Sequence[str]) -> list[Tr
     feas = [r for r in rows if r.feasible]
 
     def key(r: TrialRow) -> list[float]:  # all minimized
-        return [-r.value(o) if o in MAXIMIZE else r.value(o) for o in objectives]
+        return [-r.value(o) if OBJECTIVES[o].maximize else r.value(o) for o in objectives]
 
     front = []
     for r in feas:
@@ -114,7 +118,7 @@ def pareto_front(rows: Sequence[TrialRow], objectives: Sequence[str]) -> list[Tr
                 break
         if not dominated:
             front.append(r)
-    cost = next((o for o in objectives if o not in MAXIMIZE), objectives[0])
+    cost = next((o for o in objectives if not OBJECTIVES[o].maximize), objectives[0])
     return sorted(front, key=lambda r: (r.value(cost), -r.value("map")))
 
 
@@ -136,13 +140,17 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, floa
 
 def best_at_budget(rows: Sequence[TrialRow], size_ratio: float) -> TrialRow | None:
     """The most accurate feasible trial whose weights take at most ``size_ratio`` of float."""
-    ok = [r for r in rows if r.feasible and float(r.metrics.get("size_ratio", 1.0)) <= size_ratio + 1e-9]
+    ok = [r for r in rows if r.feasible and float(r.metrics.size_ratio) <= size_ratio + 1e-9]
     return max(ok, key=lambda r: r.value("map"), default=None)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
+def _x(metrics: TrialMetrics, key: str) -> float:
+    return float(getattr(metrics, key))
+
+
 def _fig_to_png(fig: Any, path: Path) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -154,33 +162,34 @@ def _fig_to_png(fig: Any, path: Path) -> str:
     return base64.b64encode(data).decode()
 
 
-def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[str, Any], x_key: str,
+def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: TrialMetrics | None, x_key: str,
                 x_label: str, path: Path, x_scale: float = 1.0, log_x: bool = False) -> str:
+    """mAP50-95 vs a cost metric of every trial, the front and the float model; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    xs = [float(r.metrics[x_key]) * x_scale for r in rows]
-    ys = [float(r.metrics["map50_95"]) for r in rows]
-    w4 = [float(r.metrics.get("w4_weight_share", 0.0)) for r in rows]
+    xs = [_x(r.metrics, x_key) * x_scale for r in rows]
+    ys = [r.metrics.map50_95 for r in rows]
+    w4 = [r.metrics.w4_weight_share for r in rows]
     sc = ax.scatter(xs, ys, c=w4, cmap="viridis", vmin=0, vmax=1, s=28, alpha=0.8, label="trials")
     fig.colorbar(sc, ax=ax, label="share of weights at 4 bits")
     infeasible = [r for r in rows if not r.feasible]
     if infeasible:
-        ax.scatter([float(r.metrics[x_key]) * x_scale for r in infeasible],
-                   [float(r.metrics["map50_95"]) for r in infeasible], marker="x", c="grey", s=30,
+        ax.scatter([_x(r.metrics, x_key) * x_scale for r in infeasible],
+                   [r.metrics.map50_95 for r in infeasible], marker="x", c="grey", s=30,
                    label="violates mAP constraint")
-    fx = [float(r.metrics[x_key]) * x_scale for r in sorted(front, key=lambda r: float(r.metrics[x_key]))]
-    fy = [float(r.metrics["map50_95"]) for r in sorted(front, key=lambda r: float(r.metrics[x_key]))]
+    fx = [_x(r.metrics, x_key) * x_scale for r in sorted(front, key=lambda r: _x(r.metrics, x_key))]
+    fy = [r.metrics.map50_95 for r in sorted(front, key=lambda r: _x(r.metrics, x_key))]
     ax.plot(fx, fy, "-o", color="crimson", mfc="none", ms=9, lw=1.2, label="Pareto front")
-    if x_key in base:
-        ax.scatter([float(base[x_key]) * x_scale], [float(base["map50_95"])], marker="*", s=220, c="orange",
+    if base is not None:
+        ax.scatter([_x(base, x_key) * x_scale], [base.map50_95], marker="*", s=220, c="orange",
                    edgecolors="k", label="float", zorder=5)
-        ax.axhline(float(base["map50_95"]) - 0.01, ls="--", lw=0.8, c="orange", label="float - 1 point")
+        ax.axhline(base.map50_95 - 0.01, ls="--", lw=0.8, c="orange", label="float - 1 point")
     for r in front:
-        ax.annotate(f"#{r.number}", (float(r.metrics[x_key]) * x_scale, float(r.metrics["map50_95"])),
+        ax.annotate(f"#{r.number}", (_x(r.metrics, x_key) * x_scale, r.metrics.map50_95),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     if log_x:
         from matplotlib.ticker import FuncFormatter
@@ -197,6 +206,7 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], base: dict[
 
 
 def plot_sensitivity(table: dict[str, Any], path: Path, top: int = 40) -> str:
+    """Per-group damage of the most sensitive groups as bars; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,6 +239,7 @@ PREC_ORDER = ["W4A8", "W4A16", "W8A8", "W8A16", "W16A16"]
 
 
 def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Path) -> str:
+    """Layer x front configuration map of precisions; returns the PNG as base64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +259,7 @@ def plot_bitmap(front: Sequence[TrialRow], layer_names: Sequence[str], path: Pat
     ax.set_yticks(range(len(layer_names)))
     ax.set_yticklabels(layer_names, fontsize=5)
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([f"#{r.number}\n{100 * float(r.metrics.get('w4_weight_share', 0)):.0f}% W4" for r in cols],
+    ax.set_xticklabels([f"#{r.number}\n{100 * r.metrics.w4_weight_share:.0f}% W4" for r in cols],
                        fontsize=7)
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(PREC_ORDER)))
     cbar.ax.set_yticklabels([p if p != "W16A16" else "float" for p in PREC_ORDER])
@@ -266,13 +277,14 @@ COLUMNS = [("trial", "number"), ("label", "label"), ("policy", "policy"), ("mAP5
 
 
 def row_values(r: TrialRow) -> dict[str, Any]:
+    """The report's columns of one row (trials.csv, pareto.csv, tables)."""
     m = r.metrics
-    return {"number": r.number, "label": r.label, "policy": r.policy, "map50_95": m.get("map50_95"),
-            "map_drop": m.get("map_drop"), "map50": m.get("map50"), "latency_ms": m.get("latency_ms"),
-            "latency_ratio": m.get("latency_ratio"), "latency_measured_ms": m.get("latency_measured_ms"),
-            "weight_mb": float(m.get("weight_bytes", 0)) / 1e6, "size_ratio": m.get("size_ratio"),
-            "w4_weight_share": m.get("w4_weight_share"), "a8_layers": r.summary.get("a8_layers"),
-            "gbops": float(m.get("bops", 0)) / 1e9, "artifact": r.artifact, "digest": r.digest,
+    return {"number": r.number, "label": r.label, "policy": r.policy, "map50_95": m.map50_95,
+            "map_drop": m.map_drop, "map50": m.map50, "latency_ms": m.latency_ms,
+            "latency_ratio": m.latency_ratio, "latency_measured_ms": m.latency_measured_ms,
+            "weight_mb": float(m.weight_bytes) / 1e6, "size_ratio": m.size_ratio,
+            "w4_weight_share": m.w4_weight_share, "a8_layers": r.summary.get("a8_layers"),
+            "gbops": float(m.bops) / 1e9, "artifact": r.artifact, "digest": r.digest,
             "feasible": r.feasible}
 
 
@@ -292,10 +304,12 @@ def _fmt(key: str, v: Any) -> str:
 
 @dataclass
 class Report:
+    """What a report holds: the spec, the rows, the front, the float baseline, the files written."""
+
     spec: Any
     rows: list[TrialRow]
     front: list[TrialRow]
-    base: dict[str, Any]
+    base: TrialMetrics | None
     table: dict[str, Any] | None
     objectives: list[str]
     out_dir: Path
@@ -314,8 +328,9 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     if not rows:
         raise UserError(f"{run_dir}: the study has no completed trials yet")
     front = pareto_front(rows, objectives)
-    base_file = run_dir / "float" / "baseline.json"
-    base = read_json(base_file)["metrics"] if base_file.is_file() else {}
+    paths = RunPaths(run_dir)
+    base_file = paths.float_dir / "baseline.json"
+    base = TrialMetrics.from_json(read_json(base_file)["metrics"]) if base_file.is_file() else None
     table = None
     sens = run_dir / "sensitivity.json"
     if sens.is_file():
@@ -329,7 +344,7 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
               "running": sum(t.state == S.RUNNING for t in all_trials),
               "duplicates": sum(t.state == S.COMPLETE and "duplicate_of" in t.user_attrs for t in all_trials),
               "unique": len(rows)}
-    out = out_dir or run_dir / "report"
+    out = out_dir or paths.report
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(spec, rows, front, base, table, objectives, out, counts)
     _write_csv(out / "pareto.csv", front)
@@ -337,9 +352,9 @@ def make_report(run_dir: Path, storage: str | None = None, out_dir: Path | None 
     rep.files["pareto.csv"] = out / "pareto.csv"
     rep.files["trials.csv"] = out / "trials.csv"
     images: dict[str, str] = {}
-    relative = any("latency_ratio" in r.metrics for r in rows)
+    relative = any(r.metrics.latency_ratio is not None for r in rows)
     lat_label = ("latency (ms: median ratio to float, timed alongside, x float's ms; "
-                 if relative else "latency (ms, median, ") + str(base.get("latency_provider", "")) + ")"
+                 if relative else "latency (ms, median, ") + (base.latency_provider if base is not None else "") + ")"
     images["map_vs_latency"] = plot_pareto(rows, pareto_front(rows, ["map", "latency"]), base, "latency_ms",
                                            lat_label, out / "pareto_map_latency.png")
     images["map_vs_size"] = plot_pareto(rows, pareto_front(rows, ["map", "size"]), base, "weight_bytes",
@@ -365,7 +380,7 @@ def _layer_sort_key(name: str) -> tuple[Any, ...]:
 
 
 def _write_csv(path: Path, rows: Sequence[TrialRow]) -> None:
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     keys = ["number", "label", "policy", "map50_95", "map_drop", "map50", "latency_ms", "latency_ratio",
             "latency_measured_ms", "weight_mb", "size_ratio",
@@ -384,16 +399,17 @@ def _timing_means(rows: Sequence[TrialRow]) -> dict[str, float]:
 
 
 def summary_markdown(rep: Report) -> str:
+    """The report as markdown (``summary.md``)."""
     spec, base = rep.spec, rep.base
     lines = [f"# Mixed-precision search: {spec.name}", ""]
     lines.append(f"Model `{Path(str(spec.model)).name}` at {spec.imgsz}x{spec.imgsz}, backend `{spec.backend.name}`, "
                  f"objectives {', '.join(rep.objectives)}, {rep.counts['unique']} assignments evaluated "
                  f"({rep.counts['complete']} trials, {rep.counts['duplicates']} duplicates, "
                  f"{rep.counts['failed']} failed).")
-    if base:
-        lines.append(f"Float baseline: mAP50-95 **{base['map50_95']:.4f}**, mAP50 {base['map50']:.4f}, latency "
-                     f"{base['latency_ms']:.3g} ms ({base.get('latency_provider', '')}), weights "
-                     f"{base['weight_bytes'] / 1e6:.2f} MB.")
+    if base is not None:
+        lines.append(f"Float baseline: mAP50-95 **{base.map50_95:.4f}**, mAP50 {base.map50:.4f}, latency "
+                     f"{base.latency_ms:.3g} ms ({base.latency_provider}), weights "
+                     f"{base.weight_bytes / 1e6:.2f} MB.")
     lines += ["", "## Pareto front", ""]
     cols = [c for c in COLUMNS if c[1] != "artifact"]
     lines.append("| " + " | ".join(c[0] for c in cols) + " |")
@@ -408,8 +424,8 @@ def summary_markdown(rep: Report) -> str:
         b = best_at_budget(rep.rows, ratio)
         if b is not None:
             budgets.append(f"| <= {100 * ratio:.0f}% of float weights | #{b.number} | {b.value('map'):.4f} | "
-                           f"{-100 * float(b.metrics.get('map_drop', 0)):+.2f} pt | "
-                           f"{100 * float(b.metrics.get('w4_weight_share', 0)):.0f}% |")
+                           f"{-100 * float(b.metrics.map_drop or 0):+.2f} pt | "
+                           f"{100 * b.metrics.w4_weight_share:.0f}% |")
     if budgets:
         lines += ["", "## Best accuracy at a size budget", "",
                   "| budget | trial | mAP50-95 | vs float | W4 share |", "|---|---|---|---|---|", *budgets]
@@ -432,6 +448,7 @@ def summary_markdown(rep: Report) -> str:
 
 
 def html_page(rep: Report, images: dict[str, str]) -> str:
+    """The report as one HTML page with the plots inlined (``index.html``)."""
     spec, base = rep.spec, rep.base
     esc = html.escape
     cols = COLUMNS
@@ -458,10 +475,10 @@ def html_page(rep: Report, images: dict[str, str]) -> str:
                f"<figcaption>{esc(alt)}</figcaption></figure>" if key in images else ""
 
     base_txt = ""
-    if base:
-        base_txt = (f"Float baseline: mAP50-95 <b>{base['map50_95']:.4f}</b>, latency {base['latency_ms']:.3g} ms "
-                    f"({esc(str(base.get('latency_provider', '')))}), weights {base['weight_bytes'] / 1e6:.2f} MB.")
-        if any("latency_ratio" in r.metrics for r in rep.rows):
+    if base is not None:
+        base_txt = (f"Float baseline: mAP50-95 <b>{base.map50_95:.4f}</b>, latency {base.latency_ms:.3g} ms "
+                    f"({esc(base.latency_provider)}), weights {base.weight_bytes / 1e6:.2f} MB.")
+        if any(r.metrics.latency_ratio is not None for r in rep.rows):
             base_txt += (" Each trial's model was timed in alternation with the float model; its latency is "
                          "its median ratio to float times the float baseline's milliseconds, so a CPU whose "
                          "speed drifts during the search does not reorder trials (raw milliseconds: "
@@ -501,7 +518,7 @@ img {{ max-width: 100%; border: 1px solid #eee; }} code {{ font-size: 12px; }}
 """
 
 
-def short_label(summary: dict[str, Any]) -> str:
+def short_label(summary: Mapping[str, Any]) -> str:
     """``W4:60 W8:15 fp:7 | A8:20`` from an assignment summary's counts."""
     counts = summary.get("counts", {})
     w: dict[str, int] = {}
@@ -516,25 +533,19 @@ def short_label(summary: dict[str, Any]) -> str:
 
 
 def front_table(rep: Report) -> Any:
+    """The Pareto front (and the float model) as a rich table for the terminal."""
     from rich.table import Table
 
     table = Table(title=f"Pareto front of '{rep.spec.name}' ({len(rep.front)} of {len(rep.rows)} assignments)")
     for name in ("#", "mAP50-95", "vs float", "ms", "MB", "W4", "layers"):
         table.add_column(name, justify="left" if name == "layers" else "right")
-    if rep.base:
+    if rep.base is not None:
         b = rep.base
-        table.add_row("float", f"{b['map50_95']:.4f}", "", f"{b['latency_ms']:.3g}", f"{b['weight_bytes'] / 1e6:.2f}",
+        table.add_row("float", f"{b.map50_95:.4f}", "", f"{b.latency_ms:.3g}", f"{b.weight_bytes / 1e6:.2f}",
                       "0%", "float", style="dim")
     for r in rep.front:
         m = r.metrics
-        table.add_row(str(r.number), f"{m['map50_95']:.4f}", f"{-100 * m.get('map_drop', 0):+.2f}",
-                      f"{m['latency_ms']:.3g}", f"{m['weight_bytes'] / 1e6:.2f}",
-                      f"{100 * m.get('w4_weight_share', 0):.0f}%", short_label(r.summary))
+        table.add_row(str(r.number), f"{m.map50_95:.4f}", f"{-100 * (m.map_drop or 0):+.2f}",
+                      f"{m.latency_ms:.3g}", f"{m.weight_bytes / 1e6:.2f}",
+                      f"{100 * m.w4_weight_share:.0f}%", short_label(r.summary))
     return table
-
-
-def isfinite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False

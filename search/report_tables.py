@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from search.model import LoadedModel
+    from mpq.model import LoadedModel
 
 
 def human(n: float) -> str:
+    """A count with a k/M/G suffix."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
@@ -18,6 +19,7 @@ def human(n: float) -> str:
 
 
 def layer_table_view(model: LoadedModel, granularity: str = "layer") -> Table:
+    """The model's quantizable layer groups as a rich table."""
     groups = model.groups(granularity)
     by_name = {lay.name: lay for lay in model.layers}
     total_params = sum(g.params for g in groups) or 1

@@ -12,7 +12,7 @@ through the study's backend and the damage is measured:
   against the float model's detections (see :mod:`search.gradients`).
 
 The table is cached in ``sensitivity.json`` in the run directory, keyed by model, data,
-backend and candidates, and reused unless one of them changes.
+backend and candidates (:func:`mpq.keys.sweep_key`), and reused unless one of them changes.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from search.assignment import Assignment, LayerGroup, Precision
-from search.runs import read_json, write_json
+from mpq import keys
+from mpq.assignment import Assignment, LayerGroup, Precision
+from mpq.errors import UserError
+from mpq.files import read_json, write_json
 
 if TYPE_CHECKING:
-    from search.context import RunContext
+    from search.baseline import FloatBaseline
+    from search.resources import StudyResources
 
 METRICS = ("fidelity", "map", "fisher")
 
@@ -67,6 +70,7 @@ class SensitivityTable:
         return min(worse) if worse else 0.0
 
     def candidates(self) -> list[str]:
+        """The probed precisions, lowest first."""
         seen: dict[str, None] = {}
         for per in self.scores.values():
             for k in per:
@@ -85,98 +89,82 @@ class SensitivityTable:
         return sorted(self.groups, key=lambda g: (-self.damage(g, precision), g))
 
     def to_json(self) -> dict[str, Any]:
+        """The ``sensitivity.json`` content."""
         return {"version": 1, "metric": self.metric, "key": self.key, "groups": self.groups,
                 "scores": self.scores, "seconds": self.seconds, "extra": self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SensitivityTable:
+        """Read :meth:`to_json`'s dict."""
         return cls(data["metric"], data["key"], list(data["groups"]), data["scores"],
                    float(data.get("seconds", 0.0)), dict(data.get("extra", {})))
 
 
-def sweep_key(ctx: RunContext, metric: str, candidates: Iterable[Precision]) -> dict[str, Any]:
-    return {"model": ctx.model_digest, "data": ctx.data_digest, "imgsz": ctx.spec.imgsz,
-            "granularity": ctx.spec.granularity, "groups": [g.name for g in ctx.groups],
-            "backend": ctx.spec.backend.model_dump(mode="json"), "metric": metric,
-            "candidates": [str(p) for p in candidates], "images": ctx.spec.sensitivity.images}
+def sweep_key(res: StudyResources, metric: str, candidates: Iterable[Precision]) -> dict[str, Any]:
+    """What decides the table of ``metric`` over ``candidates`` (see :func:`mpq.keys.sweep_key`)."""
+    s = res.spec
+    return keys.sweep_key(model=res.model_digest, data=res.data_digest, imgsz=s.imgsz, granularity=s.granularity,
+                          groups=[g.name for g in res.groups], backend=s.backend, metric=metric,
+                          candidates=candidates, images=s.sensitivity.images)
 
 
-def sweep_candidates(ctx: RunContext) -> list[Precision]:
+def sweep_candidates(res: StudyResources) -> list[Precision]:
     """The probed candidates: the spec's ``sensitivity.candidates``, by default the study's
     candidates without W8A16 when W4A16 is probed (8-bit weights alone are near-lossless;
     their damage is estimated from W4A16's, see :meth:`SensitivityTable.damage`)."""
-    if ctx.spec.sensitivity.candidates:
-        return list(ctx.spec.sensitivity.candidates)
-    cands = list(ctx.spec.candidates)
+    if res.spec.sensitivity.candidates:
+        return list(res.spec.sensitivity.candidates)
+    cands = list(res.spec.candidates)
     if Precision(8, 16) in cands and Precision(4, 16) in cands:
         cands.remove(Precision(8, 16))
     return cands
 
 
-def load_cached(ctx: RunContext, metric: str | None = None) -> SensitivityTable | None:
-    metric = metric or ctx.spec.sensitivity.metric
-    path = table_path(ctx, metric)
+def load_cached(res: StudyResources, metric: str | None = None) -> SensitivityTable | None:
+    """The cached table of ``metric`` (default: the study's), if it was made in this context."""
+    metric = metric or res.spec.sensitivity.metric
+    path = table_path(res, metric)
     if not path.is_file():
         return None
     try:
         table = SensitivityTable.from_json(read_json(path))
     except (KeyError, ValueError):
         return None
-    return table if table.key == sweep_key(ctx, metric, sweep_candidates(ctx)) else None
+    return table if table.key == sweep_key(res, metric, sweep_candidates(res)) else None
 
 
-def table_path(ctx: RunContext, metric: str) -> Path:
-    name = "sensitivity.json" if metric == ctx.spec.sensitivity.metric else f"sensitivity-{metric}.json"
-    return ctx.run_dir / name
+def table_path(res: StudyResources, metric: str) -> Path:
+    """Where the table of ``metric`` is cached in the run directory."""
+    return res.paths.sensitivity(metric, res.spec.sensitivity.metric)
 
 
-def run_sweep(ctx: RunContext, *, metric: str | None = None, fresh: bool = False,
+def run_sweep(res: StudyResources, baseline: FloatBaseline, *, metric: str | None = None, fresh: bool = False,
               progress: bool = True, heartbeat: Callable[[], None] | None = None) -> SensitivityTable:
     """Load the cached table or compute it (and cache it); ``heartbeat`` is called after each probe."""
-    metric = metric or ctx.spec.sensitivity.metric
+    metric = metric or res.spec.sensitivity.metric
     if metric not in METRICS:
-        from search.errors import UserError
-
         raise UserError(f"unknown sensitivity metric '{metric}'; choose one of {', '.join(METRICS)}")
     if not fresh:
-        cached = load_cached(ctx, metric)
+        cached = load_cached(res, metric)
         if cached is not None:
             return cached
-    candidates = sweep_candidates(ctx)
+    candidates = sweep_candidates(res)
     start = time.perf_counter()
     if metric == "fisher":
         from search.gradients import fisher_sensitivity
 
-        scores, extra = fisher_sensitivity(ctx, candidates, progress=progress)
+        scores, extra = fisher_sensitivity(res, candidates, progress=progress)
     else:
-        scores, extra = _probe_sweep(ctx, metric, candidates, progress=progress, heartbeat=heartbeat)
-    table = SensitivityTable(metric, sweep_key(ctx, metric, candidates), [g.name for g in ctx.groups], scores,
+        scores, extra = _probe_sweep(res, baseline, metric, candidates, progress=progress, heartbeat=heartbeat)
+    table = SensitivityTable(metric, sweep_key(res, metric, candidates), [g.name for g in res.groups], scores,
                              time.perf_counter() - start, extra)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(table_path(ctx, metric), table.to_json())
+    res.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(table_path(res, metric), table.to_json())
     return table
 
 
-def torch_callable(module: Any, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap a torch module as ``np.ndarray (N,3,S,S) -> np.ndarray`` for the fidelity evaluator."""
-    import numpy as np
-    import torch
-
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-
-    def run(images: np.ndarray) -> np.ndarray:
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-                outs.append(module(x).float().cpu().numpy())
-        return np.concatenate(outs, 0)
-
-    return run
-
-
-def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision], progress: bool = True,
-                 heartbeat: Callable[[], None] | None = None,
+def _probe_sweep(res: StudyResources, baseline: FloatBaseline, metric: str, candidates: list[Precision],
+                 progress: bool = True, heartbeat: Callable[[], None] | None = None,
                  ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Quantize each group alone at each candidate and measure the damage."""
     from rich.progress import (
@@ -190,28 +178,28 @@ def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision], prog
 
     from search.console import console_err
 
-    n_img = ctx.spec.sensitivity.images
+    n_img = res.spec.sensitivity.images
     probes: list[tuple[LayerGroup, Precision]] = []
-    for g in ctx.groups:
-        allowed = ctx.candidates_for(g)
+    for g in res.groups:
+        allowed = res.candidates_for(g)
         probes.extend((g, p) for p in candidates if p in allowed)
-    scores: dict[str, dict[str, dict[str, float]]] = {g.name: {} for g in ctx.groups}
+    scores: dict[str, dict[str, dict[str, float]]] = {g.name: {} for g in res.groups}
     extra: dict[str, Any] = {"images": n_img, "probes": len(probes)}
 
     if metric == "fidelity":
         from evaluators.fidelity import FidelityEvaluator
 
-        images = ctx.calibration.images[:n_img]
-        fid = FidelityEvaluator(reference=ctx.model.module, images=images, names=ctx.model.names,
+        images = res.calibration.images[:n_img]
+        fid = FidelityEvaluator(reference=res.model.module, images=images, names=res.model.names,
                                 batch_size=len(images))
-        tails = BlockCache(ctx.model.module, images)
+        tails = BlockCache(res.model.module, images)
         extra["forward"] = "float block outputs cached; each probe runs from its first quantized block on"
 
         def measure(qm: Any, tmp: Path) -> dict[str, float]:
             if qm.module is not None:
                 target: Any = tails.tail(qm.module, start_block(qm.assignment))
             else:
-                target = _export_tmp(ctx, qm, tmp)
+                target = _export_tmp(res, qm, tmp)
             r = fid.evaluate(target)
             # detection disagreement, plus the output noise-to-signal ratio as a fine tie-breaker
             # (det_map saturates at 1.0 for layers that change no detection on a few images)
@@ -220,13 +208,13 @@ def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision], prog
     else:  # map on a small labelled subset
         from evaluators.coco import CocoEvaluator
 
-        small = CocoEvaluator(subset=ctx.subset.head(n_img), names=ctx.model.names, imgsz=ctx.spec.imgsz,
-                              settings=ctx.spec.evaluation, cache_dir=ctx.cache_dir / f"sweep-map-{n_img}")
-        base = small.evaluate(ctx.float_onnx()).map50_95
+        small = CocoEvaluator(subset=res.subset.head(n_img), names=res.model.names, imgsz=res.spec.imgsz,
+                              settings=res.spec.evaluation, cache_dir=res.paths.cache / f"sweep-map-{n_img}")
+        base = small.evaluate(baseline.onnx()).map50_95
         extra["float_map"] = base
 
         def measure(qm: Any, tmp: Path) -> dict[str, float]:
-            path = _export_tmp(ctx, qm, tmp)
+            path = _export_tmp(res, qm, tmp)
             m = small.evaluate(path).map50_95
             return {"damage": max(0.0, base - m), "map50_95": m, "drop": base - m}
 
@@ -237,7 +225,7 @@ def _probe_sweep(ctx: RunContext, metric: str, candidates: list[Precision], prog
         task = bar.add_task(f"{metric} ({len(probes)} probes)", total=len(probes))
         for g, p in probes:
             bar.update(task, description=f"{metric}: {g.name} {p}")
-            qm = ctx.materialize(Assignment.from_groups([g], {g.name: p}))
+            qm = res.materialize(Assignment.from_groups([g], {g.name: p}))
             entry = measure(qm, Path(tmpdir))
             entry["damage"] = float(entry["damage"]) if math.isfinite(entry["damage"]) else 1.0
             scores[g.name][str(p)] = entry
@@ -267,24 +255,19 @@ class BlockCache:
         self.module = module
         self.images = images
         self._outs: dict[int, list[Any]] = {}
+        from mpq.model import run_blocks
+
         x = torch.from_numpy(np.ascontiguousarray(images))
-        outs: list[Any] = []
         with torch.no_grad():
-            y: list[Any] = []
-            h: Any = x
-            for m in module.model:
-                f: Any = m.f
-                if f != -1:
-                    h = y[f] if isinstance(f, int) else [h if j == -1 else y[j] for j in f]
-                h = m(h)
-                y.append(h)
-                outs.append(h)
+            _, outs = run_blocks(module.model, x)
         self._outs[x.data_ptr()] = outs
 
     def tail(self, qmodule: Any, start: int) -> Any:
         """A module running ``qmodule`` from block ``start`` on, with cached float inputs."""
         import torch
         from torch import nn
+
+        from mpq.model import first_output, run_blocks
 
         cache = self._outs
 
@@ -298,22 +281,15 @@ class BlockCache:
                 outs = cache.get(x.data_ptr())
                 if outs is None or start == 0:
                     return qmodule(x)
-                y: list[Any] = [outs[j] for j in range(start)]
-                h: Any = outs[start - 1]
-                for m in list(self.model)[start:]:
-                    f: Any = m.f
-                    if f != -1:
-                        h = y[f] if isinstance(f, int) else [h if j == -1 else y[j] for j in f]
-                    h = m(h)
-                    y.append(h)
-                return h[0] if isinstance(h, (tuple, list)) else h
+                h, _ = run_blocks(list(self.model)[start:], outs[start - 1], outputs=list(outs[:start]))
+                return first_output(h)
 
         return Tail().eval()
 
 
-def _export_tmp(ctx: RunContext, qm: Any, tmp: Path) -> Path:
+def _export_tmp(res: StudyResources, qm: Any, tmp: Path) -> Path:
     path = tmp / "probe.onnx"
-    ctx.backend.export(qm, path)
+    res.backend.export(qm, path)
     return path
 
 
@@ -327,7 +303,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return float(rho)
 
 
-def correlation_report(ctx: RunContext, *, fresh: bool = False) -> Any:
+def correlation_report(res: StudyResources, baseline: FloatBaseline, *, fresh: bool = False) -> Any:
     """How well each cheap score predicts the measured per-probe mAP drop (Spearman).
 
     Computes (or loads) the ``map`` sweep and the ``fidelity`` and ``fisher`` sweeps of the
@@ -335,7 +311,7 @@ def correlation_report(ctx: RunContext, *, fresh: bool = False) -> Any:
     """
     from rich.table import Table
 
-    tables = {m: run_sweep(ctx, metric=m, fresh=fresh) for m in ("map", "fidelity", "fisher")}
+    tables = {m: run_sweep(res, baseline, metric=m, fresh=fresh) for m in ("map", "fidelity", "fisher")}
     truth = tables["map"]
     out = Table(title=f"Spearman rank correlation with the measured mAP drop ({len(truth.groups)} groups)")
     out.add_column("score")
@@ -361,5 +337,5 @@ def correlation_report(ctx: RunContext, *, fresh: bool = False) -> Any:
         rho_all = spearman(all_x, all_y)
         result[name]["all"] = rho_all
         out.add_row(name if name != "map" else "map (itself)", *row, f"{rho_all:.3f}", f"{t.seconds:.0f}")
-    write_json(ctx.run_dir / "sensitivity-correlation.json", result)
+    write_json(res.run_dir / "sensitivity-correlation.json", result)
     return out

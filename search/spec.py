@@ -19,13 +19,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainSerializer,
     ValidationError,
@@ -34,10 +33,17 @@ from pydantic import (
     model_validator,
 )
 
-from search.assignment import DEFAULT_CANDIDATES, Precision
-from search.errors import UserError
+from mpq.assignment import DEFAULT_CANDIDATES, Precision
+from mpq.errors import UserError
+from mpq.objectives import DEFAULT_OBJECTIVES, ObjectiveName
+from mpq.options import BackendOptions, EvaluationSpec, LatencySpec, PrecisionField, Section
+from quantizers.registry import backend_info, options_models
 
 DEMO_SCHEME = "demo://"
+
+__all__ = ["BackendSpec", "CalibrationSpec", "DatasetSpec", "EvaluationSpec", "LatencySpec", "SearchSpec",
+           "SensitivitySpec", "SpecError", "SpecResult", "StudySpec", "json_schema", "load_spec",
+           "validate_spec_file"]
 
 
 class SpecError(UserError):
@@ -52,16 +58,6 @@ class SpecError(UserError):
 # --------------------------------------------------------------------------------------
 # Field types
 # --------------------------------------------------------------------------------------
-def _parse_precision(value: Any) -> Precision:
-    if isinstance(value, Precision):
-        return value
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return Precision(int(value[0]), int(value[1]))
-    return Precision.parse(str(value))
-
-
-PrecisionField = Annotated[Precision, BeforeValidator(_parse_precision), PlainSerializer(str, return_type=str)]
-
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -100,14 +96,10 @@ def _path_validator(value: Any, info: ValidationInfo) -> Any:
 SpecPath = Annotated[Path, BeforeValidator(_path_validator), PlainSerializer(str, return_type=str)]
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
-class DatasetSpec(_Base):
+class DatasetSpec(Section):
     """COCO-format evaluation data: an images folder and an instances json."""
 
     images: SpecPath = Field(description="Folder of the evaluation images (file_name in the json is relative to it).")
@@ -118,7 +110,7 @@ class DatasetSpec(_Base):
         default=None, description="Text file of image ids (one per line, '#' comments); overrides max_images.")
 
 
-class CalibrationSpec(_Base):
+class CalibrationSpec(Section):
     """Unlabelled images used to calibrate activation ranges (and the fidelity proxy)."""
 
     source: SpecPath = Field(description="A text list of image paths (relative to the list) or a folder.")
@@ -126,120 +118,16 @@ class CalibrationSpec(_Base):
     batch_size: int = Field(default=16, gt=0)
 
 
-class EvaluationSpec(_Base):
-    """COCO accuracy of an ONNX model through ONNX Runtime."""
-
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
-                                 description="ONNX Runtime providers in order of preference.")
-    disable_cpu_fallback: bool = Field(default=False, description="Fail instead of running on the CPU.")
-    conf: float = Field(default=0.001, ge=0.0, le=1.0)
-    iou: float = Field(default=0.7, gt=0.0, le=1.0)
-    max_det: int = Field(default=300, gt=0)
-    batch_size: int = Field(default=8, gt=0, description="Images per session.run where the model allows.")
-    threads: int | None = Field(default=None, gt=0, description="ORT intra-op threads (None: ORT default).")
+# The backend section: one options model per registered backend, told apart by ``name``.
+if TYPE_CHECKING:
+    BackendSpec = BackendOptions
+elif len(options_models()) == 1:
+    BackendSpec = options_models()[0]
+else:
+    BackendSpec = Annotated[Union[options_models()], Field(discriminator="name")]  # noqa: UP007
 
 
-class LatencySpec(_Base):
-    """How latency is measured for the latency objective."""
-
-    engine: Literal["ort", "tensorrt"] = "ort"
-    providers: list[str] | None = Field(default=None, description="Defaults to evaluation.providers.")
-    warmup: int = Field(default=10, ge=0)
-    runs: int = Field(default=50, gt=0)
-    batch_size: int = Field(default=1, gt=0)
-    threads: int | None = Field(default=None, gt=0)
-    fp16: bool = Field(default=True, description="TensorRT: allow FP16 kernels beside INT8.")
-    reference: Literal["float", "none"] = Field(
-        default="float", description="ort: time every trial's model in alternation with the float model and "
-        "report its latency as (its ratio to float, measured in the same window) x the float baseline's "
-        "milliseconds, so that a CPU whose speed drifts (shared machines, frequency boosting) does not "
-        "reorder trials measured minutes apart; the raw milliseconds are kept too. none: raw only.")
-
-
-class BrevitasOptions(_Base):
-    """Brevitas PTQ: per-channel weight scales, INT8 input quantizers, QCDQ export."""
-
-    name: Literal["brevitas"] = "brevitas"
-    weight_scale: Literal["max", "mse", "percentile"] = Field(
-        default="mse", description="How 4-bit weight scales are chosen (mse: error-minimizing search).")
-    weight_scale_8bit: Literal["max", "mse", "percentile"] = Field(
-        default="max", description="Scale method for 8-bit weights (max is near-lossless at 8 bits).")
-    weight_granularity: Literal["per_channel", "per_tensor"] = Field(
-        default="per_channel", description="One weight scale per output channel (default) or per layer "
-        "(per_tensor: what the seeds did for 4 bits; only for comparison).")
-    weight_percentile: float = Field(
-        default=99.9, gt=50.0, le=100.0, description="Percentile of |w| per channel for weight_scale: percentile.")
-    act_calibration: Literal["max", "percentile", "mse"] = Field(
-        default="percentile", description="How activation ranges are set from the calibration images.")
-    act_percentile: float = Field(default=99.99, gt=50.0, le=100.0)
-    act_quant_type: Literal["sym", "asym"] = Field(
-        default="sym", description="A8 inputs as int8 with zero point 0 (sym: what TensorRT requires) or "
-        "uint8 with a zero point (asym).")
-    bias_correction: bool = True
-    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
-        default="gptq", description="How weights become integers once the scales are chosen: gptq (default) "
-        "or gpfq minimize each layer's output error on the calibration images with the float model's inputs, "
-        "computed once per model, calibration set and scale options for every layer at 4 and 8 bits and "
-        "cached (in memory and in the run's cache/weights folder), so a trial costs no more than nearest; "
-        "nearest: round to nearest (the weight-MSE optimum). Ignored when gptq or gpfq is on (those rework "
-        "the float weights sequentially in every build).")
-    gptq: bool = Field(default=False, description="Sequential Brevitas GPTQ in every build (slow; each layer "
-                       "sees the inputs of the already quantized layers before it).")
-    gpfq: bool = Field(default=False, description="Sequential Brevitas GPFQ in every build (slower still).")
-    optimize_onnx: bool = Field(default=True, description="Run onnxoptimizer passes that keep every Q/DQ node.")
-
-    @model_validator(mode="after")
-    def _one_gpxq(self) -> BrevitasOptions:
-        if self.gptq and self.gpfq:
-            raise ValueError("gptq and gpfq are alternatives; enable at most one")
-        return self
-
-
-class ModelOptOptions(_Base):
-    """NVIDIA ModelOpt torch PTQ with per-layer quantizer rules, exported to QDQ ONNX."""
-
-    name: Literal["modelopt"] = "modelopt"
-    calibration: Literal["max", "entropy", "percentile"] = Field(
-        default="percentile", description="How A8 input ranges are set from the calibration images (ModelOpt's "
-        "max calibrator, or its histogram calibrator with percentile or entropy).")
-    percentile: float = Field(default=99.999, gt=50.0, le=100.0, description="For calibration: percentile.")
-    weight_calibration: Literal["max", "mse"] = Field(
-        default="max", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
-        "(algorithm 'mse': lower weight error, but on the demo model it clips the large weights that matter "
-        "and loses more mAP at 4 bits than max; see docs/benchmarks.md).")
-    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
-        default="gptq", description="How weights become integers once ModelOpt's per-channel ranges are set: "
-        "gptq (default) or gpfq minimize each layer's output error on the calibration images with the float "
-        "model's inputs, computed once per model, calibration set and weight_calibration for every layer at 4 "
-        "and 8 bits and cached (as the brevitas backend does); nearest: ModelOpt's own round to nearest.")
-    w4_format: Literal["int8", "int4"] = Field(
-        default="int8", description="How 4-bit weights are stored in the ONNX file: int8 initializers holding "
-        "values in [-8, 7] (any opset, what TensorRT runs for Conv), or ONNX INT4 initializers (opset 21).")
-    opset: int = Field(default=17, ge=13, le=20, description="ONNX opset of the export (legacy exporter; "
-                       "w4_format int4 exports at 20 and converts to 21).")
-
-
-class ModelOptOnnxOptions(_Base):
-    """NVIDIA ModelOpt ONNX PTQ: INT8 (W8A8) or float per node, with node exclusions."""
-
-    name: Literal["modelopt-onnx"] = "modelopt-onnx"
-    calibration: Literal["max", "entropy"] = Field(
-        default="entropy", description="ModelOpt's calibration method (the seeds: max collapsed on CPU, "
-        "entropy recovered).")
-    high_precision_dtype: Literal["fp32", "fp16"] = Field(
-        default="fp32", description="Float type of the non-quantized parts (fp16 runs slower on ORT CPU).")
-    calibration_eps: list[str] = Field(
-        default_factory=lambda: ["cpu"], min_length=1,
-        description="ONNX Runtime providers ModelOpt calibrates with, in order ('cpu', 'cuda:0', 'trt').")
-    dq_only: bool = Field(
-        default=True, description="Store weights as int8 initializers + DequantizeLinear (ModelOpt's dq_only; "
-        "4x smaller) instead of float + QuantizeLinear + DequantizeLinear.")
-
-
-BackendSpec = Annotated[BrevitasOptions | ModelOptOptions | ModelOptOnnxOptions, Field(discriminator="name")]
-
-
-class SensitivitySpec(_Base):
+class SensitivitySpec(Section):
     """The per-layer sensitivity sweep."""
 
     metric: Literal["fidelity", "map", "fisher"] = Field(
@@ -250,15 +138,11 @@ class SensitivitySpec(_Base):
     images: int = Field(default=32, gt=0, description="Images used per probe.")
 
 
-Objective = Literal["map", "latency", "size", "bops"]
-DEFAULT_OBJECTIVES: tuple[Objective, ...] = ("map", "latency")
-
-
-class SearchSpec(_Base):
+class SearchSpec(Section):
     """The Optuna multi-objective study."""
 
     budget: int = Field(default=50, gt=0, description="Number of trials.")
-    objectives: list[Objective] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES), min_length=1)
+    objectives: list[ObjectiveName] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES), min_length=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
     space: Literal["ranked", "full"] = Field(
@@ -268,7 +152,7 @@ class SearchSpec(_Base):
     storage: str | None = Field(default=None, description="Optuna storage URL (default: SQLite in the run dir).")
 
 
-class StudySpec(_Base):
+class StudySpec(Section):
     """A whole study: model, data, backend, evaluation and search."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the run directory.")
@@ -280,7 +164,7 @@ class StudySpec(_Base):
         default_factory=list, description="Glob patterns of layer names never quantized.")
     dataset: DatasetSpec
     calibration: CalibrationSpec
-    backend: BackendSpec = Field(default_factory=BrevitasOptions)
+    backend: BackendSpec = Field(default_factory=lambda: backend_info("brevitas").options(name="brevitas"))
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
@@ -327,27 +211,22 @@ class StudySpec(_Base):
 
     # -- derived ----------------------------------------------------------------------------
     @property
-    def sweep_candidates(self) -> list[Precision]:
-        return list(self.sensitivity.candidates or self.candidates)
-
-    @property
     def latency_providers(self) -> list[str]:
+        """The providers latency is measured on: ``latency.providers``, else ``evaluation.providers``."""
         return list(self.latency.providers or self.evaluation.providers)
 
     def run_dir(self) -> Path:
+        """``runs_dir/<name>`` (default ``./runs/<name>``)."""
         return (Path(self.runs_dir) if self.runs_dir else Path.cwd() / "runs") / self.name
 
     def to_yaml(self) -> str:
+        """The resolved spec as YAML (what ``spec.yaml`` of a run holds)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------
-def _model_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return dict(model.model_fields)
-
-
 def _submodel_at(loc: Iterable[Any]) -> type[BaseModel] | None:
     """The pydantic model class that owns the given location (for key suggestions)."""
     cls: type[BaseModel] | None = StudySpec
@@ -359,7 +238,7 @@ def _submodel_at(loc: Iterable[Any]) -> type[BaseModel] | None:
             # discriminated-union tags appear in locations ('brevitas', ...)
             if cls is StudySpec:
                 return None
-            for option in (BrevitasOptions, ModelOptOptions, ModelOptOnnxOptions):
+            for option in options_models():
                 if part == option.model_fields["name"].default:
                     cls = option
                     break
@@ -429,6 +308,7 @@ class SpecResult:
 
 
 def read_spec_data(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a spec file (a missing file or bad YAML is a :class:`SpecError`)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -444,6 +324,7 @@ def read_spec_data(path: Path) -> dict[str, Any]:
 
 def validate_spec_data(data: dict[str, Any], base: Path | None, source: str = "spec",
                        check_files: bool = True) -> SpecResult:
+    """Validate spec data (paths relative to ``base``); every problem is returned, none raised."""
     try:
         spec = StudySpec.model_validate(data, context={"base": str(base) if base else None})
     except ValidationError as exc:
@@ -452,6 +333,7 @@ def validate_spec_data(data: dict[str, Any], base: Path | None, source: str = "s
 
 
 def validate_spec_file(path: str | os.PathLike[str], check_files: bool = True) -> SpecResult:
+    """Validate a spec file; every problem is returned, none raised."""
     path = Path(path)
     try:
         data = read_spec_data(path)
@@ -482,4 +364,5 @@ def load_spec(path: str | os.PathLike[str], check_files: bool = True, **override
 
 
 def json_schema() -> dict[str, Any]:
+    """The JSON schema of study specs."""
     return StudySpec.model_json_schema()

@@ -10,6 +10,7 @@ from search.sensitivity import SensitivityTable
 
 
 def sensitivity_tables(table: SensitivityTable, top: int = 12) -> list[Table]:
+    """The ``top`` most and least sensitive groups of a table as two rich tables."""
     cands = table.candidates()
     order = table.ranking()
     out = []

@@ -22,10 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 WORKER_INDEX_ENV = "YOLO_MPQ_WORKER_INDEX"
 WORKERS_ENV = "YOLO_MPQ_WORKERS"
@@ -106,27 +107,45 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
         args = strip_option(args, "--device")
     base = list(command) if command is not None else [sys.executable, "-m", "search", "run"]
     printer = _Printer(out or sys.stdout)
+    workers = [_start(i, n, base + args, devs, printer) for i in range(n)]
+    interrupted = _wait(workers, printer, grace_s)
+    codes = [int(w.proc.returncode) for w in workers]
+    summary = ", ".join(f"{w.prefix.strip('[]')}: {'ok' if c == 0 else f'exit {c}'}"
+                        for w, c in zip(workers, codes, strict=True))
+    printer.line("[workers]", f"all {n} finished ({summary})")
+    if interrupted:
+        return 130
+    return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    thread: threading.Thread
+    prefix: str
+
+
+def _start(i: int, n: int, cmd: list[str], devs: list[str] | None, printer: _Printer) -> _Worker:
+    """Start worker ``i`` of ``n`` in its own process group, its output streamed with a prefix."""
     width = len(str(n - 1))
+    dev = devs[i % len(devs)] if devs else None
+    cmd = cmd + (["--device", dev] if dev else [])
+    prefix = f"[w{i:0{width}d}{' ' + dev if dev else ''}]"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{WORKER_INDEX_ENV: str(i), WORKERS_ENV: str(n)})
+    group: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                             else {"preexec_fn": os.setpgrp})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, **group)
+    printer.line(prefix, f"started pid {proc.pid}: {' '.join(cmd)}")
+    assert proc.stdout is not None
+    thread = threading.Thread(target=_pump, args=(proc.stdout, prefix, printer), daemon=True)
+    thread.start()
+    return _Worker(proc, thread, prefix)
 
-    procs: list[subprocess.Popen[bytes]] = []
-    threads: list[threading.Thread] = []
-    prefixes: list[str] = []
-    for i in range(n):
-        cmd = base + args + (["--device", devs[i % len(devs)]] if devs else [])
-        prefix = f"[w{i:0{width}d}{' ' + devs[i % len(devs)] if devs else ''}]"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{WORKER_INDEX_ENV: str(i), WORKERS_ENV: str(n)})
-        group: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
-                                 else {"preexec_fn": os.setpgrp})
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, **group)
-        printer.line(prefix, f"started pid {proc.pid}: {' '.join(cmd)}")
-        assert proc.stdout is not None
-        thread = threading.Thread(target=_pump, args=(proc.stdout, prefix, printer), daemon=True)
-        thread.start()
-        procs.append(proc)
-        threads.append(thread)
-        prefixes.append(prefix)
 
+def _wait(workers: list[_Worker], printer: _Printer, grace_s: float) -> bool:
+    """Wait for every worker, forwarding SIGINT/SIGTERM (a second one kills); True if interrupted."""
+    procs = [w.proc for w in workers]
     interrupts: list[int] = []
     deadline: list[float] = []
 
@@ -167,13 +186,6 @@ def launch_workers(argv: Sequence[str], n: int, devices: Sequence[str] | None = 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for thread in threads:
-        thread.join(5)
-
-    codes = [int(p.returncode) for p in procs]
-    summary = ", ".join(f"{pre.strip('[]')}: {'ok' if c == 0 else f'exit {c}'}"
-                        for pre, c in zip(prefixes, codes, strict=True))
-    printer.line("[workers]", f"all {n} finished ({summary})")
-    if interrupts:
-        return 130
-    return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+    for w in workers:
+        w.thread.join(5)
+    return bool(interrupts)

@@ -24,14 +24,14 @@ def demo_spec():
 @pytest.fixture(scope="session")
 def demo_model(demo_spec):
     """The fused float demo detector (do not modify; use ``.fresh()`` for a copy)."""
-    from search.model import load_model
+    from mpq.model import load_model
 
     return load_model(demo_spec.model, demo_spec.imgsz, max_det=demo_spec.evaluation.max_det)
 
 
 @pytest.fixture(scope="session")
 def demo_subset(demo_spec):
-    from search.data import load_coco_subset
+    from mpq.data import load_coco_subset
 
     ds = demo_spec.dataset
     return load_coco_subset(ds.images, ds.annotations, max_images=ds.max_images, image_ids=ds.image_ids)
@@ -39,14 +39,14 @@ def demo_subset(demo_spec):
 
 @pytest.fixture(scope="session")
 def demo_calib(demo_spec):
-    from search.data import read_calibration_list
+    from mpq.data import read_calibration_list
 
     return read_calibration_list(demo_spec.calibration.source, demo_spec.calibration.max_images)
 
 
 @pytest.fixture(scope="session")
 def ultralytics_assets() -> Path:
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     return Path(import_ultralytics().__file__).parent / "assets"
 

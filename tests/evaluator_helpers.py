@@ -35,7 +35,7 @@ def export(module: Any, name: str, imgsz: int, *, batch: int | None = None) -> P
 
         import torch
 
-        from search.model import export_onnx
+        from mpq.model import export_onnx
 
         path = workdir() / f"{name}.onnx"
         if batch is None:

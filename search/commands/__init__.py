@@ -24,7 +24,8 @@ def add_study_arg(parser: argparse.ArgumentParser, positional: bool = False) -> 
 
 
 def study_path(value: Path | None) -> Path:
-    from search.errors import UserError
+    """The study spec file to use (default: the bundled demo), checked to exist."""
+    from mpq.errors import UserError
 
     path = value or DEFAULT_STUDY
     if not path.exists():

@@ -15,12 +15,10 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from search.errors import UserError
-
-if TYPE_CHECKING:
-    from optuna.storages import RDBStorage
+from mpq.errors import UserError
+from search.storage import default_url, open_existing, redact, sqlite_file
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _URL_RE = re.compile(r"^[a-z0-9+]+://")
@@ -55,11 +53,6 @@ class Target:
     storage: str
     study_name: str | None
     source: str  # where the storage came from, for messages
-
-
-def sqlite_url(path: Path) -> str:
-    """``sqlite:///`` URL of a file (absolute, so the server's working directory does not matter)."""
-    return f"sqlite:///{path.resolve()}"
 
 
 def _read_run_spec(run_dir: Path) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def resolve_target(run_dir: Path | None, storage: str | None, study: Path | None
     if not db.is_file():
         raise UserError(f"{run_dir} holds no study.db: has `search run` been started there? "
                         "(for a PostgreSQL study pass --storage URL)")
-    return Target(sqlite_url(db), name, str(run_dir))
+    return Target(default_url(run_dir), name, str(run_dir))
 
 
 def _load_spec(study: Path | None) -> Any:
@@ -145,56 +138,17 @@ def is_spec_path(value: str) -> bool:
 
 def _check_sqlite(url: str, where: str) -> str:
     """An SQLite URL must name an existing file (Optuna would silently create an empty one)."""
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        if str(path) not in ("", ":memory:") and not path.is_file():
-            raise UserError(f"{where} {url}: no such SQLite file {path}")
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise UserError(f"{where} {url}: no such SQLite file {path}")
     return url
 
 
-def redact(url: str) -> str:
-    """A storage URL with its password hidden, for printing."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
-
-
 # --------------------------------------------------------------------------------------
-# Storage and server
+# Server
 # --------------------------------------------------------------------------------------
-def open_storage(url: str) -> RDBStorage:
-    """Open an existing Optuna RDB storage read-mostly (no table creation, no migration).
-
-    Raises:
-        UserError: no database driver, the server cannot be reached, or it holds no
-            Optuna tables.
-    """
-    import optuna
-    import sqlalchemy.exc
-
-    shown = redact(url)
-    no_study = f"{shown} holds no Optuna study yet: start `search run --storage URL` first"
-    try:
-        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
-        storage.get_all_studies()
-    except ImportError as exc:
-        raise UserError(f"{shown}: no database driver for this URL ({exc.__cause__ or exc}); for PostgreSQL "
-                        "install the postgres extra: pip install -e '.[postgres]'") from None
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        cause: BaseException = exc
-        while not isinstance(cause, sqlalchemy.exc.SQLAlchemyError) and cause.__cause__ is not None:
-            cause = cause.__cause__  # Optuna wraps SQLAlchemy's errors
-        if isinstance(cause, sqlalchemy.exc.ArgumentError):
-            raise UserError(f"{shown}: not a valid storage URL ({cause})") from None
-        orig = getattr(cause, "orig", None) or cause
-        text = str(orig).strip()
-        first = text.splitlines()[0] if text else type(orig).__name__
-        if isinstance(cause, sqlalchemy.exc.ProgrammingError) or "no such table" in first or (
-                "relation" in first and "does not exist" in first):
-            raise UserError(no_study) from None
-        raise UserError(f"cannot open storage {shown}: {first}") from None
-    return storage
-
-
 def study_page(base: str, study_id: int) -> str:
+    """The dashboard page of one study."""
     return f"{base}/dashboard/studies/{study_id}"
 
 
@@ -229,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     spec_file = Path(args.study) if args.study and is_spec_path(args.study) else None
     asked_name = args.study if args.study and spec_file is None else None
     target = resolve_target(args.run_dir, args.storage, spec_file, asked_name)
-    storage = open_storage(target.storage)
+    storage = open_existing(target.storage)
     studies = {s.study_name: s._study_id for s in storage.get_all_studies()}
     if target.study_name is not None and target.study_name not in studies:
         if asked_name is not None or len(studies) != 1:

@@ -45,6 +45,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: str) -> Any:
+    """Our COCO metrics (and Ultralytics' beside them) as a rich table."""
     from rich.table import Table
 
     t = Table(title=title, caption="ours: ONNX Runtime + pycocotools; Ultralytics: its validator's own mAP; "
@@ -76,6 +77,7 @@ def metrics_table(acc: AccuracyResult, ul: UltralyticsValResult | None, title: s
 
 
 def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any:
+    """Per-class AP50-95 (ours and Ultralytics') as a rich table."""
     from rich.table import Table
 
     t = Table(title="per-class AP50-95")
@@ -92,20 +94,22 @@ def per_class_table(acc: AccuracyResult, ul: UltralyticsValResult | None) -> Any
 
 
 def latency_line(lat: LatencyResult) -> str:
+    """One line summing up a latency measurement."""
     return (f"latency ({lat.engine}, {lat.provider}, {lat.device}, batch {lat.batch_size}, "
             f"{lat.runs} runs): median {lat.median_ms:.2f} ms, p90 {lat.p90_ms:.2f} ms, {lat.fps:.1f} images/s")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpq.errors import UserError
+    from mpq.files import versions, write_json
     from search.commands import load_study
     from search.console import console, console_err
-    from search.context import RunContext
-    from search.errors import UserError
-    from search.runs import versions, write_json
+    from search.pipeline import TrialPipeline
 
     overrides = {"evaluation.batch_size": args.batch_size} if args.batch_size else {}
     spec = load_study(args.study, **overrides)
-    ctx = RunContext(spec)
+    pipeline = TrialPipeline.for_spec(spec)
+    res = pipeline.resources
     if args.onnx is not None:
         onnx_path = args.onnx
         if not onnx_path.is_file():
@@ -115,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         kind = "given"
     else:
         with console_err.status(f"float model {spec.model.name}: loading and exporting (reused when unchanged) ..."):
-            onnx_path = ctx.float_onnx()
-        out_dir = args.out or ctx.float_dir
+            onnx_path = pipeline.baseline.onnx()
+        out_dir = args.out or pipeline.baseline.dir
         compare = args.compare_ultralytics is not False
         kind = "float"
 
@@ -125,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
     names = names_from_metadata(read_metadata(onnx_path))
     if names is None:
         with console_err.status(f"reading class names from {spec.model.name} ..."):
-            names = ctx.model.names
+            names = res.model.names
     from evaluators.coco import CocoEvaluator
 
-    ev = CocoEvaluator(subset=ctx.subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
-                       cache_dir=ctx.cache_dir, progress=True)
+    ev = CocoEvaluator(subset=res.subset, names=names, imgsz=spec.imgsz, settings=spec.evaluation,
+                       cache_dir=res.paths.cache, progress=True)
     acc = ev.evaluate(onnx_path)
     ul = None
     if compare:
@@ -143,10 +147,11 @@ def run(args: argparse.Namespace) -> int:
         from evaluators import make_latency_evaluator
 
         with console_err.status("latency ..."):
-            lat = make_latency_evaluator(spec, cache_dir=ctx.cache_dir).evaluate(onnx_path)
+            lat = make_latency_evaluator(spec.latency, imgsz=spec.imgsz, evaluation=spec.evaluation,
+                                         cache_dir=res.paths.cache).evaluate(onnx_path)
 
     title = (f"{spec.name}: {Path(onnx_path).name} ({kind}) on {acc.num_images} images of "
-             f"{ctx.subset.annotations_path.name}, imgsz {spec.imgsz}")
+             f"{res.subset.annotations_path.name}, imgsz {spec.imgsz}")
     console.print(metrics_table(acc, ul, title))
     console.print(per_class_table(acc, ul))
     if ul is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: The metrics the sidecar compares: verified here, recorded by the study, and the float model's.
+SIDECAR_KEYS = ("map50_95", "map50", "latency_ms", "weight_bytes")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export chosen trials (or the whole Pareto front) as QCDQ ONNX, re-verified",
@@ -28,12 +30,12 @@ def run(args: argparse.Namespace) -> int:
     import optuna
     from rich.table import Table
 
+    from mpq.errors import UserError
+    from mpq.files import versions, write_json
     from search.console import console, console_err
-    from search.context import RunContext
-    from search.errors import UserError
+    from search.pipeline import TrialPipeline
     from search.report import collect, load_run, pareto_front, short_label
-    from search.runs import versions, write_json
-    from search.study import assignment_of
+    from search.trial_attrs import TrialAttrs
 
     spec, study = load_run(args.run_dir, args.storage)
     rows = collect(study, spec.search.max_map_drop)
@@ -47,42 +49,42 @@ def run(args: argparse.Namespace) -> int:
             t = by_number.get(n)
             if t is None:
                 raise UserError(f"{args.run_dir}: no trial {n} (trials 0..{len(by_number) - 1})")
-            if t.state != optuna.trial.TrialState.COMPLETE or "assignment" not in t.user_attrs:
+            if t.state != optuna.trial.TrialState.COMPLETE or TrialAttrs.of(t).assignment is None:
                 raise UserError(f"{args.run_dir}: trial {n} is {t.state.name}, not a completed trial with an "
                                 "assignment; `search report` lists the completed ones")
     out = args.out or Path(args.run_dir) / "export"
-    ctx = RunContext(spec, run_dir=Path(args.run_dir), device=args.device)
-    base = ctx.float_metrics()
+    pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir), device=args.device)
+    base = pipeline.baseline.metrics()
     table = Table(title=f"exported to {out}/{spec.name}-trial<#>.onnx + .json (mAP re-measured on the re-built model)")
     for col in ("#", "study mAP", "verified", "vs float", "ms", "W4", "layers"):
         table.add_column(col, justify="left" if col == "layers" else "right")
     for n in numbers:
-        t = by_number[n]
-        assignment = assignment_of(t)
+        attrs = TrialAttrs.of(by_number[n])
+        assignment = attrs.assignment_value()
         stem = f"{spec.name}-trial{n}"
         console_err.print(f"trial {n}: re-materializing {assignment.label()} ...", highlight=False)
         work = out / f".{stem}"
-        outcome = ctx.build_and_evaluate(assignment, out_dir=work, use_cache=False)
+        result = pipeline.run(assignment, out_dir=work, use_cache=False)
         onnx_path = out / f"{stem}.onnx"
-        outcome.artifact.replace(onnx_path)
-        recorded = t.user_attrs.get("metrics", {})
-        verified = outcome.metrics
+        result.artifact.replace(onnx_path)
+        recorded = attrs.metrics
+        verified = result.metrics
+        recorded_map = recorded.map50_95 if recorded is not None else float("nan")
         sidecar = {
             "study": spec.name, "trial": n, "digest": assignment.digest(), "onnx": onnx_path.name,
             "backend": spec.backend.model_dump(mode="json"), "model": str(spec.model), "imgsz": spec.imgsz,
-            "assignment": assignment.to_dict(), "summary": outcome.summary,
-            "metrics": verified, "float_metrics": {k: base[k] for k in ("map50_95", "map50", "latency_ms",
-                                                                        "weight_bytes")},
-            "study_metrics": {k: recorded.get(k) for k in ("map50_95", "map50", "latency_ms", "weight_bytes")},
-            "map_difference_vs_study": verified["map50_95"] - float(recorded.get("map50_95", float("nan"))),
-            "export": outcome.export_info, "timings": outcome.timings, "versions": versions(),
+            "assignment": assignment.to_dict(), "summary": dict(result.summary),
+            "metrics": verified.to_json(), "float_metrics": {k: getattr(base, k) for k in SIDECAR_KEYS},
+            "study_metrics": {k: getattr(recorded, k) if recorded is not None else None for k in SIDECAR_KEYS},
+            "map_difference_vs_study": verified.map50_95 - recorded_map,
+            "export": dict(result.export), "timings": dict(result.timings), "versions": versions(),
         }
         write_json(out / f"{stem}.json", sidecar)
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
-        table.add_row(str(n), f"{recorded.get('map50_95', float('nan')):.4f}", f"{verified['map50_95']:.4f}",
-                      f"{100 * (verified['map50_95'] - base['map50_95']):+.2f}", f"{verified['latency_ms']:.3g}",
-                      f"{100 * verified['w4_weight_share']:.0f}%", short_label(outcome.summary))
+        table.add_row(str(n), f"{recorded_map:.4f}", f"{verified.map50_95:.4f}",
+                      f"{100 * (verified.map50_95 - base.map50_95):+.2f}", f"{verified.latency_ms:.3g}",
+                      f"{100 * verified.w4_weight_share:.0f}%", short_label(result.summary))
     console.print(table)
     return 0

@@ -31,9 +31,9 @@ def _is_study(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpq.model import load_model
     from search.commands import load_study
     from search.console import console
-    from search.model import load_model
     from search.report_tables import layer_table_view
 
     target: Path | None = args.target

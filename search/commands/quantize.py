@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 from search.commands import add_study_arg
 
 if TYPE_CHECKING:
-    from search.assignment import Assignment
-    from search.context import RunContext, TrialOutcome
+    from mpq.assignment import Assignment
+    from search.resources import StudyResources
+    from search.results import TrialMetrics, TrialResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +52,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["backend.gptq=true", "imgsz=256"]`` -> ``{"backend.gptq": True, "imgsz": 256}`` (YAML values)."""
     import yaml
 
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     out: dict[str, Any] = {}
     for item in items:
@@ -65,10 +66,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_assignment(args: argparse.Namespace, ctx: RunContext) -> tuple[Assignment, str]:
+def build_assignment(args: argparse.Namespace, res: StudyResources) -> tuple[Assignment, str]:
     """The assignment to build and a short label for its folder."""
-    from search.assignment import Assignment, Precision
-    from search.errors import UserError
+    from mpq.assignment import Assignment, Precision
+    from mpq.errors import UserError
 
     if args.assignment is not None:
         if args.weights is not None or args.acts is not None:
@@ -90,69 +91,75 @@ def build_assignment(args: argparse.Namespace, ctx: RunContext) -> tuple[Assignm
         raise UserError(str(exc)) from None
     if precision.is_float:
         raise UserError("--weights 16 --acts 16 is the float model; `search eval` evaluates it")
-    return Assignment.from_groups(ctx.groups, {g.name: precision for g in ctx.groups}), str(precision).lower()
+    return Assignment.from_groups(res.groups, {g.name: precision for g in res.groups}), str(precision).lower()
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from mpq.errors import UserError
+    from mpq.files import read_json, write_json
     from search.commands import load_study
     from search.console import console, console_err
-    from search.context import RunContext
-    from search.errors import UserError
-    from search.runs import read_json, write_json
+    from search.pipeline import TrialPipeline
 
     overrides: dict[str, Any] = {}
     if args.backend and args.backend != load_study(args.study).backend.name:
         overrides["backend"] = {"name": args.backend}  # that backend's default options
     overrides.update(parse_overrides(args.overrides))
     spec = load_study(args.study, **overrides)
-    ctx = RunContext(spec, device=args.device, progress=True)
-    assignment, label = build_assignment(args, ctx)
+    pipeline = TrialPipeline.for_spec(spec, device=args.device, progress=True)
+    res = pipeline.resources
+    assignment, label = build_assignment(args, res)
     if len(assignment) == 0:
         raise UserError("the assignment quantizes no layer; nothing to build")
-    ctx.backend.capabilities.check(ctx.model.layers, assignment)  # names the layer and precision at fault
-    out_dir: Path = args.out or ctx.run_dir / "quantize" / f"{label}-{assignment.digest()}"
+    # before the (slow) float baseline: names the layer and precision at fault
+    res.backend.capabilities.check(res.model.layers, assignment)
+    out_dir: Path = args.out or res.run_dir / "quantize" / f"{label}-{assignment.digest()}"
     if out_dir.suffix == ".onnx":
         raise UserError(f"--out {out_dir}: give a folder; model.onnx, metrics.json and assignment.json go in it")
-    ctx.prepare_run_dir()
+    res.prepare_run_dir()
 
     t0 = time.perf_counter()
-    with console_err.status(f"float baseline of {spec.model.name} (cached in {ctx.float_dir}) ..."):
-        base = ctx.float_metrics()
-        float_onnx = ctx.float_onnx()
-    if hasattr(ctx.backend, "progress"):
-        ctx.backend.progress = True
-    console_err.print(f"building {assignment.label(ctx.model.layers)} with backend '{spec.backend.name}' "
-                      f"on {ctx.device} -> {out_dir}", highlight=False)
+    with console_err.status(f"float baseline of {spec.model.name} (cached in {pipeline.baseline.dir}) ..."):
+        base = pipeline.baseline.metrics()
+        float_onnx = pipeline.baseline.onnx()
+    if hasattr(res.backend, "progress"):
+        res.backend.progress = True
+    console_err.print(f"building {assignment.label(res.model.layers)} with backend '{spec.backend.name}' "
+                      f"on {res.device} -> {out_dir}", highlight=False)
     with console_err.status("materialize, export, evaluate ..."):
-        outcome = ctx.build_and_evaluate(assignment, out_dir=out_dir, use_cache=not args.force)
+        result = pipeline.run(assignment, out_dir=out_dir, use_cache=not args.force)
     metrics_path = out_dir / "metrics.json"
     data = read_json(metrics_path)
-    data["float"] = {"metrics": base, "onnx": str(float_onnx), "onnx_bytes": float_onnx.stat().st_size}
-    data["delta"] = {k: outcome.metrics[k] - base[k] for k in ("map50_95", "map50", "latency_ms", "weight_bytes")
-                     if isinstance(base.get(k), (int, float)) and isinstance(outcome.metrics.get(k), (int, float))}
+    data["float"] = {"metrics": base.to_json(), "onnx": str(float_onnx), "onnx_bytes": float_onnx.stat().st_size}
+    data["delta"] = {k: getattr(result.metrics, k) - getattr(base, k) for k in DELTA_KEYS}
     write_json(metrics_path, data)
-    console.print(comparison_table(spec.name, base, float_onnx.stat().st_size, outcome, assignment, ctx))
+    console.print(comparison_table(spec.name, base, float_onnx.stat().st_size, result, res))
     console.print(f"wrote {out_dir / 'model.onnx'} and {metrics_path}"
-                  + (" (reused a finished result; --force rebuilds)" if outcome.cached else "")
+                  + (" (reused a finished result; --force rebuilds)" if result.cached else "")
                   + f" in {time.perf_counter() - t0:.1f} s", highlight=False)
     return 0
+
+
+#: The metrics whose change vs float ``metrics.json`` records under ``delta``.
+DELTA_KEYS = ("map50_95", "map50", "latency_ms", "weight_bytes")
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def comparison_table(study: str, base: dict[str, Any], float_bytes: int, outcome: TrialOutcome,
-                     assignment: Assignment, ctx: RunContext) -> Any:
+def comparison_table(study: str, base: TrialMetrics, float_bytes: int, result: TrialResult,
+                     res: StudyResources) -> Any:
     """Float vs quantized: accuracy, size, latency, Q/DQ node counts; build times as the caption."""
     from rich.table import Table
 
-    q = outcome.metrics
-    counts = outcome.export_info.get("node_counts", {})
-    t = outcome.timings
-    if outcome.cached:
+    q = result.metrics
+    assignment = result.assignment
+    counts = result.export.get("node_counts", {})
+    t = result.timings
+    if result.cached:
         caption = "cached result (--force rebuilds)"
     else:
         steps = [f"{k.split('.', 1)[1]} {v:.1f}" for k, v in t.items()
@@ -160,21 +167,20 @@ def comparison_table(study: str, base: dict[str, Any], float_bytes: int, outcome
         caption = (f"times (s): materialize {t.get('materialize', 0):.1f} ({', '.join(steps)}), "
                    f"export {t.get('export', 0):.1f}, evaluate {t.get('evaluate', 0):.1f}, "
                    f"latency {t.get('latency', 0):.1f}")
-    provider = str(q.get("latency_provider", "?")).removesuffix("ExecutionProvider")
-    table = Table(title=f"{study}: float vs {assignment.label(ctx.model.layers)} ({ctx.spec.backend.name}, "
-                        f"{len(assignment)}/{len(ctx.model.quantizable_layers)} layers)", caption=caption)
+    provider = q.latency_provider.removesuffix("ExecutionProvider")
+    table = Table(title=f"{study}: float vs {assignment.label(res.model.layers)} ({res.spec.backend.name}, "
+                        f"{len(assignment)}/{len(res.model.quantizable_layers)} layers)", caption=caption)
     table.add_column("")
     table.add_column("float", justify="right")
     table.add_column("quantized", justify="right")
     table.add_column("change", justify="right")
-    table.add_row("mAP50-95", f"{base['map50_95']:.4f}", f"{q['map50_95']:.4f}",
-                  f"{q['map50_95'] - base['map50_95']:+.4f}")
-    table.add_row("mAP50", f"{base['map50']:.4f}", f"{q['map50']:.4f}", f"{q['map50'] - base['map50']:+.4f}")
-    table.add_row("weights (analytic)", _mb(base["weight_bytes"]), _mb(q["weight_bytes"]),
-                  f"x{q['weight_bytes'] / max(base['weight_bytes'], 1):.3f}")
-    table.add_row("ONNX file", _mb(float_bytes), _mb(q["onnx_bytes"]), f"x{q['onnx_bytes'] / max(float_bytes, 1):.3f}")
-    table.add_row(f"latency ({provider}, b{q.get('latency_batch', 1)})", f"{base['latency_ms']:.2f} ms",
-                  f"{q['latency_ms']:.2f} ms", f"x{q['latency_ms'] / max(base['latency_ms'], 1e-9):.2f}")
+    table.add_row("mAP50-95", f"{base.map50_95:.4f}", f"{q.map50_95:.4f}", f"{q.map50_95 - base.map50_95:+.4f}")
+    table.add_row("mAP50", f"{base.map50:.4f}", f"{q.map50:.4f}", f"{q.map50 - base.map50:+.4f}")
+    table.add_row("weights (analytic)", _mb(base.weight_bytes), _mb(q.weight_bytes),
+                  f"x{q.weight_bytes / max(base.weight_bytes, 1):.3f}")
+    table.add_row("ONNX file", _mb(float_bytes), _mb(q.onnx_bytes), f"x{q.onnx_bytes / max(float_bytes, 1):.3f}")
+    table.add_row(f"latency ({provider}, b{q.latency_batch})", f"{base.latency_ms:.2f} ms",
+                  f"{q.latency_ms:.2f} ms", f"x{q.latency_ms / max(base.latency_ms, 1e-9):.2f}")
     table.add_row("Q / DQ / Clip", "0 / 0 / 0",
                   f"{counts.get('QuantizeLinear', 0)} / {counts.get('DequantizeLinear', 0)} / {counts.get('Clip', 0)}",
                   "")

@@ -39,11 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mpq.errors import UserError
     from search.commands import load_study
     from search.console import console, console_err
-    from search.context import RunContext
-    from search.errors import UserError
-    from search.study import RunSettings, StudyRunner, redact
+    from search.pipeline import TrialPipeline
+    from search.storage import delete_study, redact
+    from search.study import RunSettings, StudyRunner
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -52,26 +53,23 @@ def run(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.device.split(",")] if args.device else []
     if len(devices) > 1 and args.workers == 1:
         raise UserError("several --device values need --workers N (one device per worker)")
-    ctx = RunContext(spec, run_dir=Path(args.run_dir) if args.run_dir else None,
-                     device=devices[0] if devices else None)
+    pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir) if args.run_dir else None,
+                                      device=devices[0] if devices else None)
+    run_dir = pipeline.resources.run_dir
     objectives = [o.strip() for o in args.objectives.split(",")] if args.objectives else None
-    settings = RunSettings.from_ctx(ctx, budget=args.budget, storage=args.storage, sampler=args.sampler,
-                                    space=args.space, objectives=objectives,
-                                    seed_policies=False if args.no_policies else None, seed=args.seed)
+    settings = RunSettings.from_spec(spec, run_dir, budget=args.budget, storage=args.storage, sampler=args.sampler,
+                                     space=args.space, objectives=objectives,
+                                     seed_policies=False if args.no_policies else None, seed=args.seed)
     if args.fresh:
-        _delete_study(settings.storage, spec.name)
-    runner = StudyRunner(ctx, settings, log=lambda m: console_err.print(f"[dim]{m}[/]", highlight=False))
+        delete_study(settings.storage, spec.name)
+    runner = StudyRunner(pipeline, settings, log=lambda m: console_err.print(f"[dim]{m}[/]", highlight=False))
     console_err.print(f"study [bold]{spec.name}[/]: storage {redact(settings.storage)}, budget {settings.budget}, "
                       f"objectives {','.join(settings.objectives)}, sampler {settings.sampler}, "
                       f"space {settings.space}, backend {spec.backend.name}", highlight=False)
     if args.workers > 1:
         from search.workers import launch_workers
 
-        # the sweep and the float baseline once, here; the workers then share them
-        ctx.prepare_run_dir()
-        study, created = runner.open()
-        runner.ensure_sensitivity(study, created)
-        runner.float_metrics()
+        runner.prepare()  # the sweep and the float baseline once, here; the workers then share them
         argv = _child_argv(args)
         rc = launch_workers(argv, args.workers, devices or None)
         if rc != 0:
@@ -81,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_report:
         from search.report import front_table, make_report
 
-        rep = make_report(ctx.run_dir, args.storage)
+        rep = make_report(run_dir, args.storage)
         console.print(front_table(rep))
         console.print(f"report: {rep.files['index.html']}", highlight=False)
     return 0
@@ -106,19 +104,24 @@ def _run_one(runner, budget: int) -> None:  # noqa: ANN001
 
 
 def trial_line(t) -> str:  # noqa: ANN001
-    ua = t.user_attrs
+    """One line per finished trial: W4 share, mAP and its change, latency, size, duplicate/policy, times."""
+    from search.trial_attrs import TrialAttrs
+
+    attrs = TrialAttrs.of(t)
     if t.state.name == "FAIL":
-        return f"  #{t.number:<3} [red]failed[/]: {ua.get('failure', '?')[:200]}"
-    m = ua.get("metrics", {})
-    tm = ua.get("timings", {})
-    dup = f" (= #{ua['duplicate_of']})" if "duplicate_of" in ua else ""
-    pol = f" [cyan]{ua['policy']}[/]" if ua.get("policy") else ""
+        return f"  #{t.number:<3} [red]failed[/]: {(attrs.failure or '?')[:200]}"
+    m = attrs.metrics
+    tm = attrs.timings
+    dup = f" (= #{attrs.duplicate_of})" if attrs.is_duplicate else ""
+    pol = f" [cyan]{attrs.policy}[/]" if attrs.policy else ""
     times = (f" [dim]mat {tm.get('materialize', 0):.1f}s exp {tm.get('export', 0):.1f}s "
              f"eval {tm.get('evaluate', 0):.1f}s lat {tm.get('latency', 0):.1f}s[/]") if tm and not dup else ""
-    ratio = f" (x{m['latency_ratio']:.2f} float)" if "latency_ratio" in m else ""
-    return (f"  #{t.number:<3} W4 {100 * m.get('w4_weight_share', 0):3.0f}%  mAP {m.get('map50_95', 0):.4f} "
-            f"({-100 * m.get('map_drop', 0):+.2f} pt)  {m.get('latency_ms', 0):.2f} ms{ratio}  "
-            f"{m.get('weight_bytes', 0) / 1e6:.2f} MB{dup}{pol}{times}")
+    if m is None:
+        return f"  #{t.number:<3} no metrics{dup}{pol}"
+    ratio = f" (x{m.latency_ratio:.2f} float)" if m.latency_ratio is not None else ""
+    return (f"  #{t.number:<3} W4 {100 * m.w4_weight_share:3.0f}%  mAP {m.map50_95:.4f} "
+            f"({-100 * (m.map_drop or 0):+.2f} pt)  {m.latency_ms:.2f} ms{ratio}  "
+            f"{m.weight_bytes / 1e6:.2f} MB{dup}{pol}{times}")
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
@@ -131,14 +134,3 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     if args.no_policies:
         argv.append("--no-policies")
     return argv
-
-
-def _delete_study(storage: str, name: str) -> None:
-    import optuna
-
-    from search.study import make_storage
-
-    try:
-        optuna.delete_study(study_name=name, storage=make_storage(storage))
-    except KeyError:
-        pass

@@ -28,20 +28,21 @@ def run(args: argparse.Namespace) -> int:
 
     from search.commands import load_study
     from search.console import console
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
     from search.sensitivity import run_sweep
     from search.views import sensitivity_tables
 
     spec = load_study(args.study)
-    ctx = RunContext(spec, run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device)
-    ctx.prepare_run_dir()
-    table = run_sweep(ctx, metric=args.metric, fresh=args.fresh)
+    pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device)
+    res = pipeline.resources
+    res.prepare_run_dir()
+    table = run_sweep(res, pipeline.baseline, metric=args.metric, fresh=args.fresh)
     for t in sensitivity_tables(table, args.top):
         console.print(t)
     console.print(f"{len(table.groups)} groups x {len(table.candidates())} candidates, metric {table.metric}, "
-                  f"{table.seconds:.0f} s; table: {ctx.run_dir / 'sensitivity.json'}", highlight=False)
+                  f"{table.seconds:.0f} s; table: {res.run_dir / 'sensitivity.json'}", highlight=False)
     if args.correlate:
         from search.sensitivity import correlation_report
 
-        console.print(correlation_report(ctx, fresh=args.fresh))
+        console.print(correlation_report(res, pipeline.baseline, fresh=args.fresh))
     return 0

@@ -11,7 +11,7 @@ DEFAULT_IMGSZ = 192
 
 def demo_dataset(root: Path | None = None, progress: bool = True) -> Path:
     """Generate (once) and return the synthetic dataset folder in the cache."""
-    from search._env import cache_dir
+    from mpq.env import cache_dir
     from search.demo.synth import GENERATOR_VERSION, generate
 
     root = root or cache_dir() / f"demo-data-v{GENERATOR_VERSION}"

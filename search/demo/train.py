@@ -22,7 +22,7 @@ from search.demo import DEFAULT_IMGSZ, DEMO_WEIGHTS, demo_dataset
 def train(epochs: int = 60, imgsz: int = DEFAULT_IMGSZ, out: Path = DEMO_WEIGHTS,
           workdir: Path | None = None, batch: int = 32, seed: int = 0) -> Path:
     """Train and copy the final weights to ``out``; returns ``out``."""
-    from search._env import cache_dir, import_ultralytics
+    from mpq.env import cache_dir, import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -46,6 +46,7 @@ def train(epochs: int = 60, imgsz: int = DEFAULT_IMGSZ, out: Path = DEMO_WEIGHTS
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of ``python -m search.demo.train``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--imgsz", type=int, default=DEFAULT_IMGSZ)

@@ -20,7 +20,7 @@ def calib(demo_calib, demo_model):
 
 @pytest.fixture(scope="module")
 def images(demo_subset, demo_model):
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     return cached("eval-images-16", lambda: preprocess_many(demo_subset.paths[:16], demo_model.imgsz,
                                                             progress=False)[0])

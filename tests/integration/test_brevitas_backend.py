@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import calibration_set, match_detections, workdir
+from quantizer_helpers import calibration_set, workdir
 
-from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, metadata_path, quant_layer
+from mpq.assignment import Assignment, Precision
+from quantizers.base import metadata_path
+from quantizers.brevitas_backend import BrevitasBackend, BrevitasError, quant_layer
+from quantizers.brevitas_options import BrevitasOptions
 from quantizers.onnx_inspect import layer_precisions
-from search.assignment import Assignment, Precision
-from search.spec import BrevitasOptions
+from quantizers.testing import match_detections
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_weight_only_export_is_exact(backend, demo_model, calib, demo_subset):
     import onnxruntime as ort
     import torch
 
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     b = backend
     layers = demo_model.quantizable_layers[::3]
@@ -215,12 +217,12 @@ def test_quant_linear_layer():
 def test_wrong_device_and_options_are_user_errors(demo_model, calib):
     import torch
 
-    from search.errors import UserError
+    from mpq.errors import UserError
 
     if not torch.cuda.is_available():
         with pytest.raises(BrevitasError, match="cuda"):
             BrevitasBackend(device="cuda")
-    from search.spec import ModelOptOptions
+    from quantizers.modelopt_options import ModelOptOptions
 
     with pytest.raises(UserError, match="BrevitasOptions"):
         BrevitasBackend(options=ModelOptOptions())  # type: ignore[arg-type]

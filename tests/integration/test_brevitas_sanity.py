@@ -30,9 +30,9 @@ def evaluation(demo_spec, demo_model, demo_subset, tmp_path_factory):
 
 
 def _map(demo_model, evaluation, precision: str, **options) -> float:
+    from mpq.assignment import Assignment
     from quantizers.brevitas_backend import BrevitasBackend
-    from search.assignment import Assignment
-    from search.spec import BrevitasOptions
+    from quantizers.brevitas_options import BrevitasOptions
 
     coco, calib, _, out = evaluation
     backend = BrevitasBackend(options=BrevitasOptions(**options))

@@ -12,27 +12,16 @@ fail with an error that says what was expected.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 
 import numpy as np
 import pytest
 from evaluator_helpers import cached, export, workdir
 
-from evaluators.base import AccuracyResult, CostResult, FidelityResult, LatencyResult
+from evaluators.base import CostResult, FidelityResult
 from evaluators.errors import ModelFormatError, ProviderError
 from evaluators.session import CPU, CUDA, TENSORRT
-
-
-def _strict_json(d: dict) -> dict:
-    return json.loads(json.dumps(d, allow_nan=False))
-
-
-def _frozen(result: object) -> None:
-    field = dataclasses.fields(result)[0].name  # type: ignore[arg-type]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        setattr(result, field, 0)
+from evaluators.testing import check_accuracy_result, check_latency_result, check_result, strict_json, tiny_onnx
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +50,7 @@ def _variant(name: str, demo_spec, demo_model):
         return export(demo_model.module, "float-b3", demo_model.imgsz, batch=3), "end2end", 3
 
     def raw_model():
-        from search.model import load_model
+        from mpq.model import load_model
 
         return load_model(demo_spec.model, demo_spec.imgsz, end2end=False)
 
@@ -93,18 +82,12 @@ def accuracy_results(coco, coco32, demo_spec, demo_model):
 @pytest.mark.parametrize("variant", ["full", "end2end", "fixed-batch-3", "raw"])
 def test_accuracy_contract(accuracy_results, demo_model, demo_subset, variant):
     r, layout, batch = accuracy_results[variant]
-    assert isinstance(r, AccuracyResult)
-    _frozen(r)
-    assert 0.0 < r.map50_95 <= r.map50 <= 1.0 and 0.0 <= r.map75 <= 1.0
-    for v in (r.map_small, r.map_medium, r.map_large):
-        assert v == -1.0 or 0.0 <= v <= 1.0  # -1: no ground truth in that size range (pycocotools)
-    assert set(r.per_class) <= set(demo_model.names.values()) and r.per_class
-    assert all(0.0 <= ap <= 1.0 for ap in r.per_class.values())
-    assert r.num_images == (len(demo_subset) if variant == "full" else 32) and r.num_detections > r.num_images
-    assert r.provider == CPU and r.batch_size == batch and r.images_per_s > 0 and r.seconds > 0
+    check_accuracy_result(r, names=demo_model.names.values(),
+                          num_images=len(demo_subset) if variant == "full" else 32)
+    assert r.provider == CPU and r.batch_size == batch
     assert r.extra["layout"] == layout and r.extra["session"]["used"][0] == CPU
     assert set(r.extra["timings"]) >= {"session_s", "inference_s", "decode_s", "cocoeval_s", "trial_s"}
-    assert _strict_json(r.to_dict())["map50_95"] == r.map50_95
+    assert strict_json(r.to_dict())["map50_95"] == r.map50_95
 
 
 def test_fixed_batch_padding_gives_the_same_result(accuracy_results):
@@ -172,7 +155,7 @@ def test_input_size_mismatch_says_what_was_expected(coco, demo_subset, demo_mode
 
 
 def test_wrong_output_layout_says_what_was_expected(coco, demo_subset):
-    from search.model import load_model
+    from mpq.model import load_model
 
     coco80 = cached("model:yolov8n", lambda: load_model("yolov8n.yaml", 192))  # 80 classes: (N, 84, 756)
     path = export(coco80.module, "yolov8n-80cls", 192)
@@ -186,7 +169,7 @@ def test_wrong_output_layout_says_what_was_expected(coco, demo_subset):
 @pytest.fixture(scope="module")
 def fidelity(demo_model, demo_calib, float_onnx):
     from evaluators.fidelity import FidelityEvaluator
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     images, _ = preprocess_many(demo_calib[:32], demo_model.imgsz, cache=workdir() / "calib32.npz", progress=False)
     return FidelityEvaluator(reference=float_onnx, images=images, names=demo_model.names)
@@ -209,7 +192,7 @@ def _candidate(kind: str, demo_model, float_onnx):
 def test_fidelity_contract(fidelity, demo_model, float_onnx, kind):
     r = fidelity.evaluate(_candidate(kind, demo_model, float_onnx))
     assert isinstance(r, FidelityResult)
-    _frozen(r)
+    check_result(r, strict=kind != "plain-callable")  # no raw output: no SQNR (NaN)
     assert r.det_map == pytest.approx(1.0, abs=1e-3) and r.det_map50 == pytest.approx(1.0, abs=1e-3)
     assert r.num_images == 32 and r.seconds > 0 and r.extra["num_pseudo_labels"] > 0
     if kind == "plain-callable":
@@ -217,8 +200,6 @@ def test_fidelity_contract(fidelity, demo_model, float_onnx, kind):
     else:
         # identical graph: capped; torch vs ONNX Runtime: float rounding only
         assert r.sqnr_db == (200.0 if kind == "onnx" else pytest.approx(r.sqnr_db)) and r.sqnr_db > 60
-        _strict_json(r.to_dict())
-    json.dumps(r.to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -281,28 +262,9 @@ def _latency_evaluator(engine: str, imgsz: int):
 @pytest.mark.parametrize("engine", ["ort", pytest.param("tensorrt", marks=pytest.mark.gpu)])
 def test_latency_contract(engine, float_onnx, demo_model):
     r = _latency_evaluator(engine, demo_model.imgsz).evaluate(float_onnx)
-    assert isinstance(r, LatencyResult)
-    _frozen(r)
-    assert r.engine == engine and r.batch_size == 2 and r.runs == 6 and r.warmup == 2
-    assert 0 < r.min_ms <= r.median_ms <= r.p90_ms and r.mean_ms > 0
-    assert r.fps == pytest.approx(2000.0 / r.median_ms)
-    assert r.provider and r.device
+    check_latency_result(r, engine=engine, batch_size=2, runs=6, warmup=2)
     if engine == "ort":
         assert r.provider == CPU and r.device.startswith("cpu") and r.threads == 1
-    _strict_json(r.to_dict())
-
-
-def _tiny_onnx(path, imgsz: int):
-    """A model with the detector's input and almost no compute (a global mean)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["images"], ["out"], keepdims=1)], "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 def test_latency_interleaved_with_a_reference_gives_the_ratio(float_onnx, demo_model, tmp_path):
@@ -311,11 +273,11 @@ def test_latency_interleaved_with_a_reference_gives_the_ratio(float_onnx, demo_m
     same = ev.evaluate(float_onnx, reference=float_onnx)
     assert same.extra["reference"] == str(float_onnx) and same.extra["reference_median_ms"] > 0
     assert 0.6 < same.extra["ratio"] < 1.6  # the same model in the same window
-    tiny = _tiny_onnx(tmp_path / "tiny.onnx", demo_model.imgsz)
+    tiny = tiny_onnx(tmp_path / "tiny.onnx", demo_model.imgsz)
     r = ev.evaluate(float_onnx, reference=tiny)
     assert r.extra["ratio"] > 3.0 and r.extra["reference_median_ms"] < r.median_ms
     assert "ratio" not in ev.evaluate(float_onnx).extra
-    _strict_json(r.to_dict())
+    strict_json(r.to_dict())
 
 
 @pytest.mark.parametrize("engine", ["ort", pytest.param("tensorrt", marks=pytest.mark.gpu)])
@@ -329,7 +291,7 @@ def test_latency_wrong_input_size_is_named(engine, float_onnx):
 # --------------------------------------------------------------------------------------
 def test_cost_contract(demo_model):
     from evaluators.cost import analytic_cost
-    from search.assignment import Assignment
+    from mpq.assignment import Assignment
 
     layers = demo_model.layers
     quant = demo_model.quantizable_layers
@@ -342,5 +304,4 @@ def test_cost_contract(demo_model):
     assert 0.2 < w8a8.size_ratio < 0.3 and 0.1 < w4a8.size_ratio < 0.2  # biases and scales stay float32
     assert base.bops > w4a16.bops > w8a8.bops > w4a8.bops
     assert w4a8.w4_weight_share == 1.0 and w4a8.a8_layer_share == 1.0 and w4a16.a8_layer_share == 0.0
-    _frozen(w4a8)
-    _strict_json(w4a8.to_dict())
+    check_result(w4a8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.model import LAYOUT_END2END, LAYOUT_RAW, ModelLoadError, export_onnx, load_model
+from mpq.model import LAYOUT_END2END, LAYOUT_RAW, ModelLoadError, export_onnx, load_model
 
 
 def test_yolov10m_architecture_layers():
@@ -49,7 +49,7 @@ def test_float_onnx_matches_torch(demo_model, demo_calib, tmp_path):
     import onnxruntime as ort
     import torch
 
-    from search.data import preprocess_many
+    from mpq.data import preprocess_many
 
     images, _ = preprocess_many(demo_calib[:4], demo_model.imgsz, progress=False)
     path = export_onnx(demo_model.module, tmp_path / "float.onnx", demo_model.imgsz)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from quantizer_helpers import cached, match_detections, workdir
+from quantizer_helpers import cached, workdir
 
 pytest.importorskip("modelopt.torch.quantization", reason="the 'modelopt' extra is not installed")
 
+from mpq.assignment import Assignment, Precision  # noqa: E402
 from quantizers.modelopt_backend import ModelOptBackend, integer_weight, quant_config  # noqa: E402
-from search.assignment import Assignment, Precision  # noqa: E402
-from search.spec import ModelOptOptions  # noqa: E402
+from quantizers.modelopt_options import ModelOptOptions  # noqa: E402
+from quantizers.testing import match_detections
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def layer_outputs_onnx(path, demo_model, images, optimize=True):
     import onnx
     import onnxruntime as ort
 
-    from quantizers.onnx_names import expose_outputs, map_layers_to_nodes
+    from mpq.onnx_nodes import with_outputs
+    from quantizers.onnx_names import map_layers_to_nodes
 
     proto = onnx.load(str(path))
     nmap = map_layers_to_nodes(proto, demo_model.layers)
@@ -68,7 +70,7 @@ def layer_outputs_onnx(path, demo_model, images, optimize=True):
     so.log_severity_level = 3
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(expose_outputs(proto, tensors.values()).SerializeToString(), so,
+    sess = ort.InferenceSession(with_outputs(proto, tensors.values()).SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
     res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": images}), strict=True))
     return {name: res[t] for name, t in tensors.items()}, res["output0"]
@@ -253,8 +255,8 @@ def test_entropy_calibration_runs(demo_model, calib, images):
 
 
 def test_wrong_options_type_is_an_error():
-    from search.errors import UserError
-    from search.spec import BrevitasOptions
+    from mpq.errors import UserError
+    from quantizers.brevitas_options import BrevitasOptions
 
     with pytest.raises(UserError, match="ModelOptOptions"):
         ModelOptBackend(options=BrevitasOptions())  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from quantizer_helpers import workdir
 
 pytest.importorskip("modelopt.onnx.quantization", reason="the 'modelopt' extra is not installed")
 
+from mpq.assignment import Assignment, LayerInfo, Precision  # noqa: E402
 from quantizers import UnsupportedPrecisionError, get_backend  # noqa: E402
 from quantizers.modelopt_onnx_backend import (  # noqa: E402
     CAPABILITIES,
@@ -16,9 +17,8 @@ from quantizers.modelopt_onnx_backend import (  # noqa: E402
     _modelopt_unsupported_convs,
     int8_conv_supported,
 )
+from quantizers.modelopt_onnx_options import ModelOptOnnxOptions  # noqa: E402
 from quantizers.onnx_inspect import layer_precisions  # noqa: E402
-from search.assignment import Assignment, LayerInfo, Precision  # noqa: E402
-from search.spec import ModelOptOnnxOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")

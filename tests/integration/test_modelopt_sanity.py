@@ -24,8 +24,8 @@ def evaluation(demo_spec, demo_model, demo_subset, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["modelopt", "modelopt-onnx"])
 def test_w8a8_loses_at_most_one_point(name, demo_model, evaluation):
+    from mpq.assignment import Assignment
     from quantizers import get_backend
-    from search.assignment import Assignment
 
     coco, calib, float_map, out = evaluation
     backend = get_backend(name)  # the study defaults

@@ -1,12 +1,13 @@
 """Layer -> ONNX node mapping on real exports: the demo YOLOv10n, yolov10m.yaml and yolov8n.yaml
-(float, through search.model.export_onnx), where weight names and scopes must agree."""
+(float, through mpq.model.export_onnx), where weight names and scopes must agree."""
 
 from __future__ import annotations
 
 import pytest
 
-from quantizers.onnx_names import map_layers_to_nodes, module_name_from_node
-from search.model import export_onnx, load_model
+from mpq.model import export_onnx, load_model
+from mpq.onnx_nodes import module_name_from_node
+from quantizers.onnx_names import map_layers_to_nodes
 
 
 def _check(model, path):

@@ -145,16 +145,16 @@ def test_a_changed_spec_does_not_silently_join_the_old_study(finished_run: tuple
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(finished_run: tuple[Path, Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
-    from search.context import RunContext
+    from search.pipeline import TrialPipeline
     from search.spec import load_spec
     from search.study import RunSettings, StudyRunner
 
     spec_path, run_dir = finished_run
     spec = load_spec(spec_path)
     # a separate study in the same run dir (shares the cached sweep and trials)
-    ctx = RunContext(spec, run_dir=run_dir, progress=False)
-    settings = RunSettings.from_ctx(ctx, budget=2, storage=f"sqlite:///{tmp_path / 'fail.db'}")
-    real = ctx.build_and_evaluate
+    pipeline = TrialPipeline.for_spec(spec, run_dir=run_dir, progress=False)
+    settings = RunSettings.from_spec(spec, run_dir, budget=2, storage=f"sqlite:///{tmp_path / 'fail.db'}")
+    real = pipeline.run
     calls = {"n": 0}
 
     def flaky(assignment, **kw):  # the first build fails as a broken backend would
@@ -163,8 +163,8 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(finished_run: tuple[P
             raise RuntimeError("exporter crashed on purpose")
         return real(assignment, **kw)
 
-    monkeypatch.setattr(ctx, "build_and_evaluate", flaky)
-    study = StudyRunner(ctx, settings, progress=False).run()
+    monkeypatch.setattr(pipeline, "run", flaky)
+    study = StudyRunner(pipeline, settings, progress=False).run()
     states = [t.state for t in study.trials]
     assert states[0] == optuna.trial.TrialState.FAIL
     assert "exporter crashed on purpose" in study.trials[0].user_attrs["failure"]

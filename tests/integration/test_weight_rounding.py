@@ -1,4 +1,4 @@
-"""Cached output-aware weight rounding (``quantizers/rounding.py``) in the Brevitas backend:
+"""Cached output-aware weight rounding (``quantizers/rounding.py``, ``quantizers/weight_store.py``) in the backends:
 
 - the cached integers of a layer are exactly what Brevitas' own GPTQ (``gptq_mode``, as
   ``gptq: true`` runs it) gives that layer when it is the only one quantized (then its
@@ -6,8 +6,9 @@
 - a materialized model carries exactly the cached integers (and bias correction is
   computed from them);
 - a second backend instance with the same cache folder loads them from disk without
-  computing anything; the key changes with the model, the calibration images and the
-  options that decide the weights, and only with those.
+  computing anything; the key changes with the model, the calibration images (list and file
+  contents), the layer table and the options that decide the weights, and only with those;
+- a damaged (truncated) cache file is detected by its digest and rebuilt, with a warning.
 
 The default backend instance and the 8-image calibration set are shared with the contract
 suite (one one-time computation per test session).
@@ -20,9 +21,9 @@ import json
 import pytest
 from quantizer_helpers import cached, calibration_set
 
+from mpq.assignment import Assignment
 from quantizers.brevitas_backend import BrevitasBackend, BrevitasError
-from search.assignment import Assignment
-from search.spec import BrevitasOptions
+from quantizers.brevitas_options import BrevitasOptions
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_rerun_loads_from_disk_and_pays_nothing(demo_model, demo_calib, tmp_path
     are the same; a different calibration set is a different key and is computed."""
     import torch
 
-    import quantizers.brevitas_backend as bb
+    import quantizers.weight_store as ws
 
     calib = calibration_set(demo_calib, demo_model.imgsz, n=2, batch_size=2)
     layer = demo_model.quantizable_layers[3].name
@@ -128,7 +129,7 @@ def test_rerun_loads_from_disk_and_pays_nothing(demo_model, demo_calib, tmp_path
     def no_compute(*args, **kwargs):
         raise AssertionError("the weights were computed again")
 
-    monkeypatch.setattr(bb, "compute_weight_store", no_compute)
+    monkeypatch.setattr(ws, "build_store", no_compute)
     second = BrevitasBackend(cache_dir=tmp_path)
     q2 = second.materialize(demo_model, Assignment({layer: "W4A16", demo_model.quantizable_layers[7].name: "W8A8"}),
                             calib)
@@ -147,12 +148,12 @@ def test_rerun_loads_from_disk_and_pays_nothing(demo_model, demo_calib, tmp_path
 def test_cache_key_follows_model_calibration_and_weight_options(demo_model, demo_calib):
     import torch
 
-    from quantizers.rounding import store_key
+    from quantizers.weight_store import store_key
 
     calib = calibration_set(demo_calib, demo_model.imgsz, n=2, batch_size=2)
 
     def key(model=demo_model, cal=calib, **options) -> str:
-        return store_key(BrevitasBackend(options=BrevitasOptions(**options)).weights_key_parts(model, cal))
+        return store_key(BrevitasBackend(options=BrevitasOptions(**options)).weights.key(model, cal))
 
     base = key()
     assert base == key()
@@ -178,12 +179,12 @@ def test_sequential_gptq_ignores_the_cache(demo_model, calib):
     assert b.rounding == "nearest"
     layer = demo_model.quantizable_layers[3].name
     q = b.materialize(demo_model, Assignment({layer: "W4A16"}), calib)
-    assert "gptq" in q.timings and "weights" not in q.timings
+    assert "gptq" in q.timings and q.timings["weights"] == 0.0
     assert q.info["weights"] == {"rounding": "nearest"}
 
 
 def test_empty_calibration_is_a_user_error(demo_model, calib):
-    from quantizers.base import CalibrationSet
+    from mpq.data import CalibrationSet
 
     empty = CalibrationSet(images=calib.images[:0], paths=[], batch_size=4)
     b = BrevitasBackend(options=BrevitasOptions(bias_correction=False))
@@ -203,8 +204,8 @@ def test_modelopt_takes_the_cached_integers(demo_model, calib):
 
     from quantizers import get_backend
     from quantizers.modelopt_backend import integer_weight
+    from quantizers.modelopt_options import ModelOptOptions
     from quantizers.rounding import collect_hessians, output_error
-    from search.spec import ModelOptOptions
 
     try:
         backend = cached("backend:modelopt", lambda: get_backend("modelopt", device="cpu"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from search.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
+from mpq.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
 
 
 def _layer(name: str, block: str, w: int = 100, i: int = 0, quantizable: bool = True) -> LayerInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from search.spec import BrevitasOptions
+from quantizers.brevitas_options import BrevitasOptions
 
 
 def test_defaults_are_the_good_ptq():
@@ -35,8 +35,8 @@ def test_unknown_option_is_named():
 def test_weight_quantizer_choice(opts, bits, cls, per_channel):
     import torch
 
+    from mpq.assignment import Precision
     from quantizers.brevitas_backend import quant_layer, weight_quantizer
-    from search.assignment import Precision
 
     q = weight_quantizer(bits, BrevitasOptions(**opts))
     assert any(c.__name__ == cls for c in q.__mro__)
@@ -53,8 +53,8 @@ def test_weight_quantizer_choice(opts, bits, cls, per_channel):
 def test_input_quantizer_choice(act_type, signed, method):
     import torch
 
+    from mpq.assignment import Precision
     from quantizers.brevitas_backend import quant_layer
-    from search.assignment import Precision
 
     layer = quant_layer(torch.nn.Conv2d(4, 6, 3), Precision(8, 8),
                         BrevitasOptions(act_quant_type=act_type, act_calibration=method))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from evaluators.cost import analytic_cost, layer_cost
-from search.assignment import Assignment, LayerInfo, Precision
-from search.errors import UserError
+from mpq.assignment import Assignment, LayerInfo, Precision
+from mpq.errors import UserError
 
 
 def _conv(name: str, cin: int, cout: int, k: int, hw: int, index: int, quantizable: bool = True) -> LayerInfo:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
-from search.commands.dashboard import redact, resolve_target
+from search.commands.dashboard import resolve_target
+from search.storage import redact
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -52,6 +53,11 @@ def test_spec_file_gives_run_dir_and_name(tmp_path, monkeypatch):
 def test_redact_hides_password():
     assert redact("postgresql://user:s3cret@127.0.0.1:5432/db") == "postgresql://user:***@127.0.0.1:5432/db"
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert redact("postgresql://user:p@ss:w/rd@db.example:5432/db") == "postgresql://user:***@db.example:5432/db"
+    assert redact("postgresql://:s3cret@host/db") == "postgresql://:***@host/db"
+    assert redact("postgresql://user@host/db?sslmode=require&password=s3cret") == \
+        "postgresql://user@host/db?sslmode=require&password=***"
+    assert redact("postgresql://user@host/db") == "postgresql://user@host/db"
 
 
 def test_missing_run_dir_is_a_clear_error(capsys, tmp_path):

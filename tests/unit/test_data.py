@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.data import (
+from mpq.data import (
     COCO80_TO_91,
     DataError,
     class_to_category,

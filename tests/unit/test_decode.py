@@ -15,7 +15,7 @@ from evaluators.decode import (
     to_original,
     xywh2xyxy,
 )
-from search.data import letterbox
+from mpq.data import letterbox
 
 
 def _random_boxes(rng: np.random.Generator, n: int, size: float = 192.0) -> np.ndarray:

@@ -91,14 +91,15 @@ def _tiny_head_graph(path, nc: int = 2, anchors: int = 12):
 
 
 def test_raw_head_tensor_is_found_and_exposed(tmp_path):
-    from evaluators.onnx_graph import find_raw_head_tensor, load, with_extra_outputs
+    from evaluators.onnx_graph import find_raw_head_tensor, load
+    from mpq.onnx_nodes import with_outputs
 
     path = _tiny_head_graph(tmp_path / "tiny.onnx")
     model = load(path)
     assert find_raw_head_tensor(model, 2) == "head_raw"
     assert find_raw_head_tensor(model, None) == "head_raw"
     assert find_raw_head_tensor(model, 5) is None  # 4 + 5 channels: not this graph
-    sess, report, io = open_session(with_extra_outputs(model, ["head_raw"]), source=str(path))
+    sess, report, io = open_session(with_outputs(model, ["head_raw"]).SerializeToString(), source=str(path))
     x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
     out, raw = sess.run(["output0", "head_raw"], {"images": x})
     assert raw.shape == (2, 6, 12) and np.array_equal(out, raw.transpose(0, 2, 1))
@@ -163,13 +164,13 @@ def test_make_latency_evaluator_dispatch(demo_spec, tmp_path):
     from evaluators import make_latency_evaluator
     from evaluators.latency import OrtLatencyEvaluator
     from evaluators.tensorrt import TensorRTLatencyEvaluator
-    from search.errors import UserError
 
-    ev = make_latency_evaluator(demo_spec, cache_dir=tmp_path)
+    ev = make_latency_evaluator(demo_spec.latency, imgsz=demo_spec.imgsz, evaluation=demo_spec.evaluation,
+                                cache_dir=tmp_path)
     assert isinstance(ev, OrtLatencyEvaluator)
     assert ev.imgsz == demo_spec.imgsz and ev.runs == demo_spec.latency.runs
     assert list(ev.providers) == demo_spec.latency_providers
-    trt_spec = demo_spec.model_copy(update={"latency": demo_spec.latency.model_copy(update={"engine": "tensorrt"})})
-    assert isinstance(make_latency_evaluator(trt_spec, cache_dir=tmp_path), TensorRTLatencyEvaluator)
-    with pytest.raises(UserError, match="imgsz"):
-        make_latency_evaluator(demo_spec.latency)
+    trt = demo_spec.latency.model_copy(update={"engine": "tensorrt"})
+    assert isinstance(make_latency_evaluator(trt, imgsz=demo_spec.imgsz, cache_dir=tmp_path), TensorRTLatencyEvaluator)
+    alone = make_latency_evaluator(demo_spec.latency, imgsz=64)
+    assert list(alone.providers) == ["CPUExecutionProvider"] and alone.imgsz == 64

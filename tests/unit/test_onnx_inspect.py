@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantizers.onnx_inspect import layer_name_from_node, layer_precisions
+from mpq.onnx_nodes import module_name_from_node
+from quantizers.onnx_inspect import layer_precisions
 
 
 def _conv_graph(weight_nodes: list, weight_inits: list, weight_out: str, *, quant_input: bool) -> onnx.ModelProto:
@@ -67,6 +68,6 @@ def test_unquantized_conv_is_float():
 
 
 def test_layer_name_from_node_scopes():
-    assert layer_name_from_node("/model.0/conv/Conv") == "model.0.conv"
-    assert layer_name_from_node("/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv") == "model.23.one2one_cv2.0.2"
-    assert layer_name_from_node("Conv_12") is None
+    assert module_name_from_node("/model.0/conv/Conv") == "model.0.conv"
+    assert module_name_from_node("/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv") == "model.23.one2one_cv2.0.2"
+    assert module_name_from_node("Conv_12") is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantizers.onnx_names import OnnxNameError, map_layers_to_nodes, module_name_from_node, weight_source
-from search.assignment import LayerInfo
+from mpq.assignment import LayerInfo
+from mpq.onnx_nodes import module_name_from_node
+from quantizers.onnx_names import OnnxNameError, map_layers_to_nodes, weight_source
 
 
 @pytest.mark.parametrize("node, module", [

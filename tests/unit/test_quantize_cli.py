@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mpq.errors import UserError
 from search.cli import main
 from search.commands.quantize import parse_overrides
-from search.errors import UserError
 
 
 def test_parse_overrides_reads_yaml_values():

@@ -3,11 +3,16 @@ from __future__ import annotations
 import pytest
 
 from search.report import TrialRow, best_at_budget, hypervolume_2d, pareto_front
+from search.results import TrialMetrics
 
 
 def _row(n: int, m: float, lat: float, size: float, feasible: bool = True) -> TrialRow:
-    return TrialRow(n, str(n), "", "", {"map50_95": m, "latency_ms": lat, "weight_bytes": size * 1e6,
-                                        "size_ratio": size, "bops": 1.0}, {}, {}, "", {}, {}, feasible)
+    metrics = TrialMetrics(map50_95=m, map50=m, map75=m, images_per_s=1.0, provider="CPUExecutionProvider",
+                           latency_ms=lat, latency_p90_ms=lat, latency_measured_ms=lat,
+                           latency_provider="CPUExecutionProvider", latency_device="cpu", latency_batch=1,
+                           weight_bytes=int(size * 1e6), size_ratio=size, bops=1.0, w4_weight_share=0.0,
+                           onnx_bytes=1)
+    return TrialRow(n, str(n), "", "", metrics, {}, {}, "", {}, {}, feasible)
 
 
 def test_pareto_front_two_objectives():

@@ -1,4 +1,5 @@
-"""quantizers/rounding.py on small layers: input moments, GPTQ/GPFQ/nearest integers, the store."""
+"""quantizers/rounding.py and quantizers/weight_store.py on small layers: input moments,
+GPTQ/GPFQ/nearest integers, the store on disk (digest-checked)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from quantizers.rounding import (  # noqa: E402
-    RoundedWeight,
-    WeightStore,
     collect_hessians,
     gpfq_integers,
     gptq_integers,
@@ -19,9 +18,9 @@ from quantizers.rounding import (  # noqa: E402
     plan_passes,
     prepare,
     round_weights,
-    store_key,
     unfold_input,
 )
+from quantizers.weight_store import DamagedStore, RoundedWeight, WeightCache, WeightStore, store_key  # noqa: E402
 
 
 def _correlated_input(n: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -134,7 +133,51 @@ def test_store_round_trip_and_key(tmp_path):
     assert got is not None and torch.equal(got.ints, ints) and torch.equal(got.scale, rw.scale)
     assert torch.equal(got.dequantized(), ints.float() * rw.scale)
     assert back.get("model.0.conv", 8) is None
-    assert WeightStore.load(path, "0" * 16) is None  # another key
-    path.write_bytes(b"damaged")
-    assert WeightStore.load(path, key) is None  # recomputed, not fatal
+    assert WeightStore.load(tmp_path / "absent.pt", key) is None  # nothing there: computed
+    with pytest.raises(DamagedStore, match="another key"):
+        WeightStore.load(path, "0" * 16)
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(DamagedStore, match="sha256"):
+        WeightStore.load(path, key)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def _store(key: str, value: int) -> WeightStore:
+    rw = RoundedWeight(torch.full((2, 3), value, dtype=torch.int8), torch.ones(2, 1))
+    return WeightStore(key=key, parts={"method": "gptq"}, weights={"l": {4: rw}})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-sidecar"])
+def test_damaged_cache_file_is_rebuilt_with_one_warning(tmp_path, capsys, damage):
+    """A cache file whose bytes do not match its sidecar's sha256 (or has no sidecar) is
+    recomputed and rewritten, with one warning line naming the file; the next instance loads it."""
+    from torch import nn
+
+    module = nn.Linear(3, 2)
+    parts = {"model": "m", "method": "gptq"}
+    calls: list[str] = []
+
+    def compute(key: str) -> WeightStore:
+        calls.append(key)
+        return _store(key, len(calls))
+
+    store, how = WeightCache(tmp_path, "brevitas").get(module, parts, compute)
+    assert how == "computed" and calls == [store.key]
+    path = WeightStore.path(tmp_path, "brevitas", store.key)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.with_name(path.name + ".json").unlink()
+    capsys.readouterr()
+    again, how = WeightCache(tmp_path, "brevitas").get(module, parts, compute)
+    err = capsys.readouterr().err
+    assert how == "computed" and len(calls) == 2 and int(again.get("l", 4).ints[0, 0]) == 2
+    assert err.count("\n") == 1 and "damaged" in err and path.name in err and "recomputing" in err
+    # rewritten: a third instance loads it, silently
+    third, how = WeightCache(tmp_path, "brevitas").get(module, parts, compute)
+    assert how == "disk" and len(calls) == 2 and int(third.get("l", 4).ints[0, 0]) == 2
+    assert capsys.readouterr().err == ""

@@ -3,9 +3,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
+from mpq.assignment import FLOAT, Assignment, LayerInfo, Precision, group_layers
 from search.sensitivity import SensitivityTable
-from search.space import SearchSpace
+from search.space import SearchSpace, budget_tradeoff, policies
 
 P = Precision.parse
 
@@ -50,11 +50,11 @@ def test_keep_top_keeps_the_most_sensitive_float():
 def test_budget_policies_respect_their_budgets():
     s = _space()
     for b in (0.27, 0.3, 0.4, 0.5):
-        t = s.budget_tradeoff(b)
+        t = budget_tradeoff(s, b)
         assert t is not None
         assert s.assignment_cost(s.lagrangian(t)) <= b + 1e-9
-    assert s.budget_tradeoff(0.2) is None  # below all-W4 (0.25 of float bits)
-    labels = [label for label, _ in s.policies()]
+    assert budget_tradeoff(s, 0.2) is None  # below all-W4 (0.25 of float bits)
+    labels = [label for label, _ in policies(s)]
     assert any(label.startswith("top-") for label in labels) and any("min-sensitivity" in lb for lb in labels)
 
 
@@ -81,9 +81,9 @@ def test_w8a8_only_backend_forces_a8():
 def test_suggest_and_policies_round_trip_through_optuna(kind: str):
     s = _space(kind, ("size", "latency"))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
-    policies = s.policies()
-    assert policies
-    for label, params in policies:
+    configs = policies(s)
+    assert configs
+    for label, params in configs:
         study.enqueue_trial(params, user_attrs={"policy": label})
     seen = []
 
@@ -93,9 +93,9 @@ def test_suggest_and_policies_round_trip_through_optuna(kind: str):
         seen.append((trial.user_attrs.get("policy"), a))
         return -s.assignment_damage(a), s.assignment_cost(a)
 
-    study.optimize(objective, n_trials=len(policies) + 5)
+    study.optimize(objective, n_trials=len(configs) + 5)
     # the enqueued policies come first and reproduce their assignments
-    for (label, params), (pol, a) in zip(policies, seen, strict=False):
+    for (label, params), (pol, a) in zip(configs, seen, strict=False):
         assert pol == label
         if kind == "topk":
             assert a == s.topk(params["keep_top"], params.get("a8", False))

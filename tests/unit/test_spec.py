@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.assignment import Precision
+from mpq.assignment import Precision
 from search.spec import SpecError, load_spec, validate_spec_file
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from search.errors import UserError
+from mpq.errors import UserError
 from search.workers import launch_workers, strip_option
 
 CHILD = textwrap.dedent("""

@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.assignment import LayerGroup, LayerInfo, group_layers
-from search.errors import UserError
+from mpq.assignment import LayerGroup, LayerInfo, group_layers
+from mpq.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -58,22 +59,39 @@ def _detector_class():  # noqa: ANN202 - returns a torch.nn.Module subclass
             self.save = sorted(set(save))
 
         def forward(self, x: Any) -> Any:
-            y: list[Any] = []
-            for m in self.model:
-                f: Any = m.f
-                if f != -1:
-                    x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
-                x = m(x)
-                y.append(x if m.i in self.save else None)
-            if isinstance(x, (tuple, list)):
-                x = x[0]
-            return x
+            out, _ = run_blocks(self.model, x, save=self.save)
+            return first_output(out)
 
     _DETECTOR_CLS = YoloDetector
     return YoloDetector
 
 
 _DETECTOR_CLS: Any = None
+
+
+def run_blocks(blocks: Iterable[Any], x: Any, outputs: list[Any] | None = None,
+               save: Container[int] | None = None) -> tuple[Any, list[Any]]:
+    """Run Ultralytics blocks in order, routing as ``DetectionModel._predict_once`` does.
+
+    Each block reads the previous output (``f == -1``) or the outputs of the blocks its
+    ``f`` names. ``outputs`` holds the outputs of the blocks before ``blocks`` (the routing
+    indexes it by block index) and is extended in place; with ``save``, only the outputs of
+    those block indices are kept (the others are ``None``). Returns the last output and
+    ``outputs``.
+    """
+    y = [] if outputs is None else outputs
+    for m in blocks:
+        f: Any = m.f
+        if f != -1:
+            x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
+        x = m(x)
+        y.append(x if save is None or m.i in save else None)
+    return x, y
+
+
+def first_output(out: Any) -> Any:
+    """The detector's output tensor: the head's first output when it returns several."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @dataclass
@@ -94,16 +112,20 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes the detector predicts."""
         return len(self.names)
 
     @property
     def quantizable_layers(self) -> list[LayerInfo]:
+        """The layers a backend may quantize."""
         return [lay for lay in self.layers if lay.quantizable]
 
     def groups(self, granularity: str = "layer") -> list[LayerGroup]:
+        """The quantizable layers grouped per ``layer`` or per ``block``."""
         return group_layers(self.layers, granularity)
 
     def layer(self, name: str) -> LayerInfo:
+        """The layer named ``name`` (``KeyError`` if there is none)."""
         for lay in self.layers:
             if lay.name == name:
                 return lay
@@ -114,11 +136,13 @@ class LoadedModel:
         return replace(self, module=copy.deepcopy(self.module))
 
     def dummy_input(self, batch: int = 1) -> torch.Tensor:
+        """A zero input batch of the model's size."""
         import torch
 
         return torch.zeros(batch, 3, self.imgsz, self.imgsz)
 
     def output_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """The output shape for a batch: ``(N, max_det, 6)`` end to end, else raw."""
         if self.layout == LAYOUT_END2END:
             return (batch, self.max_det, 6)
         anchors = sum((self.imgsz // s) ** 2 for s in (8, 16, 32))
@@ -196,7 +220,7 @@ def layer_table(module: nn.Module, imgsz: int) -> list[LayerInfo]:
 
 def _read_model(path: Path) -> Any:
     """Return an Ultralytics DetectionModel from a .pt or .yaml file, offline."""
-    from search._env import import_ultralytics
+    from mpq.env import import_ultralytics
 
     import_ultralytics()
     suffix = path.suffix.lower()
@@ -279,7 +303,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike[str], imgsz: int, *, 
     output ``output0``; written atomically."""
     import torch
 
-    from search.runs import atomic_path
+    from mpq.files import atomic_path
 
     path = Path(path)
     dummy = torch.zeros(1, 3, imgsz, imgsz)

@@ -1,10 +1,11 @@
-"""Evaluation and calibration data: COCO-format subsets, image lists, letterbox.
+"""Evaluation and calibration data: COCO-format subsets, image lists, calibration sets, letterbox.
 
 - :func:`load_coco_subset` reads an images folder + instances json and picks a
   deterministic subset (the first ``max_images`` ids in sorted order, or the ids of an
   id-list file), checking that every picked image exists.
 - :func:`read_calibration_list` reads a text list of image paths (relative to the list's
-  folder, like the seeds' ``quant100.txt``) or every image of a folder, in sorted order.
+  folder, e.g. ``quant100.txt``) or every image of a folder, in sorted order; a
+  :class:`CalibrationSet` holds them preprocessed, as backends calibrate on them.
 - :func:`letterbox` is Ultralytics' ``LetterBox(auto=False, scaleup=True, center=True)``:
   keep aspect, resize with INTER_LINEAR, pad evenly with 114. :func:`preprocess` adds
   BGR->RGB, /255, CHW float32. :func:`unletterbox_boxes` maps boxes back, as
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from search.errors import UserError
+from mpq.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114
@@ -120,7 +121,9 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
     With ``cache`` (an ``.npz`` path), the array and metas are stored once and reused when
     the same paths and size are asked for again.
     """
-    key = json.dumps({"imgsz": imgsz, "paths": [str(p) for p in paths]})
+    from mpq.keys import preprocess_key
+
+    key = preprocess_key(paths, imgsz)
     if cache is not None and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as data:
@@ -141,7 +144,7 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
         arr[i], meta = preprocess(p, imgsz)
         metas.append(meta)
     if cache is not None:
-        from search.runs import atomic_path
+        from mpq.files import atomic_path
 
         meta_arr = np.array([[m.orig_shape[0], m.orig_shape[1], m.ratio, m.pad_left, m.pad_top] for m in metas],
                             dtype=np.float64).reshape(-1, 5)
@@ -156,6 +159,8 @@ def preprocess_many(paths: Sequence[Path], imgsz: int, *, cache: Path | None = N
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageRecord:
+    """One image of a COCO subset: its id, file and size."""
+
     id: int
     path: Path
     width: int
@@ -175,10 +180,12 @@ class CocoSubset:
 
     @property
     def image_ids(self) -> list[int]:
+        """The subset's image ids, in order."""
         return [r.id for r in self.records]
 
     @property
     def paths(self) -> list[Path]:
+        """The subset's image files, in order."""
         return [r.path for r in self.records]
 
     def __len__(self) -> int:
@@ -197,6 +204,7 @@ class CocoSubset:
         return self._coco
 
     def head(self, n: int) -> CocoSubset:
+        """The first ``n`` images of the subset."""
         return CocoSubset(self.annotations_path, self.images_dir, self.records[:n], self.categories,
                           self.num_annotations, self._coco)
 
@@ -298,6 +306,25 @@ def read_calibration_list(source: str | os.PathLike[str], max_images: int | None
     if max_images is not None:
         paths = paths[:max_images]
     return paths
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images, preprocessed exactly as the evaluator does: ``(N, 3, S, S)`` float32 RGB in [0, 1]."""
+
+    images: np.ndarray
+    paths: list[Path]
+    batch_size: int = 16
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int | None = None) -> Iterable[np.ndarray]:
+        """The images in batches of ``batch_size`` (default: the set's)."""
+        bs = batch_size or self.batch_size
+        for i in range(0, len(self), bs):
+            yield self.images[i:i + bs]
+
 
 
 # --------------------------------------------------------------------------------------

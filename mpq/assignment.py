@@ -54,14 +54,17 @@ class Precision:
 
     @property
     def is_float(self) -> bool:
+        """Whether this is W16A16 (the float layer)."""
         return self.w_bits == 16 and self.a_bits == 16
 
     @property
     def quantizes_weights(self) -> bool:
+        """Whether the weights go below 16 bits."""
         return self.w_bits < 16
 
     @property
     def quantizes_inputs(self) -> bool:
+        """Whether the layer's input goes below 16 bits."""
         return self.a_bits < 16
 
     def __str__(self) -> str:
@@ -118,6 +121,7 @@ class LayerGroup:
 
     @property
     def size(self) -> int:
+        """Number of layers in the group."""
         return len(self.layers)
 
 
@@ -180,6 +184,7 @@ class Assignment:
         return self.precisions.get(name, FLOAT)
 
     def get(self, name: str) -> Precision:
+        """The precision of layer ``name`` (float when unnamed)."""
         return self.precisions.get(name, FLOAT)
 
     def __iter__(self) -> Iterator[str]:
@@ -189,15 +194,12 @@ class Assignment:
         return len(self.precisions)
 
     def items(self) -> Iterable[tuple[str, Precision]]:
+        """(layer name, precision) of every quantized layer, sorted by name."""
         return self.precisions.items()
-
-    def with_(self, name: str, precision: Precision | str) -> Assignment:
-        d = dict(self.precisions)
-        d[name] = Precision.parse(precision)
-        return Assignment(d)
 
     # -- identity -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, str]:
+        """Layer name -> ``"W4A8"`` of every quantized layer."""
         return {k: str(v) for k, v in self.precisions.items()}
 
     def digest(self) -> str:
@@ -206,6 +208,7 @@ class Assignment:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_json(self, **extra: Any) -> str:
+        """The ``assignment.json`` text: version, digest, layers (and ``extra`` keys)."""
         return json.dumps({"version": 1, "digest": self.digest(), "layers": self.to_dict(), **extra},
                           indent=2, sort_keys=False)
 

@@ -1,11 +1,4 @@
-"""Run directories and atomic file writes.
-
-Layout (see DESIGN.md)::
-
-    runs/<study-name>/
-      spec.yaml  env.json  study.db  sensitivity.json
-      trials/<digest>/  assignment.json, model.onnx, metrics.json
-      report/
+"""Files: atomic writes, JSON, file digests, and the versions and machine a result was made on.
 
 Every file is written to a temporary name in the same folder, then renamed, so an
 interrupted run never leaves a half-written file under a final name.
@@ -14,6 +7,7 @@ interrupted run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -40,17 +34,29 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (paths, numpy scalars and dataclasses converted)."""
     return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON content of ``path``."""
     return json.loads(Path(path).read_text())
+
+
+def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
+    """SHA-256 of a file's bytes (first ``length`` hex digits): names cached results and engines."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
 
 
 def _json_default(obj: Any) -> Any:
@@ -100,15 +106,3 @@ def environment() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         env["cuda"] = False
     return env
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine "
-                           "(use device: auto or cpu)")
-    return device
