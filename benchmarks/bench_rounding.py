@@ -300,7 +300,8 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {rounding} | {score} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     info = res["machine"]
     lines += ["", f"Machine: {info['platform']}, {info['cpus']} CPUs, torch threads {info['torch_threads']}, "
-                  f"load average at start {info.get('load_average_at_start')}, at end {info.get('load_average_at_end')}."]
+                  f"load average at start {info.get('load_average_at_start')}, "
+                  f"at end {info.get('load_average_at_end')}."]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ GPTQ/GPFQ/nearest integers, the store on disk (digest-checked)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,52 @@ def test_damaged_cache_file_is_rebuilt_with_one_warning(tmp_path, capsys, damage
     third, how = WeightCache(tmp_path, "brevitas").get(module, parts, compute)
     assert how == "disk" and len(calls) == 2 and int(third.get("l", 4).ints[0, 0]) == 2
     assert capsys.readouterr().err == ""
+
+
+def _layer(name: str, out: int = 4, kernel: tuple[int, int] = (3, 3), quantizable: bool = True) -> Any:
+    from mpq.assignment import LayerInfo
+
+    return LayerInfo(name=name, kind="Conv2d", in_channels=3, out_channels=out, kernel=kernel, stride=(1, 1),
+                     groups=1, params=0, macs=0, index=0, block="0", quantizable=quantizable)
+
+
+def test_weights_key_follows_everything_that_decides_the_weights(tmp_path):
+    """mpq.keys.weights_key: model tensors, layer table, calibration list, each image file's
+    content, pixels, batching, widths, method, settings and scale options; nothing else."""
+    import numpy as np
+    from torch import nn
+
+    from mpq.keys import weights_key
+
+    files = [tmp_path / f"{i}.jpg" for i in range(2)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 64)
+    images = np.zeros((2, 3, 8, 8), dtype=np.float32)
+    module = nn.Conv2d(3, 4, 3)
+    base = dict(backend="brevitas", module=module, imgsz=8, layers=[_layer("a"), _layer("b")],
+                calibration_images=images, calibration_paths=files, batch_size=2, widths=(4, 8), method="gptq",
+                settings={"damp": 0.01}, scales={"weight_scale": "mse"})
+
+    def key(**changes: Any) -> str:
+        return store_key(weights_key(**{**base, **changes}))
+
+    ref = key()
+    assert key() == ref and key(layers=[_layer("a"), _layer("b"), _layer("dfl", quantizable=False)]) == ref
+    other_module = nn.Conv2d(3, 4, 3)
+    changed = {
+        "model": key(module=other_module),
+        "layer table: a layer more": key(layers=[_layer("a"), _layer("b"), _layer("c")]),
+        "layer table: a shape": key(layers=[_layer("a"), _layer("b", kernel=(1, 1))]),
+        "calibration list": key(calibration_paths=files[:1]),
+        "pixels": key(calibration_images=images + 1),
+        "batching": key(batch_size=1),
+        "widths": key(widths=(4,)),
+        "method": key(method="gpfq"),
+        "settings": key(settings={"damp": 0.02}),
+        "scales": key(scales={"weight_scale": "max"}),
+        "imgsz": key(imgsz=16),
+    }
+    files[1].write_bytes(b"another image")  # same list, other content
+    changed["an image file's content"] = key()
+    assert all(k != ref for k in changed.values()), [n for n, k in changed.items() if k == ref]
+    assert len(set(changed.values())) == len(changed)
