@@ -221,6 +221,7 @@ def search(args: argparse.Namespace, env: dict[str, Any], console: Any) -> dict[
     out: dict[str, Any] = {}
     for rounding in args.roundings:
         run_dir = args.out / f"search-{rounding}"
+        run_dir.mkdir(parents=True, exist_ok=True)
         wall = _cli(console, "run", "--study", str(variant_spec(args, rounding, "search")), "--budget",
                     str(args.budget), "--run-dir", str(run_dir), "--fresh", "--no-report")
         study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'study.db'}")
@@ -246,6 +247,7 @@ def correlate(args: argparse.Namespace, env: dict[str, Any], console: Any) -> di
     out: dict[str, Any] = {}
     for rounding in args.roundings:
         run_dir = args.out / f"correlate-{rounding}"
+        run_dir.mkdir(parents=True, exist_ok=True)
         wall = _cli(console, "sweep", "--study", str(variant_spec(args, rounding, "correlate")), "--run-dir",
                     str(run_dir), "--correlate")
         out[rounding] = {"wall_s": wall,
@@ -321,16 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     env = setup(args)
     res: dict[str, Any] = {"machine": info, "float_map": env["float_map"]}
-    if "accuracy" in args.only:
-        res["accuracy"] = accuracy(args, env, console)
-    if "rerun" in args.only:
-        res["rerun"] = rerun(args, env, console)
-    if "timing" in args.only:
-        res["timing"] = timing(args, env, console)
-    if "search" in args.only:
-        res["search"] = search(args, env, console)
-    if "correlate" in args.only:
-        res["correlate"] = correlate(args, env, console)
+    for part, fn in (("accuracy", accuracy), ("rerun", rerun), ("timing", timing), ("search", search),
+                     ("correlate", correlate)):
+        if part in args.only:
+            res[part] = fn(args, env, console)
+            write_json(args.out / "results.json", res)  # after every part: a later failure keeps what was measured
     info["seconds"] = round(time.perf_counter() - start, 1)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     md = markdown(res)
