@@ -34,20 +34,24 @@ sys.path.insert(0, str(REPO))
 from machine_info import machine  # noqa: E402  (benchmarks/ is the script folder)
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "naive": dict(weight_scale="max", weight_scale_8bit="max", act_calibration="max", bias_correction=False),
+    "naive": dict(weight_scale="max", weight_scale_8bit="max", act_calibration="max", bias_correction=False,
+                  weight_rounding="nearest"),
     "naive-per-tensor": dict(weight_scale="max", weight_scale_8bit="max", act_calibration="max",
-                             bias_correction=False, weight_granularity="per_tensor"),
+                             bias_correction=False, weight_granularity="per_tensor", weight_rounding="nearest"),
     "default": {},
+    "default-nearest": dict(weight_rounding="nearest"),
     "default+gptq": dict(gptq=True),
     "default+gpfq": dict(gpfq=True),
     "default-asym": dict(act_quant_type="asym"),
 }
 DESCRIPTIONS = {
-    "naive": "max per-channel weight scales, max activation ranges, no bias correction",
+    "naive": "max per-channel weight scales, round to nearest, max activation ranges, no bias correction",
     "naive-per-tensor": "as naive, but one scale per layer (the seeds' 4-bit setting)",
-    "default": "MSE 4-bit scales (max at 8), percentile 99.99 int8 activations, bias correction",
-    "default+gptq": "default + GPTQ (act order)",
-    "default+gpfq": "default + GPFQ (act order)",
+    "default": "MSE 4-bit scales (max at 8), cached float-input GPTQ rounding, percentile 99.99 int8 activations, "
+               "bias correction",
+    "default-nearest": "the default with round-to-nearest weights (the default before issue 13)",
+    "default+gptq": "default scales + sequential Brevitas GPTQ (act order) in every build",
+    "default+gpfq": "default scales + sequential Brevitas GPFQ (act order) in every build",
     "default-asym": "default with uint8 asymmetric activations (zero point) instead of int8",
 }
 #: the rows each configuration is run for (per-tensor only matters at 4 bits; asym only with A8)
@@ -55,6 +59,7 @@ ROWS: dict[str, tuple[str, ...]] = {
     "naive": ("W8A16", "W8A8", "W4A16", "W4A8"),
     "naive-per-tensor": ("W4A16", "W4A8"),
     "default": ("W8A16", "W8A8", "W4A16", "W4A8"),
+    "default-nearest": ("W8A16", "W8A8", "W4A16", "W4A8"),
     "default+gptq": ("W8A8", "W4A16", "W4A8"),
     "default+gpfq": ("W8A8", "W4A16", "W4A8"),
     "default-asym": ("W8A8", "W4A8"),

@@ -13,6 +13,10 @@ Every key the project stores or compares is built here, from plain values, so th
 - :func:`float_export_key` / :func:`baseline_key`: the float ONNX and the float metrics;
 - :func:`preprocess_key` / :func:`image_list_digest`: preprocessed image caches (``.npz``);
 - :func:`per_image_key`: the per-image COCOeval records of one evaluated file (the bootstrap).
+- :func:`weights_key` / :func:`weights_digest`: a backend's cached rounded weights
+  (``cache/weights/<backend>-<digest>.pt``), from :func:`module_digest` (the float model's
+  tensors), the calibration images (paths, file digests, pixels), the layer table and the
+  options that decide the weights.
 
 Keys are JSON-serializable dicts (stored beside the result they describe) or short hex digests.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +35,9 @@ from mpq.files import file_digest
 if TYPE_CHECKING:
     import numpy as np
     from pydantic import BaseModel
+    from torch import nn
 
-    from mpq.assignment import Precision
+    from mpq.assignment import LayerInfo, Precision
 
 
 def _dump(section: BaseModel) -> dict[str, Any]:
@@ -126,3 +132,43 @@ def per_image_key(image_ids: Sequence[int], annotations: Path, *, imgsz: int, ca
     payload = "\n".join([str(list(image_ids)), str(annotations), file_digest(annotations), str(imgsz),
                           str(list(category_ids)), settings])
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+_MODULE_DIGESTS: dict[int, tuple[Any, str]] = {}
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 (16 hex) of a module's parameters and buffers, names, shapes and dtypes included
+    (remembered per module object: the float model is hashed once per process)."""
+    entry = _MODULE_DIGESTS.get(id(module))
+    if entry is not None and entry[0]() is module:
+        return str(entry[1])
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _MODULE_DIGESTS[id(module)] = (weakref.ref(module), digest)
+    return digest
+
+
+def weights_key(*, backend: str, module: nn.Module, imgsz: int, layers: Iterable[LayerInfo],
+                calibration_images: np.ndarray, calibration_paths: Sequence[Path], batch_size: int,
+                widths: Sequence[int], method: str, settings: dict[str, Any], scales: dict[str, Any]
+                ) -> dict[str, Any]:
+    """What decides a backend's cached rounded weights: the float model's tensors, the layer
+    table (name, kind, shape of every quantizable layer), the calibration images (their list,
+    each file's digest, the preprocessed pixels, the batching), the widths, the rounding method
+    and its settings, and the options that set the scales."""
+    table = [[lay.name, lay.kind, lay.in_channels, lay.out_channels, list(lay.kernel), list(lay.stride), lay.groups]
+             for lay in layers if lay.quantizable]
+    files = [[str(p), file_digest(p) if Path(p).is_file() else None] for p in calibration_paths]
+    return {"backend": backend, "model": module_digest(module), "imgsz": imgsz, "layers": table,
+            "calibration": {"images": files, "pixels": calibration_key(calibration_images, calibration_paths,
+                                                                      batch_size)},
+            "bits": [int(b) for b in widths], "method": method, "method_settings": settings, "scales": scales}
+
+
+def weights_digest(key: dict[str, Any], version: int) -> str:
+    """The short digest (16 hex) naming the cache file of the weights described by ``key``
+    (``version``: the store's format, bumped when the algorithms or the file layout change)."""
+    payload = json.dumps({"format": version, **key}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -6,13 +6,17 @@ fused float model; layers it does not name stay the same float modules:
 
 - weights: symmetric narrow-range integers (4 bits: [-7, 7], 8 bits: [-127, 127]) with one
   scale per output channel, chosen by MSE search (default for 4 bits), a per-channel
-  percentile of ``|w|``, or the maximum (default for 8 bits);
+  percentile of ``|w|``, or the maximum (default for 8 bits); which integers
+  (``weight_rounding``): by default GPTQ with those scales fixed, from each layer's input in
+  the float model, computed once per model, calibration set and weight options and cached
+  (:mod:`quantizers.brevitas_rounding`), so a build only loads them;
 - A8 layers: a per-tensor INT8 quantizer on the layer's *input* (Brevitas ``input_quant``),
   int8 with zero point 0 by default (what TensorRT accepts), uint8 with a zero point on
   request, ranges calibrated on the calibration images (percentile, MSE or max);
 - bias correction (on by default): each quantized layer's mean output error on the
   calibration images is folded into its bias;
-- GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``) when the options ask for them.
+- sequential GPTQ or GPFQ (Brevitas' ``gptq_mode`` / ``gpfq_mode``, in every build, from the
+  float weights; the cached rounding is then not used) when the options ask for them.
 
 The calibration statistics do not depend on the assignment and are computed once per float
 model and calibration set (:mod:`quantizers.brevitas_stats`): reuse one backend instance
@@ -47,6 +51,7 @@ from quantizers.base import (
     stamp_metadata,
 )
 from quantizers.brevitas_options import CAPABILITIES, NAME, BrevitasOptions
+from quantizers.brevitas_rounding import BrevitasWeights, load_rounded
 from quantizers.brevitas_stats import InputStatistics, LayerStats, asym_minmax_quant, output_mean
 
 if TYPE_CHECKING:
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mpq.model import LoadedModel
+    from quantizers.weight_store import RoundedWeight, WeightStore
 
 OPSET = 17
 
@@ -168,15 +174,16 @@ def output_quantizer(options: BrevitasOptions, target: str = "qcdq") -> Any:
 
 def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
                 input_quant_state: dict[str, Any] | None = None,
-                output_quant_state: dict[str, Any] | None = None, target: str = "qcdq") -> nn.Module:
+                output_quant_state: dict[str, Any] | None = None, target: str = "qcdq",
+                weights: RoundedWeight | None = None) -> nn.Module:
     """A Brevitas ``QuantConv2d``/``QuantLinear`` with ``layer``'s weights at ``precision``.
 
     ``input_quant_state`` is the state of a calibrated input quantizer (A8 layers); the
-    weight scales are initialized here, from the float weights. ``output_quant_state`` (A8
-    layers, for targets that quantize outputs) adds a calibrated output quantizer and an
-    int32 bias at scale ``input scale x weight scale``, which is what an integer kernel
-    adds to its accumulator: the fake-quant module then computes what the deployed
-    ``QLinearConv`` computes.
+    weight scales are initialized here, from the float weights, unless cached ``weights``
+    (integers and scale) are given. ``output_quant_state`` (A8 layers, for targets that
+    quantize outputs) adds a calibrated output quantizer and an int32 bias at scale
+    ``input scale x weight scale``, which is what an integer kernel adds to its accumulator:
+    the fake-quant module then computes what the deployed ``QLinearConv`` computes.
     """
     import brevitas.nn as qnn
     import torch
@@ -215,7 +222,9 @@ def quant_layer(layer: Any, precision: Precision, options: BrevitasOptions,
     if oq is not None and output_quant_state is not None:
         q.output_quant.load_state_dict(output_quant_state)
     q.eval()
-    if wq is not None:
+    if wq is not None and weights is not None:
+        load_rounded(q, weights)
+    elif wq is not None:
         with torch.no_grad():
             q.quant_weight()  # initializes (MSE-searches) and freezes the weight scales
     return q
@@ -251,14 +260,19 @@ class BrevitasBackend:
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto`` (CUDA when
             available), ``cpu``, ``cuda`` or ``cuda:N``.
-        progress: show rich progress bars for the calibration passes and GPTQ/GPFQ.
+        progress: show rich progress bars for the calibration passes, GPTQ/GPFQ and the
+            one-time weight rounding.
+        cache_dir: where the one-time rounded weights are saved and looked up
+            (``brevitas-<digest>.pt``); ``None``: in memory only.
+        console: the rich console for the one-time progress bar and cache warnings.
     """
 
     name = NAME
     capabilities = CAPABILITIES
 
     def __init__(self, *, options: BrevitasOptions | None = None, device: str = "cpu",
-                 progress: bool = False, target: str = "qcdq") -> None:
+                 progress: bool = False, target: str = "qcdq", cache_dir: Path | str | None = None,
+                 console: Any = None) -> None:
         from mpq.device import resolve_device
         from quantizers.lowering import target_info
 
@@ -286,6 +300,8 @@ class BrevitasBackend:
             own_output=self.output_quant and own_range(qtype, out_method),
             act_key=json.dumps([qtype, in_method, out_method, options.act_percentile, self.output_quant,
                                 "ranges-v2"]))
+        self.weights = BrevitasWeights(options, quant_layer, device=self.device, cache_dir=cache_dir, progress=progress,
+                                       console=console, error=BrevitasError)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -311,13 +327,17 @@ class BrevitasBackend:
                                             quant_means=needs_act and needs_means, progress=self.progress)
             timings["calibrate"] = time.perf_counter() - t
 
+        store, weights_info, timings["weights"] = self.weights.for_assignment(
+            model, calib, any(p.quantizes_weights for _, p in assignment.items()))
         t = time.perf_counter()
         layers_info: dict[str, dict[str, Any]] = {}
         for name, precision in assignment.items():
             float_layer = work.get_submodule(name)
             state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
             out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
-            q = quant_layer(float_layer, precision, self.options, state, out_state, self.target)
+            given = self.weights.layer(store, name, precision.w_bits) if (
+                store is not None and precision.quantizes_weights) else None
+            q = quant_layer(float_layer, precision, self.options, state, out_state, self.target, given)
             _set_submodule(work, name, q)
             layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
                                  "output_quant": out_state is not None and precision.quantizes_inputs
@@ -353,6 +373,7 @@ class BrevitasBackend:
             "act_quant": activation_choice(self.options, self.target)[0],
             "act_calibration": dict(zip(("input", "output"), activation_choice(self.options, self.target)[1:],
                                         strict=True)),
+            "weights": weights_info,
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -410,6 +431,16 @@ class BrevitasBackend:
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    @property
+    def rounding(self) -> str:
+        """How weights become integers (``weight_rounding``; ``nearest`` under sequential GPTQ/GPFQ)."""
+        return self.weights.method
+
+    def rounded_weights(self, model: LoadedModel, calib: CalibrationSet) -> tuple[WeightStore, str]:
+        """Every quantizable layer's cached integers and scales at 4 and 8 bits, and where they
+        came from (``memory``, ``disk`` or ``computed``)."""
+        return self.weights.get(model, calib)
 
     # -- internals ------------------------------------------------------------------------
     def _correction(self, name: str, float_layer: Any, q: Any, precision: Precision,

@@ -23,8 +23,9 @@ SUPPORTED_PRECISIONS: frozenset[Precision] = frozenset(
 CAPABILITIES = Capabilities(
     backend=NAME,
     precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
-    notes="per-channel symmetric weights (4 or 8 bits, narrow range); per-tensor INT8 input quantizer "
-          "for A8; W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
+    notes="per-channel symmetric weights (4 or 8 bits, narrow range; integers by cached float-input GPTQ by "
+          "default, weight_rounding); per-tensor INT8 input quantizer for A8; "
+          "W16A8 quantizes the input only. Layers marked not quantizable (the DFL conv) stay float.",
 )
 
 
@@ -51,8 +52,16 @@ class BrevitasOptions(BackendOptions):
         "uint8 with a zero point (asym: what ONNX Runtime's CPU kernels take at no cost). auto: asym for "
         "deploy.target ort-cpu, sym otherwise.")
     bias_correction: bool = True
-    gptq: bool = False
-    gpfq: bool = False
+    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
+        default="gptq", description="How weights become integers once the scales are chosen: gptq (default) "
+        "or gpfq minimize each layer's output error on the calibration images with the float model's inputs, "
+        "computed once per model, calibration set and scale options for every layer at 4 and 8 bits and "
+        "cached (in memory and in the run's cache/weights folder), so a trial costs no more than nearest; "
+        "nearest: round to nearest (the weight-MSE optimum). Ignored when gptq or gpfq is on (those rework "
+        "the float weights sequentially in every build).")
+    gptq: bool = Field(default=False, description="Sequential Brevitas GPTQ in every build (slow; each layer "
+                       "sees the inputs of the already quantized layers before it).")
+    gpfq: bool = Field(default=False, description="Sequential Brevitas GPFQ in every build (slower still).")
     optimize_onnx: bool = Field(default=True, description="Run onnxoptimizer passes that keep every Q/DQ node.")
 
     @model_validator(mode="after")

@@ -7,10 +7,13 @@ float model (``modelopt.torch.quantization.quantize`` with an ordered list of pe
 - a deny-all rule, then per assigned layer a ``weight_quantizer`` (4 or 8 bits, one scale
   per output channel, symmetric) and, for A8 layers, an 8-bit per-tensor ``input_quantizer``;
   every other layer (the DFL conv included) is put back as the original float module;
-- weights are calibrated by ModelOpt's ``max`` or ``mse`` algorithm, A8 inputs by a
-  forward loop with ModelOpt's calibrators (max, or the histogram's entropy / percentile).
-  As in ModelOpt's ``max_calibrate``, input statistics come from the float model, so they
-  are computed once per backend instance, model and calibration set and reused by later
+- weights are calibrated by ModelOpt's ``max`` or ``mse`` algorithm; by default
+  (``weight_rounding: gptq``) their integers are GPTQ's with that ``amax`` fixed, computed
+  once per model, calibration set and weight calibration and cached
+  (:mod:`quantizers.modelopt_rounding`); A8 inputs by a forward loop with ModelOpt's
+  calibrators (max, or the histogram's entropy / percentile). As in ModelOpt's
+  ``max_calibrate``, input statistics come from the float model, so they are computed once
+  per backend instance, model and calibration set and reused by later
   ``materialize`` calls (the sensitivity sweep makes hundreds).
 
 :meth:`ModelOptBackend.export` runs the legacy TorchScript exporter (``dynamo=False``) with
@@ -53,6 +56,7 @@ from quantizers.base import (
     stamp_metadata,
 )
 from quantizers.modelopt_options import CAPABILITIES, INSTALL_HINT, NAME, ModelOptOptions
+from quantizers.modelopt_rounding import ModelOptWeights
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +64,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mpq.model import LoadedModel
+    from quantizers.weight_store import WeightStore
 
 WEIGHT_STORAGE = {
     "int8": {
@@ -329,6 +334,19 @@ def enabled_output_quantizers(work: nn.Module, assignment: Assignment) -> dict[s
     return outputs
 
 
+def weight_amax(model: LoadedModel, bits: int, options: ModelOptOptions) -> dict[str, Any]:
+    """ModelOpt's per-channel weight ``amax`` of every quantizable layer at ``bits`` (its
+    ``max`` or ``mse`` weight calibration on the float weights, as a build does)."""
+    mtq = import_mtq()
+    work = model.fresh().module.eval()
+    everything = Assignment({lay.name: Precision(bits, 16) for lay in model.quantizable_layers})
+    with quiet():
+        mtq.quantize(work, quant_config(everything, options))
+        mtq.calibrate(work, algorithm={"method": options.weight_calibration}, forward_loop=None)
+    weights, _ = enabled_quantizers(work, everything)
+    return {name: wq.amax.detach().float().cpu().clone() for name, wq in weights.items()}
+
+
 def _calibration_pass(module: nn.Module, calib: CalibrationSet, device: str) -> None:
     """One forward pass of ``module`` over the calibration images (the quantizers collect statistics)."""
     import torch
@@ -346,12 +364,17 @@ class ModelOptBackend:
             defaults when ``None``.
         device: torch device for calibration and the fake-quant model: ``auto``, ``cpu``,
             ``cuda`` or ``cuda:N``.
+        progress: show a rich progress bar for the one-time weight rounding.
+        cache_dir: where the one-time rounded weights are saved and looked up
+            (``modelopt-<digest>.pt``); ``None``: in memory only.
+        console: the rich console for that progress bar and cache warnings.
     """
 
     name = NAME
     capabilities = CAPABILITIES
 
-    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", target: str = "qcdq") -> None:
+    def __init__(self, *, options: ModelOptOptions | None = None, device: str = "cpu", target: str = "qcdq",
+                 progress: bool = False, cache_dir: Path | str | None = None, console: Any = None) -> None:
         from mpq.device import resolve_device
         from quantizers.lowering import target_info
 
@@ -369,6 +392,8 @@ class ModelOptBackend:
         self.target = target
         self.output_quant = target_info(target).needs_output_quant
         self._stats_cache: _InputStats | None = None
+        self.weights = ModelOptWeights(options, weight_amax, device=self.device, cache_dir=cache_dir, progress=progress,
+                                       console=console, error=ModelOptError)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
@@ -390,7 +415,12 @@ class ModelOptBackend:
         restored = restore_float_modules(work, model.module, assignment)
         timings["quantize"] = time.perf_counter() - t
 
-        if weights:
+        store, weights_info, timings["weights"] = self.weights.for_assignment(model, calib, bool(weights))
+        if store is not None:
+            t = time.perf_counter()
+            self.weights.load(work, assignment, store)
+            timings["load_weights"] = time.perf_counter() - t
+        elif weights:
             t = time.perf_counter()
             for q in (*inputs.values(), *outputs.values()):
                 q.disable()
@@ -424,6 +454,7 @@ class ModelOptBackend:
             "biases_on_int32_grid": rounded,
             "calibration_images": len(calib),
             "input_stats_cached": cached,
+            "weights": weights_info,
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
@@ -480,6 +511,16 @@ class ModelOptBackend:
         }
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
+
+    @property
+    def rounding(self) -> str:
+        """How weights become integers (the ``weight_rounding`` option)."""
+        return self.weights.method
+
+    def rounded_weights(self, model: LoadedModel, calib: CalibrationSet) -> tuple[WeightStore, str]:
+        """Every quantizable layer's cached integers and ModelOpt steps at 4 and 8 bits, and
+        where they came from (``memory``, ``disk`` or ``computed``)."""
+        return self.weights.get(model, calib)
 
     # -- internals ------------------------------------------------------------------------
     def _stats_key(self, calib: CalibrationSet) -> str:

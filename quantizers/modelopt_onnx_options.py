@@ -69,7 +69,9 @@ CAPABILITIES = OnnxInt8Capabilities(
     precisions={"Conv2d": frozenset({W8A8})},
     notes="ModelOpt ONNX INT8 PTQ: each Conv layer W8A8 (per-channel int8 weights, per-tensor int8 input) "
           "or float; no 4-bit weights, no weight-only or activation-only INT8. Non-Conv ops and the DFL conv "
-          "stay float.",
+          "stay float. Weights are ModelOpt's own round-to-nearest: its ONNX PTQ computes the integers inside "
+          "quantize() and takes no given weights, so the cached GPTQ rounding of the torch backends "
+          "(weight_rounding) does not apply here.",
 )
 
 

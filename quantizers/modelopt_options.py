@@ -26,7 +26,9 @@ CAPABILITIES = Capabilities(
     backend=NAME,
     precisions={"Conv2d": SUPPORTED_PRECISIONS, "Linear": SUPPORTED_PRECISIONS},
     notes="ModelOpt torch PTQ: per-channel symmetric weights (4 or 8 bits) as integer initializers + "
-          "DequantizeLinear, per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
+          "DequantizeLinear (integers by cached float-input GPTQ with ModelOpt's per-channel amax by default, "
+          "weight_rounding; loaded as the layer's weights with that amax, which ModelOpt's quantizer maps back "
+          "to the same integers), per-tensor INT8 input quantizer for A8 (W16A8 quantizes the input only). "
           "Layers marked not quantizable (the DFL conv) stay float.",
 )
 
@@ -43,6 +45,11 @@ class ModelOptOptions(BackendOptions):
         default="max", description="How per-channel weight ranges are set: max |w|, or ModelOpt's MSE search "
         "(algorithm 'mse': lower weight error, but on the demo model it clips the large weights that matter "
         "and loses more mAP at 4 bits than max; see docs/benchmarks.md).")
+    weight_rounding: Literal["gptq", "gpfq", "nearest"] = Field(
+        default="gptq", description="How weights become integers once ModelOpt's per-channel ranges are set: "
+        "gptq (default) or gpfq minimize each layer's output error on the calibration images with the float "
+        "model's inputs, computed once per model, calibration set and weight_calibration for every layer at 4 "
+        "and 8 bits and cached (as the brevitas backend does); nearest: ModelOpt's own round to nearest.")
     w4_format: Literal["int8", "int4"] = Field(
         default="int8", description="How 4-bit weights are stored in the ONNX file: int8 initializers holding "
         "values in [-8, 7] (any opset, what TensorRT runs for Conv), or ONNX INT4 initializers (opset 21).")

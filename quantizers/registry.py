@@ -111,15 +111,22 @@ def backend_class(name: str) -> Any:
     return getattr(module, attr)
 
 
-def get_backend(options: BackendOptions | str, device: str = "cpu", *, target: str = "qcdq") -> QuantizerBackend:
+def get_backend(options: BackendOptions | str, device: str = "cpu", **extra: Any) -> QuantizerBackend:
     """Instantiate the backend for a spec's ``backend`` section (or a bare name: default options).
 
-    ``target`` is the study's ``deploy.target``: a backend that can model what the target
-    runs (a quantizer on each A8 layer's output for ``ort-cpu``) builds it in its fake-quant
-    model, so that the lowered file computes what the backend computed.
+    ``extra`` keyword arguments go to the backends whose constructor takes them and are ignored
+    by the others: ``target`` (the study's ``deploy.target``: a backend that can model what the
+    target runs, a quantizer on each A8 layer's output for ``ort-cpu``, builds it in its
+    fake-quant model so that the lowered file computes what the backend computed),
+    ``cache_dir`` (where a backend keeps what it computes once per model and calibration set),
+    ``progress``, ``console``.
     """
+    import inspect
+
     if isinstance(options, str):
         options = backend_info(options).options(name=options)
     cls = backend_class(options.name)
-    backend: QuantizerBackend = cls(options=options, device=device, target=target)
+    accepted = inspect.signature(cls).parameters
+    backend: QuantizerBackend = cls(options=options, device=device,
+                                    **{k: v for k, v in extra.items() if k in accepted})
     return backend

@@ -10,10 +10,11 @@ as in ModelOpt's AutoQuantize and HAWQ-style methods::
     score = 1/2 * E_x[ sum_i (g_i * d_i)^2 ]
 
 over the weight elements (``g`` the per-sample gradient of the loss w.r.t. the weight,
-``d`` the weight's quantization error at that bit width, per-channel symmetric scales
-chosen by MSE search) plus, when the layer's input goes to INT8, the same over the input
-activation elements (per-tensor scale from the 99.99th percentile of ``|x|`` on the
-calibration images). Per-sample gradients use batches of one image.
+``d`` the weight's quantization error at that bit width: the backend's cached rounded
+weights when it has them (GPTQ by default, what the trials build), else per-channel
+symmetric round-to-nearest with scales chosen by MSE search) plus, when the layer's input
+goes to INT8, the same over the input activation elements (per-tensor scale from the 99.99th
+percentile of ``|x|`` on the calibration images). Per-sample gradients use batches of one image.
 """
 
 from __future__ import annotations
@@ -117,11 +118,24 @@ def fisher_sensitivity(res: StudyResources, candidates: list[Precision], *, prog
     if used == 0:
         raise UserError("fisher sensitivity: the float model detects nothing on the calibration images "
                         "(no pseudo-labels); use metric: fidelity")
+    rounded = backend_weights(res)
     scores = _group_scores(res, layers, {n: w / used for n, w in weight_sq.items()},
-                           {n: a / used for n, a in act_score.items()}, candidates)
+                           {n: a / used for n, a in act_score.items()}, candidates, rounded)
     loss_name = ("v8DetectionLoss one2one (tal_topk=7, tal_topk2=1)" if one2one
                  else "v8DetectionLoss one2many (tal_topk=10)")
-    return scores, {"images": used, "loss": f"{loss_name}, pseudo-labels", "head": res.model.head}
+    return scores, {"images": used, "loss": f"{loss_name}, pseudo-labels", "head": res.model.head,
+                    "weights": "the backend's cached rounded weights" if rounded is not None
+                    else "round to nearest, per-channel MSE scales"}
+
+
+def backend_weights(res: StudyResources) -> Any:
+    """The backend's cached rounded weights (a ``WeightStore``), so the weight error scored is
+    the one the trials build; ``None`` when the backend rounds to nearest (then :func:`quantize_weight`)."""
+    backend: Any = res.backend
+    if getattr(backend, "rounding", "nearest") == "nearest" or not hasattr(backend, "rounded_weights"):
+        return None
+    store, _ = backend.rounded_weights(res.model, res.calibration)
+    return store
 
 
 def _input_ranges(model: Any, layers: dict[str, Any], images: Any, device: Any) -> tuple[list[Any], dict[str, float]]:
@@ -204,15 +218,18 @@ def _squared_gradients(model: Any, layers: dict[str, Any], images: Any, outs: li
 
 
 def _group_scores(res: StudyResources, layers: dict[str, Any], fisher: dict[str, Any], act_term: dict[str, float],
-                  candidates: list[Precision]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per group and candidate: the weight term (Fisher x squared quantization error) plus the activation term."""
+                  candidates: list[Precision], rounded: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per group and candidate: the weight term (Fisher x squared quantization error, with the
+    ``rounded`` store's weights where it has them) plus the activation term."""
     import torch
 
     weight_term: dict[tuple[str, int], float] = {}
     with torch.no_grad():
         for n, mod in layers.items():
             for bits in sorted({p.w_bits for p in candidates if p.w_bits < 16}):
-                dw = quantize_weight(mod.weight.detach(), bits) - mod.weight.detach()
+                w = mod.weight.detach()
+                given = rounded.get(n, bits) if rounded is not None else None
+                dw = (given.dequantized().to(w) if given is not None else quantize_weight(w, bits)) - w
                 weight_term[(n, bits)] = 0.5 * float((fisher[n] * dw ** 2).sum())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     group: LayerGroup

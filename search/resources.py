@@ -83,10 +83,13 @@ class StudyResources:
     # -- backend --------------------------------------------------------------------------------
     @cached_property
     def backend(self) -> QuantizerBackend:
-        """The spec's quantizer backend (its framework is imported now)."""
+        """The spec's quantizer backend (its framework is imported now); what it computes once
+        per model and calibration set (rounded weights) is kept in ``cache/weights`` for reruns."""
         from quantizers import get_backend
+        from search.console import console_err
 
-        return get_backend(self.spec.backend, device=self.device, target=self.spec.deploy.target)
+        return get_backend(self.spec.backend, device=self.device, target=self.spec.deploy.target,
+                           cache_dir=self.paths.cache / "weights", progress=self.progress, console=console_err)
 
     def candidates_for(self, group: LayerGroup) -> list[Precision]:
         """The study's candidates this backend can build for every layer of ``group`` (float excluded)."""
@@ -96,8 +99,17 @@ class StudyResources:
                 if all(caps.supports(by_name[name], p) for name in group.layers)]
 
     def materialize(self, assignment: Assignment) -> QuantizedModel:
-        """Build ``assignment`` with the backend, calibrated on the study's calibration set."""
-        return self.backend.materialize(self.model, assignment, self.calibration)
+        """Build ``assignment`` with the backend, calibrated on the study's calibration set; the
+        first build that computes or loads the backend's one-time weights records that in
+        ``weights.json``."""
+        qmodel = self.backend.materialize(self.model, assignment, self.calibration)
+        weights = qmodel.info.get("weights", {})
+        if weights.get("served_from") in ("computed", "disk"):
+            from mpq.files import write_json
+
+            write_json(self.run_dir / "weights.json", {**weights, "seconds": qmodel.timings.get("weights"),
+                                                       "cache_dir": str(self.paths.cache / "weights")})
+        return qmodel
 
     # -- data -----------------------------------------------------------------------------------
     @cached_property

@@ -63,13 +63,18 @@ def test_input_quantizer_is_bit_exact_in_onnx(tmp_path):
 
 def test_analytic_bias_correction_equals_brevitas(demo_model, calib):
     """The cached correction W_f.E[unfold(x)] - W_q.E[unfold(Q(x))] is what Brevitas'
-    bias_correction_mode measures by running the model."""
+    bias_correction_mode measures by running the model.
+
+    With round-to-nearest weights: Brevitas' mode takes its float reference from the layer's
+    ``weight`` with quantization off, which after GPTQ (cached or sequential) holds the
+    quantized values, not the float ones; ours always uses the float layer (checked for the
+    cached GPTQ weights in ``test_weight_rounding.py``)."""
     import torch
     from brevitas.graph.calibrate import bias_correction_mode
 
     names = _pick(demo_model)
-    ours_backend = BrevitasBackend(options=BrevitasOptions())
-    ref_backend = BrevitasBackend(options=BrevitasOptions(bias_correction=False))
+    ours_backend = BrevitasBackend(options=BrevitasOptions(weight_rounding="nearest"))
+    ref_backend = BrevitasBackend(options=BrevitasOptions(bias_correction=False, weight_rounding="nearest"))
     for prec in ("W4A8", "W16A8"):
         assignment = Assignment({n: prec for n in names})
         ours = ours_backend.materialize(demo_model, assignment, calib).module
@@ -88,12 +93,13 @@ def test_analytic_bias_correction_equals_brevitas(demo_model, calib):
 def test_stats_are_cached_across_calls_and_deterministic(demo_model, demo_calib):
     calib = calibration_set(demo_calib, demo_model.imgsz, n=4, batch_size=4)
     names = _pick(demo_model)
-    b = BrevitasBackend()
+    nearest = BrevitasOptions(weight_rounding="nearest")  # this test is about the statistics cache
+    b = BrevitasBackend(options=nearest)
     first = b.materialize(demo_model, Assignment({names[0]: "W4A8"}), calib)
     second = b.materialize(demo_model, Assignment({names[1]: "W8A8", names[0]: "W4A8"}), calib)
     assert first.info["stats_cached"] is False and second.info["stats_cached"] is True
     assert second.timings["calibrate"] < 0.5 * max(first.timings["calibrate"], 1e-3)
-    again = BrevitasBackend().materialize(demo_model, Assignment({names[0]: "W4A8"}), calib)
+    again = BrevitasBackend(options=nearest).materialize(demo_model, Assignment({names[0]: "W4A8"}), calib)
     import torch
 
     torch.testing.assert_close(again.module.get_submodule(names[0]).bias,
@@ -104,14 +110,15 @@ def test_stats_are_cached_across_calls_and_deterministic(demo_model, demo_calib)
     assert third.info["stats_cached"] is False
 
 
-def test_weight_only_export_is_exact(demo_model, calib, demo_subset):
-    """Weight-only quantization has no rounding at run time: ONNX and torch agree to float precision."""
+def test_weight_only_export_is_exact(backend, demo_model, calib, demo_subset):
+    """Weight-only quantization has no rounding at run time: ONNX and torch agree to float precision
+    (with the default, cached GPTQ weights)."""
     import onnxruntime as ort
     import torch
 
     from mpq.data import preprocess_many
 
-    b = BrevitasBackend()
+    b = backend
     layers = demo_model.quantizable_layers[::3]
     q = b.materialize(demo_model, Assignment.uniform(layers, "W4A16"), calib)
     result = b.export(q, workdir() / "brevitas" / "w4a16.onnx")
@@ -133,7 +140,8 @@ def test_weight_only_export_is_exact(demo_model, calib, demo_subset):
 
 @pytest.mark.parametrize("act_type, zp", [("sym", "int8"), ("asym", "uint8")])
 def test_act_quant_type_in_graph(demo_model, calib, act_type, zp):
-    b = BrevitasBackend(options=BrevitasOptions(act_quant_type=act_type, bias_correction=False))
+    b = BrevitasBackend(options=BrevitasOptions(act_quant_type=act_type, bias_correction=False,
+                                                weight_rounding="nearest"))
     name = demo_model.quantizable_layers[5].name
     q = b.materialize(demo_model, Assignment({name: "W8A8"}), calib)
     result = b.export(q, workdir() / "brevitas" / f"a8-{act_type}.onnx")
@@ -172,7 +180,8 @@ def test_gptq_gpfq_reduce_layer_output_error(demo_model, calib, algo):
     names = _pick(demo_model)[1:4]
     assignment = Assignment({n: "W4A16" for n in names})
     opts = {"bias_correction": False}
-    rtn = BrevitasBackend(options=BrevitasOptions(**opts)).materialize(demo_model, assignment, calib)
+    rtn = BrevitasBackend(options=BrevitasOptions(**opts, weight_rounding="nearest")).materialize(
+        demo_model, assignment, calib)
     gpx = BrevitasBackend(options=BrevitasOptions(**opts, **{algo: True})).materialize(demo_model, assignment, calib)
     assert algo in gpx.timings
     inputs: dict[str, torch.Tensor] = {}

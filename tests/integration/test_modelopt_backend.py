@@ -221,7 +221,7 @@ def test_input_ranges_are_cached_and_methods_differ(demo_model, calib):
     a = Assignment.uniform(layers[:10], "W8A8")
     amax = {}
     for method in ("max", "percentile"):
-        be = ModelOptBackend(options=ModelOptOptions(calibration=method, percentile=99.0))
+        be = ModelOptBackend(options=ModelOptOptions(calibration=method, percentile=99.0, weight_rounding="nearest"))
         first = be.materialize(demo_model, a, calib)
         again = be.materialize(demo_model, Assignment.uniform(layers[5:12], "W4A8"), calib)
         assert first.info["input_stats_cached"] is False and again.info["input_stats_cached"] is True
@@ -237,7 +237,8 @@ def test_mse_weight_ranges_reduce_4bit_weight_error(demo_model, calib):
     a = Assignment.uniform(demo_model.quantizable_layers[:12], "W4A16")
     err = {}
     for method in ("max", "mse"):
-        q = ModelOptBackend(options=ModelOptOptions(weight_calibration=method)).materialize(demo_model, a, calib)
+        options = ModelOptOptions(weight_calibration=method, weight_rounding="nearest")  # weight error, not output
+        q = ModelOptBackend(options=options).materialize(demo_model, a, calib)
         total = 0.0
         for name in a:
             layer = q.module.get_submodule(name)

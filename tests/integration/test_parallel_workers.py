@@ -45,6 +45,7 @@ calibration:
 backend:
   name: brevitas
   weight_scale: max
+  weight_rounding: nearest
   bias_correction: false
   optimize_onnx: false
 evaluation:

@@ -51,8 +51,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_run_writes_the_run_directory_and_trials(finished_run: tuple[Path, Path]):
     _, run_dir = finished_run
-    for f in ("spec.yaml", "env.json", "study.db", "sensitivity.json", "float/model.onnx"):
+    for f in ("spec.yaml", "env.json", "study.db", "sensitivity.json", "float/model.onnx", "weights.json"):
         assert (run_dir / f).exists(), f
+    # the one-time rounded weights (issue 13): computed once, recorded, cached in the run's cache folder
+    weights = json.loads((run_dir / "weights.json").read_text())
+    assert weights["method"] == "gptq" and weights["served_from"] == "computed" and weights["one_time_seconds"] > 0
+    assert (run_dir / "cache" / "weights" / f"brevitas-{weights['key']}.pt").is_file()
     table = json.loads((run_dir / "sensitivity.json").read_text())
     assert table["metric"] == "fidelity" and len(table["groups"]) >= 20
     assert set(next(iter(table["scores"].values()))) == {"W4A16", "W4A8", "W8A8"}
@@ -177,6 +181,9 @@ def test_resume_reuses_the_sweep_and_continues(finished_run: tuple[Path, Path]):
     out = _search("run", "--study", str(spec), "--budget", "6", "--no-report")
     assert out.returncode == 0, out.stdout + out.stderr
     assert sweep.stat().st_mtime_ns == before  # not recomputed
+    # the rounded weights come from the run's cache folder: the rerun computes nothing
+    weights = json.loads((run_dir / "weights.json").read_text())
+    assert weights["served_from"] == "disk" and weights["seconds"] < weights["one_time_seconds"]
     study = _study(run_dir)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
             and "duplicate_of" not in t.user_attrs]
