@@ -186,7 +186,9 @@ def test_a8_drift_stays_at_the_float_rounding_floor(backend, demo_model, calib, 
     # with NMS a small score change can let a neighbouring box of the same object survive instead
     # (IoU with the reference box below 1 but well above 0.5): bound the tail by the floor's
     assert np.percentile(ious, 5) >= min(np.percentile(ious_floor, 5) - 0.02, 0.95)
-    assert ious.min() >= min(ious_floor.min() - 0.05, 0.95 if demo_model.layout == "end2end" else 0.8)
+    # a box can also be dropped by NMS on one side only (IoU 0): bound how often, not the minimum
+    # (seen on CI with multi-threaded torch: 1 unmatched box among the confident ones)
+    assert (ious < 0.5).mean() <= (ious_floor < 0.5).mean() + 0.02
     assert np.median(dscore) <= 0.02
     assert np.percentile(dscore, 90) <= 2 * np.percentile(dscore_floor, 90) + 0.01
 
