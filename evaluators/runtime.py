@@ -24,7 +24,6 @@ the engine inspector (where TensorRT exists).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -111,16 +110,9 @@ class RuntimeReport:
 
 def asked_from_metadata(model: Any) -> dict[str, str]:
     """Layer -> precision asked, from the ``yolo_mpq.assignment`` the backends stamp into the file."""
-    props = {p.key: p.value for p in model.metadata_props}
-    raw = props.get("yolo_mpq.assignment")
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    layers = data.get("layers", data) if isinstance(data, dict) else {}
-    return {str(k): str(v) for k, v in layers.items()} if isinstance(layers, dict) else {}
+    from mpq.onnx_nodes import assignment_from_metadata
+
+    return assignment_from_metadata({p.key: p.value for p in model.metadata_props})
 
 
 def _weight_initializer(graph: Any, producer: Mapping[str, Any], inits: set[str], tensor: str) -> str | None:

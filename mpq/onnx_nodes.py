@@ -9,7 +9,8 @@ tensor" and "which constant is this" over one graph. ``onnx`` is imported only w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -90,3 +91,17 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
             out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             present.add(name)
     return out
+
+
+def assignment_from_metadata(props: Mapping[str, str]) -> dict[str, str]:
+    """Layer -> precision asked, from the ``yolo_mpq.assignment`` metadata property the backends
+    stamp into their files (``props``: the file's metadata as a dict); ``{}`` if absent or unreadable."""
+    raw = props.get("yolo_mpq.assignment")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    layers = data.get("layers", data) if isinstance(data, dict) else {}
+    return {str(k): str(v) for k, v in layers.items()} if isinstance(layers, dict) else {}

@@ -416,7 +416,7 @@ class FakeQuantContract(_Builds):
 
         model = contract_model
         target = target_of(backend)
-        deploy = DeploySpec(target=target, int8_silu=False) if target != "qcdq" else None
+        deploy = DeploySpec.model_validate({"target": target, "int8_silu": False}) if target != "qcdq" else None
         qmodel, result = self.build(backend, model, mixed_assignment(model, backend), contract_calib,
                                     contract_workdir, "mixed-as-modelled", deploy)
         assert qmodel.module is not None, f"backend '{backend.name}' should build a torch fake-quant model"

@@ -27,7 +27,6 @@ What ONNX Runtime actually runs is read back by :func:`evaluators.runtime.int8_l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -146,17 +145,11 @@ def packed_weight_bytes(layers: Sequence[Any]) -> int:
 
 
 def _asked(meta: Mapping[str, str], assignment: Mapping[str, str] | None) -> dict[str, str]:
+    from mpq.onnx_nodes import assignment_from_metadata
+
     if assignment is not None:
         return {k: str(v) for k, v in assignment.items()}
-    raw = meta.get("yolo_mpq.assignment")
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    layers = data.get("layers", data) if isinstance(data, dict) else {}
-    return {str(k): str(v) for k, v in layers.items()} if isinstance(layers, dict) else {}
+    return assignment_from_metadata(meta)
 
 
 def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: str, layers: Sequence[Any] | None = None,
