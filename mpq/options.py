@@ -102,6 +102,12 @@ class DeploySpec(Section):
         "quantize the Sigmoid's output (its exact range) so that ONNX Runtime runs the SiLU as QLinearSigmoid + "
         "QLinearMul on integers, the next layers' input quantizer being the Mul's output quantizer; false: the "
         "SiLU runs in float between a DequantizeLinear and a QuantizeLinear.")
+    export: Literal["emit", "trace"] = Field(
+        default="emit", description="How a trial's Q/DQ graph is written before it is lowered (ort-cpu, tensorrt). "
+        "emit: the backend's quantizers (integers, scales, calibrated ranges) are written into the float model's ONNX "
+        "by graph surgery, without tracing (a fraction of a second); trace: through the backend's own torch export "
+        "(Brevitas export_onnx_qcdq: seconds per trial, more with every A8 layer). Both give the same file (tested); "
+        "a backend or quantizer emission cannot write is traced. qcdq always traces (the backend's own format).")
     strict: bool = Field(
         default=False, description="Fail a trial whose lowered file breaks a rule of the target (the rules are "
         "always checked and recorded; by default a broken rule is a warning).")

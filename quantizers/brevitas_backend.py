@@ -432,6 +432,16 @@ class BrevitasBackend:
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
+    def emit(self, qmodel: QuantizedModel, path: Path | str, float_onnx: Path | str) -> ExportResult:
+        """Write ``qmodel`` as QDQ ONNX at ``path`` by graph emission into ``float_onnx`` (the
+        float model's export): the quantizers' integers, scales and ranges, without tracing
+        (:mod:`quantizers.emit`). Raises :class:`~quantizers.emit.EmitUnsupported` for a
+        quantizer it cannot write (then :meth:`export` traces)."""
+        from quantizers.brevitas_emit import layer_params
+        from quantizers.emit import write_emitted
+
+        return write_emitted(qmodel, layer_params(qmodel), float_onnx, path, backend=self.name, options=self.options)
+
     @property
     def rounding(self) -> str:
         """How weights become integers (``weight_rounding``; ``nearest`` under sequential GPTQ/GPFQ)."""

@@ -15,11 +15,45 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mpq.assignment import Assignment
+    from quantizers.base import ExportResult, QuantizedModel
     from quantizers.lowering import LoweringResult
     from search.resources import StudyResources
 
 #: the file a backend exports into when the target needs lowering (removed once lowered)
 EXPORT_NAME = "export.onnx"
+
+
+def export(res: StudyResources, qmodel: QuantizedModel, onnx_path: Path, float_onnx: Path | None = None,
+           timings: dict[str, float] | None = None) -> ExportResult:
+    """The backend's Q/DQ graph of ``qmodel``, written where :func:`export_path` says.
+
+    With ``deploy.export: emit`` (the default), a target that is lowered (not ``qcdq``), a
+    backend that can ``emit`` and the float ONNX at hand, the graph is emitted into the float
+    ONNX (:mod:`quantizers.emit`); otherwise, or when emission cannot write a quantizer (a
+    warning says which), the backend traces its torch model (``export``). ``timings`` gains
+    ``export`` and ``export.method``-style detail (``export.emit`` or ``export.trace``).
+    """
+    from quantizers.emit import EmitUnsupported
+
+    path = export_path(res, onnx_path)
+    t0 = time.perf_counter()
+    emit = getattr(res.backend, "emit", None)
+    result = None
+    if (res.spec.deploy.export == "emit" and res.spec.deploy.target != "qcdq" and emit is not None
+            and float_onnx is not None and qmodel.module is not None):
+        try:
+            result = emit(qmodel, path, float_onnx)
+        except EmitUnsupported as exc:
+            from search.console import warn
+
+            warn(f"{exc}; tracing the backend's export instead")
+    method = "emit" if result is not None else "trace"
+    if result is None:
+        result = res.backend.export(qmodel, path)
+    if timings is not None:
+        timings["export"] = time.perf_counter() - t0
+        timings[f"export.{method}"] = timings["export"]
+    return result
 
 
 def export_path(res: StudyResources, onnx_path: Path) -> Path:

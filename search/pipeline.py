@@ -111,10 +111,8 @@ class TrialPipeline:
         qmodel = res.materialize(assignment)
         timings["materialize"] = time.perf_counter() - t0
         timings.update({f"materialize.{k}": v for k, v in qmodel.timings.items()})
-        t0 = time.perf_counter()
         onnx_path = out_dir / "model.onnx"
-        export = res.backend.export(qmodel, deploy.export_path(res, onnx_path))
-        timings["export"] = time.perf_counter() - t0
+        export = deploy.export(res, qmodel, onnx_path, float_onnx=self.baseline.onnx(), timings=timings)
         lowered = deploy.lower_export(res, export.path, onnx_path, assignment, timings)
         return Artifact(path=lowered.path, timings=timings,
                         export={"node_counts": dict(lowered.node_counts), "metadata": dict(lowered.metadata),

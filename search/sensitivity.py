@@ -208,7 +208,7 @@ def _probe_sweep(res: StudyResources, baseline: FloatBaseline, metric: str, cand
             if qm.module is not None:
                 target: Any = tails.tail(qm.module, start_block(qm.assignment))
             else:
-                target = _export_tmp(res, qm, tmp)
+                target = _export_tmp(res, qm, tmp, baseline.onnx())
             r = fid.evaluate(target)
             # detection disagreement, plus the output noise-to-signal ratio as a fine tie-breaker
             # (det_map saturates at 1.0 for layers that change no detection on a few images)
@@ -223,7 +223,7 @@ def _probe_sweep(res: StudyResources, baseline: FloatBaseline, metric: str, cand
         extra["float_map"] = base
 
         def measure(qm: Any, tmp: Path) -> dict[str, float]:
-            path = _export_tmp(res, qm, tmp)
+            path = _export_tmp(res, qm, tmp, baseline.onnx())
             m = small.evaluate(path).map50_95
             return {"damage": max(0.0, base - m), "map50_95": m, "drop": base - m}
 
@@ -296,12 +296,12 @@ class BlockCache:
         return Tail().eval()
 
 
-def _export_tmp(res: StudyResources, qm: Any, tmp: Path) -> Path:
+def _export_tmp(res: StudyResources, qm: Any, tmp: Path, float_onnx: Path) -> Path:
     """Export a probe and lower it for the deploy target: a probe is measured on what a trial would run."""
     from search import deploy
 
     path = tmp / "probe.onnx"
-    exported = res.backend.export(qm, deploy.export_path(res, path)).path
+    exported = deploy.export(res, qm, path, float_onnx=float_onnx).path
     deploy.lower_export(res, exported, path, qm.assignment, {})
     return path
 
