@@ -300,13 +300,15 @@ class BrevitasBackend:
             own_output=self.output_quant and own_range(qtype, out_method),
             act_key=json.dumps([qtype, in_method, out_method, options.act_percentile, self.output_quant,
                                 "ranges-v2"]))
+        #: layers built per (name, precision), reused by later builds (see :meth:`_build_layers`)
+        self._built: dict[tuple[str, str], Any] = {}
+        self._built_key: tuple[int, int, int] | None = None
         self.weights = BrevitasWeights(options, quant_layer, device=self.device, cache_dir=cache_dir, progress=progress,
                                        console=console, error=BrevitasError)
 
     # -- public API -----------------------------------------------------------------------
     def materialize(self, model: LoadedModel, assignment: Assignment, calib: CalibrationSet) -> QuantizedModel:
         """Build ``assignment`` on a copy of ``model`` (never modifying it), calibrated on ``calib``."""
-        import torch
 
         start = time.perf_counter()
         self.capabilities.check(model.layers, assignment)
@@ -329,40 +331,19 @@ class BrevitasBackend:
 
         store, weights_info, timings["weights"] = self.weights.for_assignment(
             model, calib, any(p.quantizes_weights for _, p in assignment.items()))
-        t = time.perf_counter()
-        layers_info: dict[str, dict[str, Any]] = {}
-        for name, precision in assignment.items():
-            float_layer = work.get_submodule(name)
-            state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
-            out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
-            given = self.weights.layer(store, name, precision.w_bits) if (
-                store is not None and precision.quantizes_weights) else None
-            q = quant_layer(float_layer, precision, self.options, state, out_state, self.target, given)
-            _set_submodule(work, name, q)
-            layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
-                                 "output_quant": out_state is not None and precision.quantizes_inputs
-                                 and precision.quantizes_weights}
-        timings["quantize"] = time.perf_counter() - t
-
-        if self.options.gptq or self.options.gpfq:
+        sequential = self.options.gptq or self.options.gpfq
+        layers_info = self._build_layers(work, model, assignment, cache, store, timings, reuse=not sequential)
+        if sequential:
             algo = "gptq" if self.options.gptq else "gpfq"
             t = time.perf_counter()
             self._gpxq(work, calib, algo)
             timings[algo] = time.perf_counter() - t
-
-        if self.options.bias_correction and len(assignment):
-            t = time.perf_counter()
-            assert cache is not None
-            base_layers = dict(model.module.named_modules())
-            with torch.no_grad():
+            if self.options.bias_correction and len(assignment):
+                t = time.perf_counter()
+                assert cache is not None
                 for name, precision in assignment.items():
-                    qlayer: Any = work.get_submodule(name)
-                    correction = self._correction(name, base_layers[name], qlayer, precision, cache.layers[name])
-                    if qlayer.bias is None:
-                        qlayer.bias = torch.nn.Parameter(correction, requires_grad=False)
-                    else:
-                        qlayer.bias.add_(correction)
-            timings["bias_correction"] = time.perf_counter() - t
+                    self._correct(work.get_submodule(name), name, model, precision, cache)
+                timings["bias_correction"] = time.perf_counter() - t
         work.eval()
         timings["total"] = time.perf_counter() - start
         info = {
@@ -377,6 +358,61 @@ class BrevitasBackend:
         }
         return QuantizedModel(backend=self.name, assignment=assignment, base=model, module=work,
                               timings=timings, info=info)
+
+    def _build_layers(self, work: nn.Module, model: LoadedModel, assignment: Assignment, cache: Any, store: Any,
+                      timings: dict[str, float], *, reuse: bool) -> dict[str, dict[str, Any]]:
+        """Put each assigned layer's Brevitas module into ``work``; bias-corrected here unless
+        ``reuse`` is off (sequential GPTQ/GPFQ correct after they run).
+
+        With ``reuse``, a layer built at a precision is kept and put into later builds as it is:
+        without sequential GPTQ/GPFQ a quantized layer depends only on its float weights, its
+        precision and the statistics and rounded weights of this model and calibration set
+        (the key of the kept layers), and nothing modifies it after it is built.
+        """
+        key = (id(model.module), id(cache), id(store))
+        if self._built_key != key:
+            self._built, self._built_key = {}, key
+        layers_info: dict[str, dict[str, Any]] = {}
+        timings.setdefault("quantize", 0.0)
+        correct = self.options.bias_correction and reuse
+        if correct:
+            timings.setdefault("bias_correction", 0.0)
+        reused = 0
+        for name, precision in assignment.items():
+            q = self._built.get((name, str(precision))) if reuse else None
+            reused += q is not None
+            if q is None:
+                t = time.perf_counter()
+                state = cache.layers[name].input_quant_state if (cache and precision.quantizes_inputs) else None
+                out_state = (cache.layers[name].output_quant_state if (cache and self.output_quant) else None)
+                given = self.weights.layer(store, name, precision.w_bits) if (
+                    store is not None and precision.quantizes_weights) else None
+                q = quant_layer(work.get_submodule(name), precision, self.options, state, out_state, self.target, given)
+                timings["quantize"] += time.perf_counter() - t
+                if correct:
+                    t = time.perf_counter()
+                    self._correct(q, name, model, precision, cache)
+                    timings["bias_correction"] += time.perf_counter() - t
+                if reuse:
+                    self._built[(name, str(precision))] = q
+            _set_submodule(work, name, q)
+            oq: Any = getattr(q, "output_quant", None)
+            layers_info[name] = {"precision": str(precision), "type": type(q).__name__,
+                                 "output_quant": oq is not None and bool(oq.is_quant_enabled)}
+        timings["layers_reused"] = float(reused)
+        return layers_info
+
+    def _correct(self, q: Any, name: str, model: LoadedModel, precision: Precision, cache: Any) -> None:
+        """Fold the layer's mean output error on the calibration images into its bias."""
+        import torch
+
+        assert cache is not None
+        with torch.no_grad():
+            correction = self._correction(name, model.module.get_submodule(name), q, precision, cache.layers[name])
+            if q.bias is None:
+                q.bias = torch.nn.Parameter(correction, requires_grad=False)
+            else:
+                q.bias.add_(correction)
 
     def export(self, qmodel: QuantizedModel, path: Path | str) -> ExportResult:
         """Write ``qmodel`` as QCDQ ONNX at ``path`` (atomically) and its metadata at ``<path>.json``."""

@@ -1,10 +1,13 @@
-"""``search export RUN_DIR --trial N | --front``: chosen configurations as QCDQ ONNX + JSON sidecar.
+"""``search export RUN_DIR --trial N | --front``: chosen configurations as ONNX + JSON sidecar.
 
-Each configuration is re-materialized, re-exported and re-evaluated, so the numbers in
-the sidecar are re-measured, not copied from the study; the exported file is then scored on
-the study's held-out verification split (``dataset.verify``: images the search never saw),
-with a 95 % paired-bootstrap interval of its mAP change vs float on each split. Without a
-verification split the table says its numbers are in-sample.
+Each configuration's file is the one its trial measured: the study's artifact, handed out
+when it is intact (its SHA-256 and size as recorded) and was built in the study's context,
+otherwise re-materialized, re-exported and re-lowered from the trial's assignment (always,
+with ``--rebuild``). The exported file is then scored on both splits: the search split (the
+numbers the study recorded, re-measured on these bytes) and the held-out verification split
+(``dataset.verify``: images the search never saw), with a 95 % paired-bootstrap interval of
+its mAP change vs float on each. Without a verification split the table says its numbers
+are in-sample.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from search.commands import add_trust_arg
 SIDECAR_KEYS = ("map50_95", "map50", "latency_ms", "weight_bytes")
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export chosen trials (or the whole Pareto front) as QCDQ ONNX, re-verified",
+    p = sub.add_parser("export", help="export chosen trials (or the whole Pareto front) as ONNX, re-verified",
                        description=__doc__)
     p.add_argument("run_dir", type=Path, help="run directory (e.g. runs/demo)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -28,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--storage", default=None, help="study storage URL (default: the run dir's own)")
     p.add_argument("--device", default=None, help="torch device for calibration")
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-materialize every configuration from its assignment even when the study's file is intact")
     add_trust_arg(p)
     p.set_defaults(handler=run)
 
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mpq.errors import UserError
     from mpq.files import versions, write_json
-    from search.console import console, console_err
+    from search.console import console
     from search.pipeline import TrialPipeline, artifact_records
     from search.report import collect, load_run, pareto_front, short_label
     from search.trial_attrs import TrialAttrs
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = TrialPipeline.for_spec(spec, run_dir=Path(args.run_dir), device=args.device)
     base = pipeline.baseline.metrics()
     splits = splits_for(pipeline)
-    table = Table(title=f"exported to {out}/{spec.name}-trial<#>.onnx + .json (mAP re-measured on the re-built model)",
+    table = Table(title=f"exported to {out}/{spec.name}-trial<#>.onnx + .json (mAP re-measured on the exported file)",
                   caption=_caption(splits))
     for col in ("#", "study mAP", "re-measured", "vs float [95%]", "verify mAP", "verify vs float [95%]", "ms", "W4",
                 "layers"):
@@ -74,12 +79,8 @@ def run(args: argparse.Namespace) -> int:
         attrs = TrialAttrs.of(by_number[n])
         assignment = attrs.assignment_value()
         stem = f"{spec.name}-trial{n}"
-        console_err.print(f"trial {n}: re-materializing {assignment.label()} ...", highlight=False)
-        _check_stored(pipeline.resources.paths.trial(assignment.digest()), n)
-        work = out / f".{stem}"
-        result = pipeline.run(assignment, out_dir=work, use_cache=False)
         onnx_path = out / f"{stem}.onnx"
-        result.artifact.replace(onnx_path)
+        result, source = _artifact(pipeline, assignment, n, onnx_path, rebuild=args.rebuild)
         recorded = attrs.metrics
         verified = result.metrics
         recorded_map = recorded.map50_95 if recorded is not None else float("nan")
@@ -90,22 +91,47 @@ def run(args: argparse.Namespace) -> int:
             "assignment": assignment.to_dict(), "summary": dict(result.summary),
             "metrics": verified.to_json(), "float_metrics": {k: getattr(base, k) for k in SIDECAR_KEYS},
             "study_metrics": {k: getattr(recorded, k) if recorded is not None else None for k in SIDECAR_KEYS},
-            "map_difference_vs_study": verified.map50_95 - recorded_map,
+            "map_difference_vs_study": checked.search_map - recorded_map,
             "head": splits.head, "verification": {**checked.to_json(), **splits.describe_splits(),
                                                   "text": describe(checked, splits.summary())},
             "export": dict(result.export), "timings": dict(result.timings), "versions": versions(),
-            "files": artifact_records(onnx_path),
+            "files": artifact_records(onnx_path), "source": source,
         }
         write_json(out / f"{stem}.json", sidecar)
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
-        table.add_row(str(n), f"{recorded_map:.4f}", f"{verified.map50_95:.4f}",
+        table.add_row(str(n), f"{recorded_map:.4f}", f"{checked.search_map:.4f}",
                       f"{100 * checked.search_change:+.2f} [{100 * checked.search_low:+.2f}, "
                       f"{100 * checked.search_high:+.2f}]", *_verify_cells(checked), f"{verified.latency_ms:.3g}",
                       f"{100 * verified.w4_weight_share:.0f}%", short_label(result.summary))
     console.print(table)
     return 0
+
+
+def _artifact(pipeline, assignment, number: int, onnx_path: Path, *, rebuild: bool):  # noqa: ANN001, ANN202
+    """(the trial's result, where the file came from), with the file written at ``onnx_path``."""
+    import shutil
+
+    from mpq.files import atomic_path
+    from search.console import console_err
+
+    stored = pipeline.resources.paths.trial(assignment.digest())
+    cached = None if rebuild else pipeline.cached(assignment, stored)
+    if cached is not None:
+        console_err.print(f"trial {number}: the study's file {cached.artifact} (SHA-256 checked)", highlight=False)
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(onnx_path) as tmp:
+            shutil.copyfile(cached.artifact, tmp)
+        return cached, "the study's artifact (SHA-256 and size as recorded)"
+    console_err.print(f"trial {number}: re-materializing {assignment.label(pipeline.resources.model.layers)} ...",
+                      highlight=False)
+    if rebuild:
+        _check_stored(stored, number)
+    work = onnx_path.parent / f".{onnx_path.stem}"
+    result = pipeline.run(assignment, out_dir=work, use_cache=False)
+    result.artifact.replace(onnx_path)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return result, "re-built from the assignment"
 
 
 def _verify_cells(p) -> list[str]:  # noqa: ANN001

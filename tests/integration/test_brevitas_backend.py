@@ -239,3 +239,40 @@ def test_calibration_runs_on_cuda(demo_model, calib):
     assert next(q.module.parameters()).device.type == "cuda"
     result = b.export(q, workdir() / "brevitas" / "cuda.onnx")
     assert result.path.is_file()
+
+
+def _run(module, x):
+    import torch
+
+    with torch.no_grad():
+        y = module(torch.from_numpy(x))
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def test_layers_built_once_are_reused_and_compute_what_a_fresh_build_computes(demo_model, calib):
+    """A backend keeps each layer it built per precision; a later build reuses it, and the
+    model computes exactly what a fresh backend's build computes (bias correction included)."""
+    import torch
+
+    names = [lay.name for lay in demo_model.quantizable_layers]
+    a = Assignment({n: Precision.parse("W4A8" if k % 2 else "W8A16") for k, n in enumerate(names)})
+    b = Assignment({n: Precision.parse("W4A8" if k % 3 else "W8A8") for k, n in enumerate(names)})
+    backend = BrevitasBackend(options=BrevitasOptions(), device="cpu", target="ort-cpu")
+    x = calib.images[:2]
+    first = backend.materialize(demo_model, a, calib)
+    y_first = _run(first.module, x)
+    second = backend.materialize(demo_model, b, calib)
+    assert 0 < second.timings["layers_reused"] < len(names)  # the W4A8 layers both share
+    again = backend.materialize(demo_model, a, calib)
+    assert again.timings["layers_reused"] == len(names)
+    fresh = BrevitasBackend(options=BrevitasOptions(), device="cpu", target="ort-cpu").materialize(demo_model, a, calib)
+    assert torch.equal(_run(again.module, x), _run(fresh.module, x))
+    assert torch.equal(_run(first.module, x), y_first)  # building b changed nothing a holds
+
+
+def test_sequential_gptq_builds_are_not_reused(demo_model, calib):
+    names = [lay.name for lay in demo_model.quantizable_layers][:3]
+    a = Assignment({n: Precision.parse("W4A16") for n in names})
+    backend = BrevitasBackend(options=BrevitasOptions(gptq=True), device="cpu")
+    backend.materialize(demo_model, a, calib)
+    assert backend.materialize(demo_model, a, calib).timings["layers_reused"] == 0

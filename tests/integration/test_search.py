@@ -213,6 +213,14 @@ def test_export_reverifies(finished_run: tuple[Path, Path], tmp_path: Path):
     assert side["head"] == "one2many" and v["verify_images"] == 24 and v["verify_map"] is not None
     assert v["verify_low"] <= v["verify_change"] <= v["verify_high"]
     assert "verify" in out.stdout and "held-out" in out.stdout  # the table's verification columns
+    # the file handed out is the very file the trial measured; --rebuild makes it again from the assignment
+    assert side["source"].startswith("the study's artifact")
+    assert onnx_path.read_bytes() == Path(trial.user_attrs["artifact"]).read_bytes()
+    out = _search("export", str(run_dir), "--trial", str(trial.number), "--out", str(tmp_path / "rb"), "--rebuild")
+    assert out.returncode == 0, out.stdout + out.stderr
+    again = json.loads((tmp_path / "rb" / f"it-trial{trial.number}.json").read_text())
+    assert again["source"] == "re-built from the assignment"
+    assert again["verification"]["search_map"] == pytest.approx(v["search_map"], abs=1e-9)
     bad = _search("export", str(run_dir), "--trial", "999")
     assert bad.returncode == 2 and "no trial 999" in bad.stderr
 
