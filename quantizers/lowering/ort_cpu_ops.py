@@ -25,10 +25,14 @@ point: an op next to a float op, a graph output or a weight-only layer stays flo
 gives every tensor they produce a grid:
 
 - tensors joined by data-movement ops share one grid (what the dropped Q/DQ needs); the
-  group's grid is the one its readers already quantize it to: an A8 layer's input
-  quantizer, or a ``Concat``'s output grid (quantizing a Concat's inputs on its output grid
-  is exactly quantizing its output: no new error); several such grids: the one whose range
-  holds the others' (else their union);
+  group's grid is one its readers already quantize it to: the input quantizer of the A8
+  layers reading it (what the backend modelled, kept exact: the layer sees what it saw
+  before), else the output grid of the ``Concat`` reading it (quantizing a Concat's inputs
+  on its output grid is exactly quantizing its output: no new error); several such grids:
+  the one whose range holds the others' (else their union). A ``Concat`` whose inputs are
+  on other grids re-quantizes them (``QLinearConcat`` takes any input grids). Measured on
+  the demo (uniform W8A8, issue 12): taking the Concat's grid before the layers' re-quantizes
+  13 layer inputs (``DQ -> Q``, two roundings) and costs 0.13 mAP points more;
 - a group no quantizer reads (a SiLU or an Add read only by an Add): uint8 over the
   smallest..largest value seen on the calibration images
   (:func:`quantizers.lowering.calibrate.tensor_ranges`, cached); without images such ops
@@ -172,15 +176,16 @@ def _groups(index: GraphIndex, plan: _Plan) -> dict[str, list[str]]:
 
 
 def _desired(index: GraphIndex, plan: _Plan, members: list[str], accepted: set[int]) -> list[QParams]:
-    """The grids the readers of a group already quantize it to (A8 input quantizers, Concat outputs)."""
-    out = []
+    """The grids the readers of a group already quantize it to: the A8 layers' input quantizers
+    (what the backend modelled: kept exact), else the outputs of the Concats of the set reading it."""
+    layers, concats = [], []
     for t in members:
         for u in index.consumers.get(t, []):
             if u.op_type == "QuantizeLinear" and (g := _act_grid(index, u)) is not None:
-                out.append(g)
+                layers.append(g)
             elif u.op_type == "Concat" and id(u) in accepted and plan.root.get(u.output[0]) in plan.grid:
-                out.append(plan.grid[plan.root[u.output[0]]])
-    return out
+                concats.append(plan.grid[plan.root[u.output[0]]])
+    return layers or concats
 
 
 def _widest(grids: list[QParams]) -> QParams:
