@@ -235,7 +235,8 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
       of the convolution's output grid (Sigmoid is monotonic: nothing is clipped; the grid
       holds 0 so that its zero point is a uint8);
     - other readers of the ``Mul`` output that do not compute on it (``Shape``) read the
-      quantizer's ``DequantizeLinear`` instead.
+      quantizer's uint8 output instead (a ``DequantizeLinear`` there would run on every call
+      just to give a shape).
 
     A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float: it
     would need a new calibrated quantizer there. Returns ``{"silu_int8": n, "silu_float": m}``.
@@ -267,10 +268,6 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
                 or getattr(_node_qparams(index, qs[0]), "qtype", None) != "uint8"):
             skipped += 1
             continue
-        q_dq = next(iter(index.consumers.get(qs[0].output[0], [])), None)
-        if others and (q_dq is None or q_dq.op_type != "DequantizeLinear"):
-            skipped += 1
-            continue
         scope = scope_of(sig)
         s, z = float(np.asarray(y_p.scale).reshape(())), int(np.asarray(y_p.zero_point).reshape(()))
         hi = (255 - z) * s
@@ -284,12 +281,10 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
         for k, v in enumerate(mul.input):
             if v == sig.output[0]:
                 mul.input[k] = s_dq
-        if others:
-            assert q_dq is not None
-            for u in others:
-                for k, v in enumerate(u.input):
-                    if v == mul.output[0]:
-                        u.input[k] = q_dq.output[0]
+        for u in others:  # a Shape reads the quantized tensor (no dequantization just for its shape)
+            for k, v in enumerate(u.input):
+                if v == mul.output[0]:
+                    u.input[k] = qs[0].output[0]
         done += 1
     ed.finish()
     return {"silu_int8": done, "silu_float": skipped}

@@ -17,8 +17,8 @@ qdq_selector_action_transformer.cc``, 1.2x) have integer forms for these:
   (:func:`~quantizers.lowering.ort_cpu.int8_silu`, applied again).
 
 Every such unit needs: each input from its own ``DequantizeLinear``, each output read by
-exactly one ``QuantizeLinear`` (other readers read that quantizer's ``DequantizeLinear``),
-uint8 per-tensor grids. :func:`int8_ops` finds the largest set of these ops whose inputs
+exactly one ``QuantizeLinear`` (other readers read that quantizer's ``DequantizeLinear``;
+a ``Shape`` reads the uint8 tensor itself), uint8 per-tensor grids. :func:`int8_ops` finds the largest set of these ops whose inputs
 come from quantized tensors (8-bit layer outputs) or from ops of the set, and whose outputs
 go only to ops of the set, to A8 layers' input quantizers or to ``Shape`` (a greatest fixed
 point: an op next to a float op, a graph output or a weight-only layer stays float), then
@@ -266,18 +266,15 @@ def _rewrite(model: onnx.ModelProto, index: GraphIndex, plan: _Plan) -> int:
             s, z = _qparam_inits(ed, prefix, g)
             q_out = ed.node("QuantizeLinear", [t, s, z], f"{prefix}_quantized", f"{scope}/int8_out/QuantizeLinear",
                             after=p)
-        shape_dq: list[str] = []
         for u in users:
             if any(u is v for v in same):
                 continue
-            dq = (lambda u=u: ed.node("DequantizeLinear", [q_out, s, z], f"{prefix}_dequantized",
-                                      f"{scope_of(u)}/int8_input/DequantizeLinear", before=u))
-            if u.op_type == "Shape":
-                shape_dq = shape_dq or [dq()]
-                _read_through(ed, u, t, lambda: shape_dq[0])
-            else:
-                requant += u.op_type == "QuantizeLinear"
-                _read_through(ed, u, t, dq)
+            if u.op_type == "Shape":  # reads the uint8 tensor: no dequantization just for a shape
+                _read_through(ed, u, t, lambda: q_out)
+                continue
+            requant += u.op_type == "QuantizeLinear"
+            _read_through(ed, u, t, lambda u=u: ed.node("DequantizeLinear", [q_out, s, z], f"{prefix}_dequantized",
+                                                        f"{scope_of(u)}/int8_input/DequantizeLinear", before=u))
     ed.finish()
     return requant
 
