@@ -194,7 +194,7 @@ def tensor_ranges(model: onnx.ModelProto, tensors: Sequence[str], images: np.nda
         sc = max(hi[t] - lo[t], 1e-8) / 255.0
         zp = int(np.clip(np.rint(-lo[t] / sc), 0, 255))
         ranges[t] = {"scale": sc, "zero_point": zp, "qtype": "uint8", "low": lo[t], "high": hi[t]}
-    info = {"tensors": len(tensors), "cached": False, "images": int(len(images)),
+    info: dict[str, Any] = {"tensors": len(tensors), "cached": False, "images": int(len(images)),
             "seconds": round(time.perf_counter() - t0, 3)}
     if cache is not None:
         from mpq.files import write_json

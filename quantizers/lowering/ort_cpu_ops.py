@@ -17,8 +17,9 @@ qdq_selector_action_transformer.cc``, 1.2x) have integer forms for these:
   (:func:`~quantizers.lowering.ort_cpu.int8_silu`, applied again).
 
 Every such unit needs: each input from its own ``DequantizeLinear``, each output read by
-exactly one ``QuantizeLinear`` (other readers read that quantizer's ``DequantizeLinear``;
-a ``Shape`` reads the uint8 tensor itself), uint8 per-tensor grids. :func:`int8_ops` finds the largest set of these ops whose inputs
+exactly one ``QuantizeLinear`` (other readers read that quantizer's ``DequantizeLinear``; a
+``Shape`` reads the uint8 tensor itself), uint8 per-tensor grids.
+:func:`int8_ops` finds the largest set of these ops whose inputs
 come from quantized tensors (8-bit layer outputs) or from ops of the set, and whose outputs
 go only to ops of the set, to A8 layers' input quantizers or to ``Shape`` (a greatest fixed
 point: an op next to a float op, a graph output or a weight-only layer stays float), then
@@ -252,9 +253,9 @@ def _rewrite(model: onnx.ModelProto, index: GraphIndex, plan: _Plan) -> int:
         if p is not None and p.op_type == "DequantizeLinear":  # a QDQ node unit owns its DQ nodes
             attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
             for u in (u for u in users if id(u) in accepted):
-                _read_through(ed, u, t, lambda u=u: ed.node("DequantizeLinear", list(p.input), f"{t}.for_int8_op",
-                                                            f"{scope_of(u)}/int8_input/DequantizeLinear",
-                                                            before=u, **attrs))
+                for k in _slots(u, t):
+                    u.input[k] = ed.node("DequantizeLinear", list(p.input), f"{t}.for_int8_op",
+                                         f"{scope_of(u)}/int8_input/DequantizeLinear", before=u, **attrs)
             continue
         prefix, scope = t.strip("/").replace("/", "."), scope_of(p)
         same = [u for u in users if u.op_type == "QuantizeLinear" and u.input[0] == t
@@ -269,20 +270,19 @@ def _rewrite(model: onnx.ModelProto, index: GraphIndex, plan: _Plan) -> int:
         for u in users:
             if any(u is v for v in same):
                 continue
-            if u.op_type == "Shape":  # reads the uint8 tensor: no dequantization just for a shape
-                _read_through(ed, u, t, lambda: q_out)
-                continue
+            shape = u.op_type == "Shape"  # reads the uint8 tensor: no dequantization just for a shape
             requant += u.op_type == "QuantizeLinear"
-            _read_through(ed, u, t, lambda u=u: ed.node("DequantizeLinear", [q_out, s, z], f"{prefix}_dequantized",
-                                                        f"{scope_of(u)}/int8_input/DequantizeLinear", before=u))
+            for k in _slots(u, t):
+                u.input[k] = q_out if shape else ed.node(
+                    "DequantizeLinear", [q_out, s, z], f"{prefix}_dequantized",
+                    f"{scope_of(u)}/int8_input/DequantizeLinear", before=u)
     ed.finish()
     return requant
 
 
-def _read_through(ed: GraphEditor, node: Any, tensor: str, make: Callable[[], str]) -> None:
-    for k, v in enumerate(node.input):
-        if v == tensor:
-            node.input[k] = make()
+def _slots(node: Any, tensor: str) -> list[int]:
+    """The input positions of ``node`` that read ``tensor``."""
+    return [k for k, v in enumerate(node.input) if v == tensor]
 
 
 def int8_ops(model: onnx.ModelProto, ranges: Ranges | None = None) -> dict[str, Any]:

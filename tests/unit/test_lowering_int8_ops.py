@@ -126,3 +126,18 @@ def test_without_images_or_next_to_float_ops_they_stay_float(tmp_path):
     asked = {k: v for k, v in ASKED.items() if k != "model.2.conv"}
     result = lower(src, tmp_path / "out.onnx", target="ort-cpu", assignment=asked, images=_x(8))
     assert result.metadata["activations"]["int8_ops"] == {} and not result.violations
+
+
+def test_checker_catches_a_broken_concat_unit(tmp_path):
+    from onnx import helper
+
+    src = c2f_like(tmp_path)
+    dst = tmp_path / "low.onnx"
+    lower(src, dst, target="ort-cpu", assignment=ASKED, images=_x(8))
+    model = onnx.load(str(dst))
+    assert check_ort_cpu(model) == []
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")
+    model.graph.node.append(helper.make_node("Relu", [concat.output[0]], ["concat_relu"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("concat_relu", onnx.TensorProto.FLOAT, None))
+    found = [v for v in check_ort_cpu(model) if v.rule == "activation-unit"]
+    assert found and found[0].node == concat.name and "Relu" in found[0].message
