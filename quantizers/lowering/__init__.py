@@ -9,7 +9,9 @@ target, keeping the backend's integer weights, scales and calibrated activation 
 ``ort-cpu``           :mod:`quantizers.lowering.ort_cpu`: A8 layers as the ``DQ -> Conv -> Q``
                       units ONNX Runtime fuses into ``QLinearConv`` (u8 activations, s8 weights,
                       int32 bias, output quantizer), the SiLU between them as
-                      ``QLinearSigmoid`` + ``QLinearMul``; weight-only layers as float values of
+                      ``QLinearSigmoid`` + ``QLinearMul``, the ops between A8 layers on uint8
+                      (:mod:`quantizers.lowering.ort_cpu_ops`: ``QLinearConcat``, ``QLinearAdd``,
+                      Q/DQ dropped around data movement); weight-only layers as float values of
                       their grid
 ``tensorrt``          :mod:`quantizers.lowering.tensorrt`: explicit quantization (symmetric
                       int8 Q/DQ, axis-0 weights, nothing between a weight and its DQ)

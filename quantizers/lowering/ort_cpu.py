@@ -44,6 +44,10 @@ The lowering (one rule per layer kind, all here):
   ``DQ -> Sigmoid -> Q`` and ``DQ, DQ -> Mul -> Q`` units ONNX Runtime fuses into
   ``com.microsoft.QLinearSigmoid`` / ``QLinearMul``, so the activation stays 8-bit from one
   ``QLinearConv`` to the next (measured: docs/benchmarks.md, "Deployment targets").
+- **the ops between A8 layers** (``deploy.int8_ops``, default on, with ``int8_silu``):
+  :mod:`quantizers.lowering.ort_cpu_ops` keeps the activations on uint8 through ``Concat``,
+  ``Add``, ``Split``/``Slice``, ``MaxPool``, ``Resize``, ``Reshape``, ``Transpose`` and the SiLU
+  before them (``QLinearConcat``, ``QLinearAdd``, Q/DQ dropped around data movement).
 """
 
 from __future__ import annotations
@@ -238,8 +242,9 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
       quantizer's uint8 output instead (a ``DequantizeLinear`` there would run on every call
       just to give a shape).
 
-    A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float: it
-    would need a new calibrated quantizer there. Returns ``{"silu_int8": n, "silu_float": m}``.
+    A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float here;
+    :func:`quantizers.lowering.ort_cpu_ops.int8_ops` quantizes those ops' tensors and applies
+    this pass again. Returns ``{"silu_int8": n, "silu_float": m}``.
     """
     import numpy as np
     from onnx import helper
