@@ -141,3 +141,38 @@ def test_checker_catches_a_broken_concat_unit(tmp_path):
     model.graph.output.append(helper.make_tensor_value_info("concat_relu", onnx.TensorProto.FLOAT, None))
     found = [v for v in check_ort_cpu(model) if v.rule == "activation-unit"]
     assert found and found[0].node == concat.name and "Relu" in found[0].message
+
+
+def test_a_group_read_by_layers_on_two_grids_takes_the_wider_one(tmp_path):
+    # conv0 (SiLU) -> MaxPool -> conv2 (input grid 0.05) and conv3 (input grid 0.1): the MaxPool's
+    # input and output share the wider grid (0.1), conv2's input quantizer re-quantizes from it
+    from onnx import TensorProto, helper
+
+    from evaluators.runtime import int8_layers
+
+    nodes, inits = [], []
+    t0 = conv_block(nodes, inits, layer="model.0.conv", x="images", cin=4, cout=8, seed=0)
+    nodes.append(helper.make_node("MaxPool", [t0], ["p"], name="/model.1/MaxPool", kernel_shape=[2, 2],
+                                  strides=[2, 2]))
+    outs = [conv_block(nodes, inits, layer=f"model.{k}.conv", x="p", cin=8, cout=8, seed=k, x_scale=s)
+            for k, s in ((2, 0.05), (3, 0.1))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                         ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", "c", "h", "w"])
+                               for o in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, dst = tmp_path / "src.onnx", tmp_path / "low.onnx"
+    onnx.save(model, str(src))
+    asked = {f"model.{k}.conv": "W8A8" for k in (0, 2, 3)}
+    result = lower(src, dst, target="ort-cpu", assignment=asked)  # no images: no calibrated grid needed
+    acts = result.metadata["activations"]
+    assert acts["int8_ops"] == {"MaxPool": 1, "SiLU": 1} and acts["int8_ops_requantized"] == 1
+    low = onnx.load(str(dst))
+    index = G.GraphIndex(low)
+    pool = next(n for n in low.graph.node if n.op_type == "MaxPool")
+    (q,) = index.consumers[pool.output[0]]
+    assert float(index.const(q.input[1])) == np.float32(0.1)
+    assert float(index.const(index.producer[pool.input[0]].input[1])) == np.float32(0.1)
+    assert not result.violations and int8_layers(dst, asked=asked).ran_int8 == 3
+    assert "MaxPool" not in _optimized_ops(dst, tmp_path)  # runs on uint8 (NhwcMaxPool), Q/DQ dropped
