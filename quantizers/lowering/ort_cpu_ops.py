@@ -41,7 +41,11 @@ gives every tensor they produce a grid:
 - an A8 layer's input quantizer on another grid than its input's group re-quantizes it
   (``DQ -> Q``).
 
-Nothing here is specific to a model: the ops are found by their types and connections.
+Float -> float ``Cast`` nodes (ModelOpt's exported quantizers) are removed first
+(:func:`drop_identity_casts`; ONNX Runtime removes them anyway). Nothing here is specific to
+a model: the ops are found by their types and connections (checked on the demo, and on
+random-init ``yolov8n.yaml`` / ``yolo11n.yaml`` with Brevitas and ModelOpt: every Concat, Add,
+Slice/Split, MaxPool and Resize between A8 layers becomes integer, every A8 layer stays int8).
 """
 
 from __future__ import annotations
@@ -285,6 +289,42 @@ def _slots(node: Any, tensor: str) -> list[int]:
     return [k for k, v in enumerate(node.input) if v == tensor]
 
 
+def drop_identity_casts(model: onnx.ModelProto) -> int:
+    """Remove the ``Cast`` nodes whose input already has the target type (ModelOpt's exported
+    quantizers hold float -> float Casts, which ONNX Runtime's ``CastElimination`` removes
+    anyway; here they would hide a tensor's readers). Returns how many were removed."""
+    import onnx as _onnx
+
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    if not casts:
+        return 0
+    try:
+        inferred = _onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no types known: keep every Cast
+        return 0
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    alias: dict[str, str] = {}
+    for n in casts:
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        src = alias.get(n.input[0], n.input[0])
+        if to is not None and types.get(n.input[0]) == to and n.output[0] not in outputs:
+            alias[n.output[0]] = src
+    if not alias:
+        return 0
+    for node in model.graph.node:
+        for k, v in enumerate(node.input):
+            while v in alias:
+                v = alias[v]
+            node.input[k] = v
+    keep = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in alias)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(alias)
+
+
 def int8_ops(model: onnx.ModelProto, ranges: Ranges | None = None) -> dict[str, Any]:
     """Run the ops between A8 layers on uint8 (see the module's docstring); rewrites ``model`` in place.
 
@@ -293,6 +333,7 @@ def int8_ops(model: onnx.ModelProto, ranges: Ranges | None = None) -> dict[str, 
     Returns ``{"int8_ops": {op type: n}, "int8_ops_calibrated": n, "int8_ops_requantized": n,
     "silu_int8": n, "silu_float": m}`` (the SiLUs made integer by this pass, those left float).
     """
+    drop_identity_casts(model)
     index = GraphIndex(model)
     nodes, silu = _candidates(model, index)
     while True:

@@ -19,15 +19,19 @@ def _x(n: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1.0, (n, 4, 8, 8)).astype(np.float32)
 
 
-def c2f_like(tmp_path, *, concat_is_output: bool = False):
+def c2f_like(tmp_path, *, concat_is_output: bool = False, cast: bool = False):
     """conv0 (SiLU) -> Split -> a, b; conv1(b) (SiLU) -> Add(b, .) -> c; MaxPool(c) -> p;
-    Concat(a, b, c, p) -> conv2 (SiLU) -> output (or the Concat is the output)."""
+    Concat(a, b, c, p) -> conv2 (SiLU) -> output (or the Concat is the output). ``cast``: b
+    goes through a float -> float Cast first (as in ModelOpt's exported quantizers)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
     t0 = conv_block(nodes, inits, layer="model.0.conv", x="images", cin=4, cout=8, seed=0)
     inits.append(numpy_helper.from_array(np.array([4, 4], dtype=np.int64), "split_sizes"))
-    nodes.append(helper.make_node("Split", [t0, "split_sizes"], ["a", "b"], name="/model.1/Split", axis=1))
+    nodes.append(helper.make_node("Split", [t0, "split_sizes"], ["a", "b0" if cast else "b"], name="/model.1/Split",
+                                  axis=1))
+    if cast:
+        nodes.append(helper.make_node("Cast", ["b0"], ["b"], name="/model.1/Cast", to=TensorProto.FLOAT))
     m = conv_block(nodes, inits, layer="model.1.conv", x="b", cin=4, cout=4, seed=1)
     nodes.append(helper.make_node("Add", ["b", m], ["c"], name="/model.1/Add"))
     nodes.append(helper.make_node("MaxPool", ["c"], ["p"], name="/model.1/MaxPool", kernel_shape=[3, 3],
@@ -42,6 +46,13 @@ def c2f_like(tmp_path, *, concat_is_output: bool = False):
     path = tmp_path / "src.onnx"
     onnx.save(model, str(path))
     return path
+
+
+def test_float_to_float_casts_do_not_hide_the_ops(tmp_path):
+    src = c2f_like(tmp_path, cast=True)
+    result = lower(src, tmp_path / "low.onnx", target="ort-cpu", assignment=ASKED, images=_x(8))
+    assert result.metadata["activations"]["int8_ops"] == {"Add": 1, "Concat": 1, "MaxPool": 1, "SiLU": 2, "Split": 1}
+    assert "Cast" not in G.op_counts(onnx.load(str(tmp_path / "low.onnx"))) and not result.violations
 
 
 def _optimized_ops(path, tmp_path) -> dict[str, int]:
