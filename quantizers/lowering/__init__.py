@@ -300,8 +300,9 @@ def _int8_ops(proto: Any, silu: Mapping[str, Any], images: np.ndarray | None,
     info: dict[str, Any] = {}
 
     def ranges(tensors: Sequence[str]) -> dict[str, Any]:
-        out, info["calibration"] = tensor_ranges(proto, tensors, images, batch_size=batch_size,  # type: ignore[arg-type]
-                                                 cache_dir=Path(cache_dir) if cache_dir is not None else None)
+        assert images is not None
+        out, info["int8_ops_calibration"] = tensor_ranges(
+            proto, tensors, images, batch_size=batch_size, cache_dir=Path(cache_dir) if cache_dir is not None else None)
         return out
 
     found = int8_ops(proto, ranges if images is not None and len(images) else None)

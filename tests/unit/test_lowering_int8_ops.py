@@ -108,7 +108,7 @@ def test_ops_between_a8_layers_become_uint8_units(tmp_path):
     assert np.abs(a - b).max() < 0.1 * np.abs(b).max()
     again = lower(src, tmp_path / "again.onnx", target="ort-cpu", assignment=ASKED, images=_x(8),
                   cache_dir=tmp_path / "cache")
-    assert again.metadata["activations"]["calibration"]["cached"] is True
+    assert again.metadata["activations"]["int8_ops_calibration"]["cached"] is True
 
 
 def test_option_off_leaves_the_ops_float(tmp_path):
