@@ -6,7 +6,7 @@ C3k2 ``Split``/``Slice`` and ``Concat``, the bottleneck shortcut ``Add``, SPPF's
 ``MaxPool``, the neck's ``Resize`` and ``Concat``) still run in float, each costing a
 ``DequantizeLinear``, the float op and a ``QuantizeLinear``. ONNX Runtime's CPU QDQ
 transformers (``onnxruntime/core/optimizer/qdq_transformer/selectors_actions/
-qdq_selector_action_transformer.cc``, 1.2x) have integer forms for these:
+qdq_selector_action_transformer.cc``, ONNX Runtime 1.32) have integer forms for these:
 
 - ``DQ... -> Concat -> Q``: ``com.microsoft.QLinearConcat`` (inputs on any grids);
 - ``DQ, DQ -> Add -> Q``: ``com.microsoft.QLinearAdd``;
@@ -40,6 +40,11 @@ gives every tensor they produce a grid:
   stay float;
 - an A8 layer's input quantizer on another grid than its input's group re-quantizes it
   (``DQ -> Q``).
+
+Measured on the demo (uniform W8A8, 1 intra-op thread, interleaved with float): x0.67-0.69 of
+float's latency instead of x0.75-0.76, ONNX Runtime's kernel time 5.7 ms instead of 6.2 (float
+7.4); mAP50-95 0.17 points lower than without this pass (0.25 over 200 images), mostly the
+residual ``Add`` reading its input on the next layer's (clipping) grid.
 
 Float -> float ``Cast`` nodes (ModelOpt's exported quantizers) are removed first
 (:func:`drop_identity_casts`; ONNX Runtime removes them anyway). Nothing here is specific to
