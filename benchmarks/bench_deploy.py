@@ -5,7 +5,8 @@ TensorRT rule check on the demo and on ``yolov10m.yaml``.
    W4A16 built as every trial is (``TrialPipeline.run``: materialize, export, lower,
    COCO mAP, latency, what ONNX Runtime runs), plus, for comparison, the same W8A8 /
    W4A16 as the backend's QCDQ export (``deploy.target: qcdq``), W8A8 with the SiLU left
-   in float (``deploy.int8_silu: false``), ONNX Runtime's own
+   in float (``deploy.int8_silu: false``), W8A8 with the ops between A8 layers in float
+   (``deploy.int8_ops: false``: the SiLU between two A8 layers only), ONNX Runtime's own
    ``quantize_static`` (QDQ, u8 activations, s8 per-channel weights, Conv only, MinMax) on
    the float ONNX, and W4A16 with its weights kept as int8 + ``DequantizeLinear`` (what the
    ort-cpu lowering avoids). Then every file is timed against the float ONNX in one
@@ -44,6 +45,7 @@ def _spec(target: str, out: Path, **deploy: Any) -> Any:
 
 #: the rows built through the trial pipeline: (row suffix, run folder, deploy section, precisions to build)
 VARIANTS = (("ort-cpu", "demo-ort-cpu", {"target": "ort-cpu"}, None),
+            ("ort-cpu float ops", "demo-ort-cpu-float-ops", {"target": "ort-cpu", "int8_ops": False}, ("W8A8",)),
             ("ort-cpu float SiLU", "demo-ort-cpu-float-silu", {"target": "ort-cpu", "int8_silu": False}, ("W8A8",)),
             ("qcdq", "demo-qcdq", {"target": "qcdq"}, ("W8A8", "W4A16")))
 

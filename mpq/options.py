@@ -108,6 +108,13 @@ class DeploySpec(Section):
         "by graph surgery, without tracing (a fraction of a second); trace: through the backend's own torch export "
         "(Brevitas export_onnx_qcdq: seconds per trial, more with every A8 layer). Both give the same file (tested); "
         "a backend or quantizer emission cannot write is traced. qcdq always traces (the backend's own format).")
+    int8_ops: bool = Field(
+        default=True, description="ort-cpu, with int8_silu: keep the activations on uint8 through the ops between "
+        "A8 layers that ONNX Runtime runs on integers (Concat -> QLinearConcat, Add -> QLinearAdd; Split, Slice, "
+        "MaxPool, Resize, Reshape, Transpose with their Q/DQ dropped) and the SiLU in front of them, where every "
+        "input is an 8-bit tensor and every output goes to such ops or to A8 layers. Grids: the one the readers "
+        "already quantize to (an A8 layer's input quantizer, a Concat's output), else uint8 min..max on the "
+        "calibration images (cached). false: those ops run in float between DequantizeLinear and QuantizeLinear.")
     strict: bool = Field(
         default=False, description="Fail a trial whose lowered file breaks a rule of the target (the rules are "
         "always checked and recorded; by default a broken rule is a warning).")

@@ -110,8 +110,11 @@ def sweep_key(res: StudyResources, metric: str, candidates: Iterable[Precision])
 
 def _probe_target(deploy: Any) -> str:
     """The deploy settings the probes' files depend on (``ort-cpu+int8-silu``: the SiLU between A8
-    layers runs on integers, see ``deploy.int8_silu``)."""
-    return f"{deploy.target}+int8-silu" if deploy.target == "ort-cpu" and deploy.int8_silu else str(deploy.target)
+    layers runs on integers, see ``deploy.int8_silu``; ``+int8-ops``: so do the ops between them,
+    see ``deploy.int8_ops``)."""
+    if deploy.target != "ort-cpu" or not deploy.int8_silu:
+        return str(deploy.target)
+    return f"{deploy.target}+int8-silu" + ("+int8-ops" if deploy.int8_ops else "")
 
 
 def sweep_candidates(res: StudyResources) -> list[Precision]:

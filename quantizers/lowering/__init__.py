@@ -9,7 +9,9 @@ target, keeping the backend's integer weights, scales and calibrated activation 
 ``ort-cpu``           :mod:`quantizers.lowering.ort_cpu`: A8 layers as the ``DQ -> Conv -> Q``
                       units ONNX Runtime fuses into ``QLinearConv`` (u8 activations, s8 weights,
                       int32 bias, output quantizer), the SiLU between them as
-                      ``QLinearSigmoid`` + ``QLinearMul``; weight-only layers as float values of
+                      ``QLinearSigmoid`` + ``QLinearMul``, the ops between A8 layers on uint8
+                      (:mod:`quantizers.lowering.ort_cpu_ops`: ``QLinearConcat``, ``QLinearAdd``,
+                      Q/DQ dropped around data movement); weight-only layers as float values of
                       their grid
 ``tensorrt``          :mod:`quantizers.lowering.tensorrt`: explicit quantization (symmetric
                       int8 Q/DQ, axis-0 weights, nothing between a weight and its DQ)
@@ -221,6 +223,8 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
             per_layer = ort_cpu.lower(proto, qlayers, output_ranges=ranges)
             if options.int8_silu:
                 activations = ort_cpu.int8_silu(proto)
+                if options.int8_ops:
+                    activations = _int8_ops(proto, activations, images, cache_dir, batch_size)
         else:
             from quantizers.lowering import tensorrt
 
@@ -284,6 +288,25 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
     return LoweringResult(path=dst, target=target, seconds=seconds, layers=per_layer, violations=tuple(violations),
                           notes=tuple(notes), node_counts=q_counts, file_bytes=dst.stat().st_size,
                           weight_bytes_packed=packed, metadata=result_meta)
+
+
+def _int8_ops(proto: Any, silu: Mapping[str, Any], images: np.ndarray | None,
+              cache_dir: str | os.PathLike[str] | None, batch_size: int) -> dict[str, Any]:
+    """``deploy.int8_ops`` (:mod:`quantizers.lowering.ort_cpu_ops`), calibrating on ``images`` the
+    grids no quantizer gives; the SiLU counts are those of both passes."""
+    from quantizers.lowering.calibrate import tensor_ranges
+    from quantizers.lowering.ort_cpu_ops import int8_ops
+
+    info: dict[str, Any] = {}
+
+    def ranges(tensors: Sequence[str]) -> dict[str, Any]:
+        assert images is not None
+        out, info["int8_ops_calibration"] = tensor_ranges(
+            proto, tensors, images, batch_size=batch_size, cache_dir=Path(cache_dir) if cache_dir is not None else None)
+        return out
+
+    found = int8_ops(proto, ranges if images is not None and len(images) else None)
+    return {**found, "silu_int8": int(silu.get("silu_int8", 0)) + found["silu_int8"], **info}
 
 
 def _no_images(need: Sequence[Any]) -> Any:

@@ -17,6 +17,10 @@ ort-cpu lowering writes as uint8 with zero point 128), or an asymmetric uint8 on
 
 Ranges are cached per (graph digest, images digest, method) in ``cache_dir``, so lowering
 the same file again (``search export`` re-verifying a trial) costs nothing.
+
+:func:`tensor_ranges` measures any tensors of a graph the same way (``minmax``, uint8): the
+``ort-cpu`` pass that keeps Add outputs and lone SiLU outputs on uint8
+(:mod:`quantizers.lowering.ort_cpu_ops`) calibrates the ranges no quantizer of the graph gives.
 """
 
 from __future__ import annotations
@@ -137,3 +141,64 @@ def _qparams(v: dict[str, Any]) -> QParams:
 
     return QParams(np.asarray(v["scale"], dtype=np.float32), np.asarray(v["zero_point"], dtype=np.dtype(v["qtype"])),
                    v["qtype"])
+
+
+def tensor_ranges(model: onnx.ModelProto, tensors: Sequence[str], images: np.ndarray, *, batch_size: int = 8,
+                  cache_dir: Path | None = None) -> tuple[dict[str, QParams], dict[str, Any]]:
+    """uint8 quantizers (zero point over the smallest..largest value seen, 0 included) for
+    ``tensors`` of ``model``, measured by running ``model`` on ``images``; and what it cost.
+
+    Cached like :func:`output_ranges` (graph digest, images digest) in ``cache_dir``."""
+    import numpy as np
+
+    tensors = list(dict.fromkeys(tensors))
+    if not tensors:
+        return {}, {"tensors": 0}
+    if images is None or len(images) == 0:
+        raise LoweringError(f"the lowering needs calibration images to calibrate {len(tensors)} tensors "
+                            f"(e.g. '{tensors[0]}')")
+    key = _digest(model, images, "tensors-minmax", 0.0)
+    cache = Path(cache_dir) / f"tensor-ranges-{key}.json" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text())
+        if set(data["ranges"]) >= set(tensors):
+            return ({t: _qparams(data["ranges"][t]) for t in tensors},
+                    {"tensors": len(tensors), "cached": True, "cache": str(cache)})
+    import onnxruntime as ort
+
+    from mpq.onnx_nodes import with_outputs as expose_outputs
+
+    t0 = time.perf_counter()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(expose_outputs(model, tensors).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+    bs = fixed or batch_size
+    lo = dict.fromkeys(tensors, 0.0)
+    hi = dict.fromkeys(tensors, 0.0)
+    seen = 0
+    for i in range(0, len(images), bs):
+        batch = np.ascontiguousarray(images[i:i + bs], dtype=np.float32)
+        if fixed and len(batch) != fixed:
+            break
+        for t, y in zip(tensors, sess.run(tensors, {inp.name: batch}), strict=True):
+            lo[t], hi[t] = min(lo[t], float(np.min(y))), max(hi[t], float(np.max(y)))
+        seen += 1
+    if not seen:
+        raise LoweringError(f"calibration of {len(tensors)} tensors saw no batch")
+    ranges: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        sc = max(hi[t] - lo[t], 1e-8) / 255.0
+        zp = int(np.clip(np.rint(-lo[t] / sc), 0, 255))
+        ranges[t] = {"scale": sc, "zero_point": zp, "qtype": "uint8", "low": lo[t], "high": hi[t]}
+    info: dict[str, Any] = {"tensors": len(tensors), "cached": False, "images": int(len(images)),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if cache is not None:
+        from mpq.files import write_json
+
+        write_json(cache, {"ranges": ranges, "info": info})
+        info["cache"] = str(cache)
+    return {t: _qparams(v) for t, v in ranges.items()}, info

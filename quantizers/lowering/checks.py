@@ -54,13 +54,14 @@ ORT_CPU_RULES: Mapping[str, str] = {
     "output-q": "the Conv's output goes only to QuantizeLinear nodes of the input's type and is not a graph output",
     "no-weight-only-dq": "a Conv whose input is float has a float weight (a DequantizeLinear on an initializer "
                          "is recomputed on every run)",
-    "activation-unit": "a Sigmoid or Mul whose inputs are all dequantized and whose output is quantized (the int8 "
-                       "SiLU: QLinearSigmoid, QLinearMul) reads uint8 and writes only to uint8 QuantizeLinear "
-                       "nodes, and its output is not a graph output",
+    "activation-unit": "a Sigmoid, Mul, Add or Concat whose inputs are all dequantized and whose output is "
+                       "quantized (the int8 SiLU: QLinearSigmoid, QLinearMul; deploy.int8_ops: QLinearAdd, "
+                       "QLinearConcat) reads uint8 and writes only to uint8 QuantizeLinear nodes, and its output "
+                       "is not a graph output",
 }
 
 #: the elementwise ops ONNX Runtime's CPU QDQ transformers run on integers (com.microsoft.QLinear<op>)
-ORT_ACTIVATION_OPS = ("Sigmoid", "Mul")
+ORT_ACTIVATION_OPS = ("Sigmoid", "Mul", "Add", "Concat")
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ def check_ort_cpu(model: onnx.ModelProto | str | os.PathLike[str], a8_nodes: set
 
 
 def _check_activation_units(index: GraphIndex) -> list[Violation]:
-    """Rule ``activation-unit``: the Sigmoid / Mul nodes meant to run on integers (every input
+    """Rule ``activation-unit``: the Sigmoid / Mul / Add / Concat nodes meant to run on integers (every input
     dequantized, some output quantized) form whole QDQ units ONNX Runtime fuses."""
     out: list[Violation] = []
     for node in index.model.graph.node:

@@ -44,6 +44,10 @@ The lowering (one rule per layer kind, all here):
   ``DQ -> Sigmoid -> Q`` and ``DQ, DQ -> Mul -> Q`` units ONNX Runtime fuses into
   ``com.microsoft.QLinearSigmoid`` / ``QLinearMul``, so the activation stays 8-bit from one
   ``QLinearConv`` to the next (measured: docs/benchmarks.md, "Deployment targets").
+- **the ops between A8 layers** (``deploy.int8_ops``, default on, with ``int8_silu``):
+  :mod:`quantizers.lowering.ort_cpu_ops` keeps the activations on uint8 through ``Concat``,
+  ``Add``, ``Split``/``Slice``, ``MaxPool``, ``Resize``, ``Reshape``, ``Transpose`` and the SiLU
+  before them (``QLinearConcat``, ``QLinearAdd``, Q/DQ dropped around data movement).
 """
 
 from __future__ import annotations
@@ -235,10 +239,12 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
       of the convolution's output grid (Sigmoid is monotonic: nothing is clipped; the grid
       holds 0 so that its zero point is a uint8);
     - other readers of the ``Mul`` output that do not compute on it (``Shape``) read the
-      quantizer's ``DequantizeLinear`` instead.
+      quantizer's uint8 output instead (a ``DequantizeLinear`` there would run on every call
+      just to give a shape).
 
-    A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float: it
-    would need a new calibrated quantizer there. Returns ``{"silu_int8": n, "silu_float": m}``.
+    A SiLU whose output feeds float ops (``Add``, ``Concat``, ``Split``...) is left in float here;
+    :func:`quantizers.lowering.ort_cpu_ops.int8_ops` quantizes those ops' tensors and applies
+    this pass again. Returns ``{"silu_int8": n, "silu_float": m}``.
     """
     import numpy as np
     from onnx import helper
@@ -267,10 +273,6 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
                 or getattr(_node_qparams(index, qs[0]), "qtype", None) != "uint8"):
             skipped += 1
             continue
-        q_dq = next(iter(index.consumers.get(qs[0].output[0], [])), None)
-        if others and (q_dq is None or q_dq.op_type != "DequantizeLinear"):
-            skipped += 1
-            continue
         scope = scope_of(sig)
         s, z = float(np.asarray(y_p.scale).reshape(())), int(np.asarray(y_p.zero_point).reshape(()))
         hi = (255 - z) * s
@@ -284,12 +286,10 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
         for k, v in enumerate(mul.input):
             if v == sig.output[0]:
                 mul.input[k] = s_dq
-        if others:
-            assert q_dq is not None
-            for u in others:
-                for k, v in enumerate(u.input):
-                    if v == mul.output[0]:
-                        u.input[k] = q_dq.output[0]
+        for u in others:  # a Shape reads the quantized tensor (no dequantization just for its shape)
+            for k, v in enumerate(u.input):
+                if v == mul.output[0]:
+                    u.input[k] = qs[0].output[0]
         done += 1
     ed.finish()
     return {"silu_int8": done, "silu_float": skipped}

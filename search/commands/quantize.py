@@ -160,6 +160,9 @@ def print_deployment(result: TrialResult) -> None:
         total = summary["silu_int8"] + summary.get("silu_float", 0)
         console.print(f"  SiLU on integers (QLinearSigmoid + QLinearMul, deploy.int8_silu): {summary['silu_int8']} "
                       f"of {total} after A8 layers (the others feed float ops)", highlight=False)
+    if summary.get("int8_ops"):
+        ops = ", ".join(f"{k} {v}" for k, v in summary["int8_ops"].items())
+        console.print(f"  ops between A8 layers on uint8 (deploy.int8_ops): {ops}", highlight=False)
     if q.runtime_warning:
         console_err.print(f"[bold yellow]warning:[/] {q.runtime_warning}", highlight=False)
     for v in meta.get("violations", [])[:5]:

@@ -39,12 +39,18 @@ def test_quantize_uniform_builds_evaluates_and_reuses(tmp_path, capsys):
     assert check_ort_cpu(out / "model.onnx") == []
     assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
     # the SiLU between A8 layers runs on integers (deploy.int8_silu, default): QLinearSigmoid + QLinearMul
-    silu = json.loads((out / "model.onnx.json").read_text())["summary"]["silu_int8"]
+    summary = json.loads((out / "model.onnx.json").read_text())["summary"]
+    silu = summary["silu_int8"]
     assert silu > 0 and counts["DequantizeLinear"] >= 4 * n - 10 + silu
     from evaluators.runtime import int8_layers
 
     ops = int8_layers(out / "model.onnx", threads=1).int8_activation_ops
-    assert ops == {"com.microsoft.QLinearMul": silu, "com.microsoft.QLinearSigmoid": silu}
+    # and the ops between A8 layers (deploy.int8_ops, default): Concat -> QLinearConcat, Add -> QLinearAdd
+    between = summary["int8_ops"]
+    assert between["Concat"] > 0 and between["Add"] > 0 and between["SiLU"] > 0
+    assert ops == {"com.microsoft.QLinearMul": silu, "com.microsoft.QLinearSigmoid": silu,
+                   "com.microsoft.QLinearConcat": between["Concat"], "com.microsoft.QLinearAdd": between["Add"]}
+    assert "ops between A8 layers on uint8" in text
     assert not (out / "export.onnx").exists()
     assert json.loads((out / "assignment.json").read_text())["layers"]["model.0.conv"] == "W8A8"
     # a second call reuses the finished result
