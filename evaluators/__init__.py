@@ -69,6 +69,6 @@ def make_latency_evaluator(latency: LatencySpec, *, imgsz: int, evaluation: Eval
     providers = latency.providers or (evaluation.providers if evaluation is not None else None)
     return OrtLatencyEvaluator(providers=providers or ["CPUExecutionProvider"], imgsz=imgsz,
                                warmup=latency.warmup, runs=latency.runs, batch_size=latency.batch_size,
-                               threads=latency.threads,
+                               threads=latency.threads, block=latency.block,
                                disable_cpu_fallback=bool(evaluation is not None and evaluation.disable_cpu_fallback),
                                cache_dir=cache_dir)

@@ -6,10 +6,16 @@ included, pre/post-processing excluded). Reported: mean, median, p90, min (ms pe
 and images/s at the median, with the provider actually used, the device, threads and the
 ONNX Runtime version.
 
-With a ``reference`` model (the search passes the float ONNX), both are warmed up and their
-timed runs alternate (candidate, reference, candidate, ...); the result also carries the
-reference's median and the median of the per-pair ratios. A shared or boosting CPU changes
-speed within minutes (docs/benchmarks.md), which moves absolute milliseconds; the ratio of
+With a ``reference`` model (the search passes the float ONNX), both are warmed up and timed
+in alternating blocks of ``block`` consecutive runs (candidate block, reference block, ...);
+the first run of each block is not timed. Alternating single runs times each session while
+the other's intra-op thread pool still spins on the same cores (ONNX Runtime's default):
+on a 2-core machine that slowed the float model (two threads) far more than an int8 one,
+and a W8A8 file measured x0.52-0.62 of float with blocks of 1-6 runs against x0.78-0.82
+with blocks of 20-40 (docs/benchmarks.md, "Measuring latency against float"). A block
+of 20 lets that pool go quiet and times each model as it runs when deployed alone. The result also carries the
+reference's median and the median over blocks of the ratio of block medians. A shared or
+boosting CPU changes speed within minutes, which moves absolute milliseconds; the ratio of
 two models timed in the same window does not.
 """
 
@@ -49,15 +55,17 @@ class OrtLatencyEvaluator:
         disable_cpu_fallback: fail instead of running on the CPU.
         cache_dir: ORT TensorRT EP engine cache (when that provider is used).
         seed: the random input's seed.
+        block: consecutive runs per model when timed against a reference (the first one untimed).
     """
 
     engine = "ort"
 
     def __init__(self, *, providers: Sequence[str] = (CPU,), imgsz: int = 640, warmup: int = 10, runs: int = 50,
                  batch_size: int = 1, threads: int | None = None, disable_cpu_fallback: bool = False,
-                 cache_dir: str | os.PathLike[str] | None = None, seed: int = 0):
-        if runs < 1 or warmup < 0 or batch_size < 1:
-            raise ValueError("runs and batch_size must be >= 1, warmup >= 0")
+                 cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, block: int = 20):
+        if runs < 1 or warmup < 0 or batch_size < 1 or block < 2:
+            raise ValueError("runs and batch_size must be >= 1, warmup >= 0, block >= 2")
+        self.block = int(block)
         self.providers = tuple(providers)
         self.imgsz = int(imgsz)
         self.warmup, self.runs, self.batch_size = int(warmup), int(runs), int(batch_size)
@@ -80,9 +88,9 @@ class OrtLatencyEvaluator:
                  reference: str | os.PathLike[str] | None = None) -> LatencyResult:
         """Time ``onnx_path``; returns :class:`~evaluators.base.LatencyResult` (ms per batch).
 
-        With ``reference``, that model is timed in alternation with this one (same warm-up,
-        same number of runs) and ``extra`` gains ``reference_median_ms`` and ``ratio``
-        (median of the per-pair ratios candidate / reference).
+        With ``reference``, that model is timed in alternating blocks with this one (same
+        warm-up, same number of timed runs) and ``extra`` gains ``reference_median_ms`` and
+        ``ratio`` (median over blocks of candidate / reference block medians).
         """
         import onnxruntime as ort
 
@@ -99,6 +107,7 @@ class OrtLatencyEvaluator:
 
         times: list[float] = []
         ref_times: list[float] = []
+        ratios: list[float] = []
         current = source
         try:
             for _ in range(self.warmup):
@@ -107,12 +116,20 @@ class OrtLatencyEvaluator:
                 if ref is not None:
                     current = str(reference)
                     ref[0].run(ref[4], ref[3])
-            for _ in range(self.runs):
+            if ref is None:
                 current = source
-                times.append(timed(sess, names, feed))
-                if ref is not None:
-                    current = str(reference)
-                    ref_times.append(timed(ref[0], ref[4], ref[3]))
+                times = [timed(sess, names, feed) for _ in range(self.runs)]
+            while len(times) < self.runs and ref is not None:
+                n = self.block - 1  # whole blocks: at least ``runs`` timed runs each
+                current = source
+                sess.run(names, feed)  # the first run of a block: the other pool may still spin
+                mine = [timed(sess, names, feed) for _ in range(n)]
+                current = str(reference)
+                ref[0].run(ref[4], ref[3])
+                theirs = [timed(ref[0], ref[4], ref[3]) for _ in range(n)]
+                times += mine
+                ref_times += theirs
+                ratios.append(float(np.median(mine) / np.median(theirs)))
         except Exception as exc:  # noqa: BLE001 - ORT's runtime errors name the node
             raise ModelFormatError(f"{current}: ONNX Runtime failed to run it on a {list(feed.values())[0].shape} "
                                    f"input: {str(exc).splitlines()[0][:300]}") from None
@@ -125,8 +142,9 @@ class OrtLatencyEvaluator:
             ref_stats = summarize_ms(ref_times)
             extra.update(reference=str(reference), reference_median_ms=ref_stats["median_ms"],
                          reference_p90_ms=ref_stats["p90_ms"],
-                         ratio=float(np.median(np.asarray(times) / np.asarray(ref_times))),
-                         interleaved="timed runs alternate candidate / reference")
+                         ratio=float(np.median(ratios)), blocks=len(ratios),
+                         interleaved=f"alternating blocks of {self.block} runs (the first untimed), candidate / "
+                                     "reference; ratio: median over blocks of the ratio of block medians")
         return LatencyResult(
             engine="ort", provider=report.provider, device=report.device, batch_size=batch, threads=self.threads,
             warmup=self.warmup, runs=self.runs, mean_ms=stats["mean_ms"], median_ms=stats["median_ms"],

@@ -60,10 +60,14 @@ class LatencySpec(Section):
     warmup: int = Field(default=10, ge=0)
     runs: int = Field(default=50, gt=0)
     batch_size: int = Field(default=1, gt=0)
-    threads: int | None = Field(default=None, gt=0)
+    threads: int | None = Field(default=None, gt=0, description="ORT intra-op threads (None: ORT's default, one "
+                                "per physical core).")
+    block: int = Field(default=20, ge=2, description="ort with reference float: consecutive runs of one model per "
+                       "block (the first untimed) when the trial and float alternate, so that neither is timed while "
+                       "the other's thread pool still spins on the same cores.")
     fp16: bool = Field(default=True, description="TensorRT: allow FP16 kernels beside INT8.")
     reference: Literal["float", "none"] = Field(
-        default="float", description="ort: time every trial's model in alternation with the float model and "
+        default="float", description="ort: time every trial's model in alternating blocks with the float model and "
         "report its latency as (its ratio to float, measured in the same window) x the float baseline's "
         "milliseconds, so that a CPU whose speed drifts (shared machines, frequency boosting) does not "
         "reorder trials measured minutes apart; the raw milliseconds are kept too. none: raw only.")

@@ -288,6 +288,7 @@ def test_latency_interleaved_with_a_reference_gives_the_ratio(float_onnx, demo_m
     same = ev.evaluate(float_onnx, reference=float_onnx)
     assert same.extra["reference"] == str(float_onnx) and same.extra["reference_median_ms"] > 0
     assert 0.6 < same.extra["ratio"] < 1.6  # the same model in the same window
+    assert same.extra["blocks"] >= 2 and "blocks of" in same.extra["interleaved"]
     tiny = tiny_onnx(tmp_path / "tiny.onnx", demo_model.imgsz)
     r = ev.evaluate(float_onnx, reference=tiny)
     assert r.extra["ratio"] > 3.0 and r.extra["reference_median_ms"] < r.median_ms
