@@ -283,12 +283,13 @@ def test_latency_contract(engine, float_onnx, demo_model):
 
 
 def test_latency_interleaved_with_a_reference_gives_the_ratio(float_onnx, demo_model, tmp_path):
-    """Timed runs alternate candidate / reference; the ratio is the median of per-pair ratios."""
+    """Blocks of runs alternate candidate / reference; the ratio is the median over blocks of
+    the ratio of block medians, and every block times ``block - 1`` runs."""
     ev = _latency_evaluator("ort", demo_model.imgsz)
     same = ev.evaluate(float_onnx, reference=float_onnx)
     assert same.extra["reference"] == str(float_onnx) and same.extra["reference_median_ms"] > 0
     assert 0.6 < same.extra["ratio"] < 1.6  # the same model in the same window
-    assert same.extra["blocks"] >= 2 and "blocks of" in same.extra["interleaved"]
+    assert same.extra["blocks"] == -(-ev.runs // (ev.block - 1)) and "blocks of" in same.extra["interleaved"]
     tiny = tiny_onnx(tmp_path / "tiny.onnx", demo_model.imgsz)
     r = ev.evaluate(float_onnx, reference=tiny)
     assert r.extra["ratio"] > 3.0 and r.extra["reference_median_ms"] < r.median_ms
