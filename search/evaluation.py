@@ -2,7 +2,7 @@
 
 The float baseline and every trial go through :meth:`ArtifactEvaluator.evaluate`, so their
 numbers are comparable. With a :class:`LatencyReference` (the float model, when the study's
-``latency.reference`` is ``float`` on ONNX Runtime) the artifact is timed in alternation with
+``latency.reference`` is ``float`` on ONNX Runtime) the artifact is timed in alternating blocks with
 the float model and its latency is reported as its ratio to float times the float
 baseline's milliseconds (see :func:`latency_fields`).
 """

@@ -551,8 +551,11 @@ def html_page(rep: Report, images: dict[str, str]) -> str:
         base_txt = (f"Float baseline: mAP50-95 <b>{base.map50_95:.4f}</b>, latency {base.latency_ms:.3g} ms "
                     f"({esc(base.latency_provider)}), weights {base.weight_bytes / 1e6:.2f} MB.")
         if any(r.metrics.latency_ratio is not None for r in rep.rows):
-            base_txt += (" Each trial's model was timed in alternation with the float model; its latency is "
-                         "its median ratio to float times the float baseline's milliseconds, so a CPU whose "
+            lat = rep.spec.latency
+            threads = f" on {lat.threads} ONNX Runtime thread{'s' if lat.threads != 1 else ''}" if lat.threads else ""
+            base_txt += (f" Each trial's model was timed{threads} in alternating blocks of runs with the float model; "
+                         "its latency is its ratio to float in the same window times the float baseline's "
+                         "milliseconds, so a CPU whose "
                          "speed drifts during the search does not reorder trials (raw milliseconds: "
                          "<code>latency_measured_ms</code> in trials.csv).")
     warn_html = "".join(f'<p class="warn"><b>Warning:</b> {esc(w)}</p>' for w in runtime_warnings(rep.rows))

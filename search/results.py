@@ -29,7 +29,7 @@ def worker_id() -> str:
 class TrialMetrics:
     """Accuracy (COCO, pycocotools), latency and analytic cost of one ONNX model.
 
-    ``latency_ms`` is the median latency, or, when the model was timed in alternation with
+    ``latency_ms`` is the median latency, or, when the model was timed in alternating blocks with
     the float model, its median ratio to float (``latency_ratio``) times the float baseline's
     milliseconds; ``latency_measured_ms`` is always the raw median. ``map_drop`` (float
     mAP50-95 minus this model's) is set by the study; ``head`` names the head and so the post-processing.
