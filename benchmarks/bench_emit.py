@@ -9,6 +9,7 @@ compared (they must be identical).
 
     python benchmarks/bench_emit.py --trials 5                       # ort-cpu, the demo study
     python benchmarks/bench_emit.py --trials 5 --target tensorrt
+    python benchmarks/bench_emit.py --trials 2 --target tensorrt --model yolov10m.yaml --imgsz 320   # random init
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-emit"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="another model than the study's (e.g. yolov10m.yaml: random init)")
+    ap.add_argument("--imgsz", type=int, default=None)
     args = ap.parse_args()
 
     import numpy as np
@@ -43,7 +46,8 @@ def main() -> None:
     from search.pipeline import TrialPipeline
     from search.spec import load_spec
 
-    spec = load_spec(args.study, runs_dir=str(args.out), deploy={"target": args.target})
+    spec = load_spec(args.study, runs_dir=str(args.out), deploy={"target": args.target}, model=args.model,
+                     imgsz=args.imgsz)
     pipeline = TrialPipeline.for_spec(spec, run_dir=args.out / args.target, progress=False)
     res = pipeline.resources
     float_onnx = pipeline.baseline.onnx()
