@@ -221,10 +221,11 @@ def lower(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, target: s
                     percentile=options.output_percentile, batch_size=batch_size,
                     cache_dir=Path(cache_dir) if cache_dir is not None else None)
             per_layer = ort_cpu.lower(proto, qlayers, output_ranges=ranges)
+            activations = {"activations_to_uint8": ort_cpu.activations_to_uint8(proto)}
             if options.int8_silu:
-                activations = ort_cpu.int8_silu(proto)
+                activations.update(ort_cpu.int8_silu(proto))
                 if options.int8_ops:
-                    activations = _int8_ops(proto, activations, images, cache_dir, batch_size)
+                    activations.update(_int8_ops(proto, activations, images, cache_dir, batch_size))
         else:
             from quantizers.lowering import tensorrt
 

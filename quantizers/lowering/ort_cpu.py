@@ -295,6 +295,36 @@ def int8_silu(model: onnx.ModelProto) -> dict[str, Any]:
     return {"silu_int8": done, "silu_float": skipped}
 
 
+def activations_to_uint8(model: onnx.ModelProto) -> int:
+    """Put every per-tensor int8 activation ``QuantizeLinear -> DequantizeLinear`` pair on uint8
+    (zero point + 128: the same grid, exactly), as ONNX Runtime's x86 kernels take activations.
+
+    The lowering's own units are uint8 already; this reaches the activation quantizers a backend
+    wrote between layers (ModelOpt's ONNX PTQ quantizes ``Add``, ``Split``... outputs in int8),
+    so that a unit mixing them with uint8 ones is not left float for a type mismatch. Returns
+    how many pairs changed.
+    """
+    import numpy as np
+
+    index = GraphIndex(model)
+    ed = GraphEditor(model)
+    changed = 0
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        if index.is_const(q.input[0]) or len(q.input) < 3 or not q.input[2] or q.output[0] in index.graph_outputs:
+            continue
+        p = _node_qparams(index, q)
+        dqs = index.consumers.get(q.output[0], [])
+        if (p is None or p.qtype != "int8" or not dqs
+                or any(d.op_type != "DequantizeLinear" or _key(_node_qparams(index, d)) != _key(p) for d in dqs)):
+            continue
+        zp = ed.initializer(f"{q.output[0]}.zero_point_uint8", np.asarray(int(p.zero_point) + 128, dtype=np.uint8))
+        for n in (q, *dqs):
+            n.input[2] = zp
+        changed += 1
+    ed.finish()
+    return changed
+
+
 def _node_qparams(index: GraphIndex, node: Any) -> QParams | None:
     import numpy as np
 

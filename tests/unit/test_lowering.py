@@ -448,3 +448,34 @@ def test_ort_cpu_checker_catches_a_broken_activation_unit(tmp_path):
     model.graph.output.append(helper.make_tensor_value_info("mul_relu", onnx.TensorProto.FLOAT, None))
     found = [v for v in check_ort_cpu(model) if v.rule == "activation-unit"]
     assert found and found[0].node == mul.name and "Relu" in found[0].message
+
+
+def test_int8_activation_pairs_become_uint8_on_the_same_grid():
+    """ort-cpu: a backend's int8 activation Q -> DQ (ModelOpt ONNX quantizes Add/Split outputs so)
+    becomes uint8 with zero point + 128: same outputs, exactly; weights' Q/DQ are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantizers.lowering.ort_cpu import activations_to_uint8
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(3, np.int8), "z"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Mul", ["d", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).normal(0, 4, (4, 64)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert activations_to_uint8(model) == 1
+    zps = {n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    (zp,) = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name in zps]
+    assert zp.dtype == np.uint8 and int(zp) == 131
+    assert np.array_equal(run(model), before)
+    assert activations_to_uint8(model) == 0  # already uint8
