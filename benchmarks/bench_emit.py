@@ -3,12 +3,14 @@ export (``trace``), on the same materialized models, with the lowered files comp
 
 For ``--trials`` random mixed assignments of the demo (every layer W4A16, W4A8, W8A16,
 W8A8 or float) and for uniform W8A8, the study's backend materializes the model once; then
-the traced export (Brevitas ``export_onnx_qcdq``) and the emission are timed in turn, both
+the traced export (Brevitas ``export_onnx_qcdq``, ModelOpt's ``torch.onnx.export``) and the
+emission are timed in turn, both
 are lowered for the target, and the lowered files' outputs on the calibration images are
 compared (they must be identical).
 
     python benchmarks/bench_emit.py --trials 5                       # ort-cpu, the demo study
     python benchmarks/bench_emit.py --trials 5 --target tensorrt
+    python benchmarks/bench_emit.py --trials 5 --backend modelopt
     python benchmarks/bench_emit.py --trials 2 --target tensorrt --model yolov10m.yaml --imgsz 320   # random init
 """
 
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="another model than the study's (e.g. yolov10m.yaml: random init)")
     ap.add_argument("--imgsz", type=int, default=None)
+    ap.add_argument("--backend", default=None, help="another backend than the study's (e.g. modelopt)")
     args = ap.parse_args()
 
     import numpy as np
@@ -47,7 +50,7 @@ def main() -> None:
     from search.spec import load_spec
 
     spec = load_spec(args.study, runs_dir=str(args.out), deploy={"target": args.target}, model=args.model,
-                     imgsz=args.imgsz)
+                     imgsz=args.imgsz, backend={"name": args.backend} if args.backend else None)
     pipeline = TrialPipeline.for_spec(spec, run_dir=args.out / args.target, progress=False)
     res = pipeline.resources
     float_onnx = pipeline.baseline.onnx()

@@ -512,6 +512,16 @@ class ModelOptBackend:
         write_json(metadata_path(path), metadata)
         return ExportResult(path=path, seconds=seconds, node_counts=counts, metadata=metadata)
 
+    def emit(self, qmodel: QuantizedModel, path: Path | str, float_onnx: Path | str) -> ExportResult:
+        """Write ``qmodel`` as QDQ ONNX at ``path`` by graph emission into ``float_onnx``
+        (:mod:`quantizers.emit`, :mod:`quantizers.modelopt_emit`), without tracing. Raises
+        :class:`~quantizers.emit.EmitUnsupported` for what it cannot write (then :meth:`export`)."""
+        from quantizers.emit import write_emitted
+        from quantizers.modelopt_emit import layer_params
+
+        return write_emitted(qmodel, layer_params(qmodel, self.options.w4_format), float_onnx, path,
+                             backend=self.name, options=self.options)
+
     @property
     def rounding(self) -> str:
         """How weights become integers (the ``weight_rounding`` option)."""

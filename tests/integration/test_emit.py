@@ -44,21 +44,21 @@ def _same_q(p, q) -> bool:
     return _same(p.scale, q.scale) and _same(p.zero_point, q.zero_point) and p.qtype == q.qtype
 
 
+@pytest.mark.parametrize("backend_name", ["brevitas", "modelopt"])
 @pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
-def test_emission_writes_what_the_traced_export_holds(target, demo_model, calib, float_onnx):
-    """Every layer read back from the emitted graph equals the one read from Brevitas' own
-    export, and both lower to files whose outputs are identical."""
+def test_emission_writes_what_the_traced_export_holds(target, backend_name, demo_model, calib, float_onnx):
+    """Every layer read back from the emitted graph equals the one read from the backend's own
+    traced export, and both lower to files whose outputs are identical."""
     import onnxruntime as ort
 
-    from quantizers.brevitas_backend import BrevitasBackend
-    from quantizers.brevitas_options import BrevitasOptions
+    from quantizers import get_backend
 
-    backend = BrevitasBackend(options=BrevitasOptions(), device="cpu", target=target)
+    backend = get_backend(backend_name, device="cpu", target=target)
     assignment = _mixed(demo_model, seed=3)
     kinds = {str(p) for _, p in assignment.items()}
     assert {"W4A8", "W8A8", "W4A16", "W16A8"} <= kinds
     qmodel = backend.materialize(demo_model, assignment, calib)
-    out = workdir() / f"emit-{target}"
+    out = workdir() / f"emit-{backend_name}-{target}"
     traced = backend.export(qmodel, out / "traced.onnx").path
     emitted = backend.emit(qmodel, out / "emitted.onnx", float_onnx).path
     t, e = _layers(traced, demo_model, assignment), _layers(emitted, demo_model, assignment)
