@@ -519,7 +519,7 @@ class ModelOptBackend:
         from quantizers.emit import write_emitted
         from quantizers.modelopt_emit import layer_params
 
-        return write_emitted(qmodel, layer_params(qmodel, self.options.w4_format), float_onnx, path,
+        return write_emitted(qmodel, layer_params(qmodel, self.options.w4_format, integer_weight), float_onnx, path,
                              backend=self.name, options=self.options)
 
     @property

@@ -3,13 +3,14 @@
 :func:`layer_params` reads each quantized layer's ``TensorQuantizer`` values as ModelOpt's
 ONNX export writes them (``export_int8``: scale ``amax / 127`` in float32, zero point 0,
 a zero ``amax`` giving scale 1) and its integer weights as the backend's export rewrites
-them (:func:`quantizers.modelopt_backend.integer_weight`), so the file written by graph
+them (``quantizers.modelopt_backend.integer_weight``, passed in), so the file written by graph
 emission holds the values of the traced export (``tests/integration/test_emit.py``).
 4-bit weights in INT4 containers (``w4_format: int4``) are not emitted: those trials trace.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from quantizers.emit import EmitUnsupported, LayerParams
@@ -18,12 +19,13 @@ if TYPE_CHECKING:
     from quantizers.base import QuantizedModel
 
 
-def layer_params(qmodel: QuantizedModel, w4_format: str) -> dict[str, LayerParams]:
-    """Layer name -> :class:`~quantizers.emit.LayerParams` of every quantized layer of ``qmodel``."""
+def layer_params(qmodel: QuantizedModel, w4_format: str, integer_weight: Callable[[Any], tuple[Any, Any, int]]
+                 ) -> dict[str, LayerParams]:
+    """Layer name -> :class:`~quantizers.emit.LayerParams` of every quantized layer of ``qmodel``;
+    ``integer_weight``: the backend's ``(integers, per-channel step, bits)`` of a layer's weight."""
     import numpy as np
 
     from quantizers.lowering.graph import QParams
-    from quantizers.modelopt_backend import integer_weight
 
     if qmodel.module is None:
         raise EmitUnsupported("this QuantizedModel has no torch module")
