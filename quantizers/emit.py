@@ -82,7 +82,8 @@ def emit_qdq(float_onnx: str | os.PathLike[str], params: Mapping[str, LayerParam
             node.input[0] = G.add_qdq(ed, node.input[0], p.x_q, prefix=f"{name}.input", scope=f"{scope}/input_quant",
                                       before=node)[1]
         if p.weight_int is not None and p.w_q is not None:
-            node.input[1] = _weight_dq(ed, node, name, p, scope)
+            node.input[1] = G.add_weight_dq(ed, name, np.asarray(p.weight_int).astype(np.int8), p.w_q, scope=scope,
+                                            before=node, clip=p.w_clip)
         elif p.weight_float is not None:
             node.input[1] = ed.initializer(f"{name}.weight", np.asarray(p.weight_float, dtype=np.float32), exact=True)
         _emit_bias(ed, node, name, p, scope)
@@ -96,34 +97,13 @@ def emit_qdq(float_onnx: str | os.PathLike[str], params: Mapping[str, LayerParam
     return proto
 
 
-def _weight_dq(ed: Any, node: Any, name: str, p: LayerParams, scope: str) -> str:
-    """int8 initializer (-> Clip to the grid) -> DequantizeLinear (per channel on axis 0)."""
-    import numpy as np
-
-    assert p.w_q is not None
-    w = ed.initializer(f"{name}.weight", np.asarray(p.weight_int).astype(np.int8), exact=True)
-    if p.w_clip is not None:
-        lo = ed.initializer(f"{name}.weight_min", np.asarray(p.w_clip[0], dtype=np.int8))
-        hi = ed.initializer(f"{name}.weight_max", np.asarray(p.w_clip[1], dtype=np.int8))
-        w = ed.node("Clip", [w, lo, hi], f"{name}.weight_clipped", f"{scope}/weight_clip/Clip", before=node)
-    scale = np.asarray(p.w_q.scale, dtype=np.float32)
-    s = ed.initializer(f"{name}.weight_scale", scale)
-    z = ed.initializer(f"{name}.weight_zero_point", np.zeros(scale.shape, dtype=np.int8))
-    attrs = {"axis": int(p.w_q.axis if p.w_q.axis is not None else 0)} if scale.size > 1 else {}
-    return str(ed.node("DequantizeLinear", [w, s, z], f"{name}.weight_dequantized",
-                       f"{scope}/weight_dequant/DequantizeLinear", before=node, **attrs))
-
-
 def _emit_bias(ed: Any, node: Any, name: str, p: LayerParams, scope: str) -> None:
     import numpy as np
 
+    from quantizers.lowering.graph import add_bias_dq
+
     if p.bias_int is not None and p.bias_q is not None:
-        b = ed.initializer(f"{name}.bias", np.asarray(p.bias_int).astype(np.int32), exact=True)
-        scale = np.asarray(p.bias_q.scale, dtype=np.float32).reshape(-1)
-        s = ed.initializer(f"{name}.bias_scale", scale)
-        z = ed.initializer(f"{name}.bias_zero_point", np.zeros(scale.shape, dtype=np.int32))
-        value = ed.node("DequantizeLinear", [b, s, z], f"{name}.bias_dequantized", f"{scope}/bias_dequant/"
-                        "DequantizeLinear", before=node, **({"axis": 0} if scale.size > 1 else {}))
+        value = add_bias_dq(ed, name, p.bias_int, p.bias_q.scale, scope=scope, before=node)
     elif p.bias is not None:
         value = ed.initializer(f"{name}.bias", np.asarray(p.bias, dtype=np.float32).reshape(-1), exact=True)
     else:

@@ -676,15 +676,34 @@ def add_qdq(ed: GraphEditor, tensor: str, p: QParams, *, prefix: str, scope: str
     return q, dq
 
 
-def add_weight_dq(ed: GraphEditor, name: str, q: Any, p: QParams, *, scope: str, before: Any) -> str:
-    """An integer weight initializer named ``{name}.weight`` (exactly) -> ``DequantizeLinear``
-    (per-channel on ``p.axis`` or per tensor, zero point of the weight's type)."""
+def add_weight_dq(ed: GraphEditor, name: str, q: Any, p: QParams, *, scope: str, before: Any,
+                  clip: tuple[int, int] | None = None) -> str:
+    """An integer weight initializer named ``{name}.weight`` (exactly) -> (``Clip`` to ``clip``, as
+    Brevitas' QCDQ writes sub-8-bit grids) -> ``DequantizeLinear`` (per-channel on ``p.axis`` or
+    per tensor, zero point of the weight's type)."""
     import numpy as np
 
     w = ed.initializer(f"{name}.weight", q, exact=True)
+    if clip is not None:
+        lo = ed.initializer(f"{name}.weight_min", np.asarray(clip[0], dtype=q.dtype))
+        hi = ed.initializer(f"{name}.weight_max", np.asarray(clip[1], dtype=q.dtype))
+        w = ed.node("Clip", [w, lo, hi], f"{name}.weight_clipped", f"{scope}/weight_clip/Clip", before=before)
     scale = np.asarray(p.scale, dtype=np.float32)
     s = ed.initializer(f"{name}.weight_scale", scale)
     z = ed.initializer(f"{name}.weight_zero_point", np.zeros(scale.shape, dtype=q.dtype))
     attrs = {"axis": int(p.axis if p.axis is not None else 0)} if scale.size > 1 else {}
     return ed.node("DequantizeLinear", [w, s, z], f"{name}.weight_dequantized",
                    f"{scope}/weight_dequant/DequantizeLinear", before=before, **attrs)
+
+
+def add_bias_dq(ed: GraphEditor, name: str, b: Any, scale: Any, *, scope: str, before: Any) -> str:
+    """An int32 bias initializer named ``{name}.bias`` (exactly) -> ``DequantizeLinear`` at the
+    per-channel ``scale`` (axis 0, zero point 0), what ``QLinearConv`` adds to its accumulator."""
+    import numpy as np
+
+    b_name = ed.initializer(f"{name}.bias", np.asarray(b).astype(np.int32), exact=True)
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    s = ed.initializer(f"{name}.bias_scale", scale)
+    z = ed.initializer(f"{name}.bias_zero_point", np.zeros(scale.shape, dtype=np.int32))
+    return ed.node("DequantizeLinear", [b_name, s, z], f"{name}.bias_dequantized",
+                   f"{scope}/bias_dequant/DequantizeLinear", before=before, axis=0)

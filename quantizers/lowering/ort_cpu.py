@@ -61,6 +61,7 @@ from quantizers.lowering.graph import (
     LayerQuant,
     LoweringError,
     QParams,
+    add_bias_dq,
     add_qdq,
     add_weight_dq,
     dequantize,
@@ -178,11 +179,7 @@ def lower(model: onnx.ModelProto, layers: list[LayerQuant], *, output_ranges: Ma
             kept = None
             if lq.bias is not None:
                 b_int, b_scale, kept = int32_bias(lq, xu, w_q, int(w_int8.shape[0]))
-                b_name = ed.initializer(f"{name}.bias", b_int, exact=True)
-                bs = ed.initializer(f"{name}.bias_scale", b_scale)
-                bz = ed.initializer(f"{name}.bias_zero_point", np.zeros(b_scale.shape, dtype=np.int32))
-                node.input[2] = ed.node("DequantizeLinear", [b_name, bs, bz], f"{name}.bias_dequantized",
-                                        f"{scope}/bias_dequant/DequantizeLinear", before=node, axis=0)
+                node.input[2] = add_bias_dq(ed, name, b_int, b_scale, scope=scope, before=node)
             # output: one Q (the Conv's only consumer) -> DQ, read by everything that read the output
             readers = [d.output[0] for d in lq.y_dq_nodes] if lq.y_q is not None else [node.output[0]]
             y_key = ("in", node.output[0], np.asarray(yu.scale, dtype=np.float32).reshape(()).tobytes(),
